@@ -1,0 +1,32 @@
+# `make train` and `make test` set up a fresh Debian machine on first use (idempotent), then run.
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.fastseed-setup
+APT    := libturbojpeg0-dev libopencv-dev dataset-fashion-mnist
+SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+PYTEST_ARGS ?=
+
+.PHONY: setup train test bench clean
+
+setup: $(STAMP)
+
+$(STAMP): setup.py
+	@dpkg -s $(APT) >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq $(APT); }
+	@test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install -q -e '.[dev]'
+	@touch $(STAMP)
+
+train: setup
+	$(VENV)/bin/fastseed-train
+
+test: setup
+	$(VENV)/bin/pytest tests $(PYTEST_ARGS)
+
+bench: setup
+	$(PY) benchmarks/bench_kernels.py
+	$(PY) benchmarks/bench_data.py
+
+clean:
+	rm -rf output data .pytest_cache .benchmarks
