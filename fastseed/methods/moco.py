@@ -1,0 +1,61 @@
+"""MoCo-v2 (Chen et al., 2020): the from-scratch baseline, and a way to train a teacher.
+
+Query encoder = student + MLP head; key encoder = its momentum copy (m = 0.999);
+L = CE([q̂·k̂, q̂·Q]/τ, 0), q from one view and k from the other (asymmetric, as the
+official code); the keys then enter the queue.
+Shuffling BN: on one device the key batch is shuffled and normalised in groups, so that
+batch statistics cannot leak which key is the positive (the multi-GPU shuffle, emulated).
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from fastseed.kernels import info_nce_loss
+from fastseed.models import projection_head
+
+from ._common import Queue
+
+
+class MoCo(nn.Module):
+    def __init__(self, student: nn.Module, teacher=None, *, dim: int = 128, queue_size: int = 65536,
+                 temp: float = 0.2, moco_m: float = 0.999, bn_groups: int = 4,
+                 queue_dtype: torch.dtype = torch.float32, **_):
+        super().__init__()
+        self.student = student
+        self.head = projection_head(student.num_features, dim)
+        self.key_encoder = nn.Sequential(copy.deepcopy(student), copy.deepcopy(self.head))
+        for p in self.key_encoder.parameters():
+            p.requires_grad_(False)
+        self.queue = Queue(queue_size, dim, queue_dtype, seed=1)
+        self.temp, self.m, self.bn_groups = temp, moco_m, bn_groups
+
+    @property
+    def encoder(self) -> nn.Module:
+        return self.student
+
+    @torch.no_grad()
+    def _momentum_update(self) -> None:
+        q = [p.detach() for p in (*self.student.parameters(), *self.head.parameters())]
+        k = list(self.key_encoder.parameters())
+        torch._foreach_lerp_(k, q, 1.0 - self.m)
+
+    @torch.no_grad()
+    def targets(self, views: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """Keys of the second view, key encoder in train mode with shuffled BN groups."""
+        self._momentum_update()
+        x = views[1]
+        perm = torch.randperm(x.shape[0], device=x.device)
+        groups = max(1, min(self.bn_groups, x.shape[0] // 2))
+        k = torch.cat([self.key_encoder(c) for c in x[perm].chunk(groups)])
+        return (torch.empty_like(k).index_copy_(0, perm, k),)
+
+    def forward(self, views: list[torch.Tensor], targets: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        q = self.head(self.student(views[0]))
+        return info_nce_loss(q, targets[0], self.queue.keys, temp=self.temp)
+
+    @torch.no_grad()
+    def update(self, targets: tuple[torch.Tensor, ...]) -> None:
+        self.queue.push(targets[0])

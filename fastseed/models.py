@@ -1,0 +1,47 @@
+"""Students and heads: timm backbones, SEED/MoCo projection heads, the SimReg predictor."""
+from __future__ import annotations
+
+import timm
+import torch
+from torch import nn
+
+
+class ConfigError(ValueError):
+    """A setting that cannot work; the message says which and what to do."""
+
+
+def create_student(arch: str) -> nn.Module:
+    """A timm backbone from random init, pooled features out (`model.num_features` wide)."""
+    if not timm.is_model(arch):
+        close = timm.list_models(f"*{arch.split('_')[0]}*")[:6]
+        hint = f" (close: {', '.join(close)})" if close else ""
+        raise ConfigError(f"unknown --arch {arch!r}: use a timm model name{hint}")
+    return timm.create_model(arch, pretrained=False, num_classes=0)
+
+
+def projection_head(in_dim: int, out_dim: int) -> nn.Sequential:
+    """SEED / MoCo-v2 head: Linear(d, d) - ReLU - Linear(d, out)."""
+    return nn.Sequential(nn.Linear(in_dim, in_dim), nn.ReLU(inplace=True), nn.Linear(in_dim, out_dim))
+
+
+def simreg_predictor(in_dim: int, out_dim: int) -> nn.Sequential:
+    """SimReg's deep predictor (dropped after training):
+    Linear(d,2d)-BN-ReLU-Linear(2d,d)-Linear(d,2d)-BN-ReLU-Linear(2d,D_t)."""
+    h = 2 * in_dim
+    return nn.Sequential(
+        nn.Linear(in_dim, h), nn.BatchNorm1d(h), nn.ReLU(inplace=True), nn.Linear(h, in_dim),
+        nn.Linear(in_dim, h), nn.BatchNorm1d(h), nn.ReLU(inplace=True), nn.Linear(h, out_dim),
+    )
+
+
+def to_channels_last(model: nn.Module, enabled: bool = True) -> nn.Module:
+    # Convolutions in NHWC skip a layout transpose per layer in cuDNN on tensor cores.
+    return model.to(memory_format=torch.channels_last) if enabled else model
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """Eval mode (BN running stats, as the official code) and no gradients."""
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model

@@ -1,0 +1,123 @@
+"""The three objectives: the loss they compute, what enters the queue, what is (not) state."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastseed.kernels import reference, seed_loss
+from fastseed.methods import METHODS, MoCo, SEED, SimReg
+from fastseed.methods._common import FrozenTeacher
+
+
+def test_seed_loss_hand_computed():
+    """s = t = e1, one queue key e2, τS = τT = 1: a = b = [1, 0], so
+    loss = −Σ softmax(b)·log_softmax(a) = log(1 + e) − e/(1 + e)."""
+    s = torch.tensor([[3.0, 0.0]])  # normalised inside: the scale must not matter
+    t = torch.tensor([[0.5, 0.0]])
+    q = torch.tensor([[0.0, 1.0]])
+    want = math.log(1 + math.e) - math.e / (1 + math.e)
+    for fn in (reference.seed_loss, seed_loss):
+        got = fn(s, t, q, student_temp=1.0, teacher_temp=1.0)
+        assert got.item() == pytest.approx(want, rel=1e-6)
+
+
+def test_seed_loss_sharp_teacher_is_instance_discrimination():
+    """τT → 0 makes the target one-hot on column 0 (t·t = 1 beats every queue key), so the
+    loss equals InfoNCE of the student against the teacher key."""
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(5, 8, generator=g), torch.randn(5, 8, generator=g)
+    q = F.normalize(torch.randn(11, 8, generator=g), dim=1)
+    a = seed_loss(s, t, q, student_temp=0.2, teacher_temp=1e-4)
+    b = reference.info_nce_loss(s, t, q, temp=0.2)
+    assert a.item() == pytest.approx(b.item(), rel=1e-5)
+
+
+class TinyNet(nn.Module):
+    def __init__(self, width=8, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.conv = nn.Conv2d(3, width, 3, padding=1)
+        self.bn = nn.BatchNorm2d(width)
+        self.num_features = width
+
+    def forward(self, x):
+        return F.adaptive_avg_pool2d(F.relu(self.bn(self.conv(x))), 1).flatten(1)
+
+
+def teacher(dim=6):
+    t = nn.Sequential(TinyNet(10, seed=1), nn.Linear(10, dim)).eval()
+    for p in t.parameters():
+        p.requires_grad_(False)
+    return FrozenTeacher(t)
+
+
+def test_seed_queue_gets_normalised_teacher_keys_after_update():
+    m = SEED(TinyNet(), teacher(), dim=6, queue_size=10, temp=0.2, distill_t=1e-4)
+    x = [torch.randn(4, 3, 8, 8)]
+    targets = m.targets(x)
+    before = m.queue.keys.clone()
+    loss = m(x, targets)
+    loss.backward()
+    assert m.student.conv.weight.grad is not None and m.head[0].weight.grad is not None
+    assert torch.equal(m.queue.keys, before)  # nothing enqueued before update
+    m.update(targets)
+    torch.testing.assert_close(m.queue.keys[:4], F.normalize(targets[0], dim=1))
+    torch.testing.assert_close(m.queue.keys[4:], before[4:])
+    assert int(m.queue.ptr) == 4
+
+
+def test_teacher_is_not_state_nor_parameter():
+    m = SEED(TinyNet(), teacher(), dim=6, queue_size=10)
+    names = list(m.state_dict())
+    assert not any("teacher" in n for n in names)
+    assert {n.split(".")[0] for n in names} == {"student", "head", "queue"}
+    n_student = sum(p.numel() for p in (*m.student.parameters(), *m.head.parameters()))
+    assert sum(p.numel() for p in m.parameters()) == n_student
+
+
+def test_seed_small_patches_use_a_second_queue():
+    m = SEED(TinyNet(), teacher(), dim=6, queue_size=32, small_crops=2)
+    views = [torch.randn(3, 3, 8, 8), torch.randn(3, 3, 4, 4), torch.randn(3, 3, 4, 4)]
+    targets = m.targets(views)
+    assert targets[1].shape == (6, 6)
+    loss = m(views, targets)
+    one = SEED.forward(m, views[:1], targets[:1])
+    assert loss.item() > one.item()  # CE224 + CE96
+    m.update(targets)
+    assert int(m.queue.ptr) == 3 and int(m.small_queue.ptr) == 6
+
+
+def test_simreg_loss_is_two_minus_two_cos():
+    m = SimReg(TinyNet(), teacher(), dim=6)
+    x = [torch.randn(4, 3, 8, 8)]
+    (t,) = m.targets(x)
+    m.eval()
+    pred = m.head(m.student(x[0]))
+    want = (2 - 2 * F.cosine_similarity(pred, t, dim=1)).mean()
+    torch.testing.assert_close(m(x, (t,)), want)
+    torch.testing.assert_close(m(x, (pred.detach() * 3,)), torch.tensor(0.0), atol=1e-5, rtol=0)
+
+
+def test_moco_momentum_update_and_keys():
+    m = MoCo(TinyNet(), dim=6, queue_size=16, temp=0.2, moco_m=0.9)
+    with torch.no_grad():
+        for p in m.student.parameters():
+            p.add_(1.0)
+    k_before = [p.clone() for p in m.key_encoder.parameters()]
+    q_now = [p.detach().clone() for p in (*m.student.parameters(), *m.head.parameters())]
+    views = [torch.randn(8, 3, 8, 8), torch.randn(8, 3, 8, 8)]
+    targets = m.targets(views)
+    for kb, q, k in zip(k_before, q_now, m.key_encoder.parameters()):
+        torch.testing.assert_close(k, 0.9 * kb + 0.1 * q)
+    assert not any(p.requires_grad for p in m.key_encoder.parameters())
+    loss = m(views, targets)
+    want = reference.info_nce_loss(m.head(m.student(views[0])), targets[0], m.queue.keys, temp=0.2)
+    torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-6)
+    m.update(targets)
+    assert int(m.queue.ptr) == 8
+
+
+def test_methods_registry():
+    assert set(METHODS) == {"seed", "simreg", "moco"}
