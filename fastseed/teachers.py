@@ -59,6 +59,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import timm
 import torch
 from torch import nn
@@ -149,11 +150,16 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+_SAFE_GLOBALS = [argparse.Namespace, np.ndarray, np.dtype, np.zeros(0).__reduce__()[0],
+                 *(type(np.dtype(t)) for t in (np.uint32, np.int64, np.float32, np.float64))]
+
+
 def _read(path: Path) -> object:
     """torch.load with weights_only; falls back to full unpickling only for non-tensor objects."""
     try:
-        # DINO and MoCo-v3 checkpoints store their argparse.Namespace: safe to allow.
-        with torch.serialization.safe_globals([argparse.Namespace]):
+        # DINO and MoCo-v3 store their argparse.Namespace, fastseed its numpy RNG state: plain
+        # data, safe to allow. Anything else falls back below, with a warning.
+        with torch.serialization.safe_globals(_SAFE_GLOBALS):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))

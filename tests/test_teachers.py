@@ -9,8 +9,10 @@ import copy
 import hashlib
 import fractions
 import math
+import random
 import warnings
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -20,7 +22,11 @@ from torch import nn
 from fastseed.teachers import (IMAGENET_MEAN, TeacherLoadError, WideResNet50, build_backbone,
                                detect_format, load_bundled, load_teacher)
 
-torch.set_grad_enabled(False)
+
+@pytest.fixture(autouse=True)
+def _no_grad():
+    with torch.no_grad():
+        yield
 
 
 def _randomize(model: nn.Module, seed: int) -> nn.Module:
@@ -228,11 +234,18 @@ def test_plain_timm_and_fastseed(tmp_path, images):
     assert torch.equal(bundle.model(images), src(images))
 
     head = _head(nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 128))
-    ckpt = {"fastseed": {"version": 1, "step": 10}, "student": _prefixed("_orig_mod.", src.state_dict()),
-            "head": head.state_dict(), "config": {"arch": "resnet18", "method": "seed"}}
+    # as fastseed/train.py writes them: meta, config, student, head, buffers, optimizer, RNG states
+    ckpt = {"fastseed": {"version": 1, "step": 10, "arch": "resnet18", "mean": [0.5] * 3, "std": [0.5] * 3},
+            "config": {"arch": "resnet18", "method": "seed", "mean": [0.5] * 3, "std": [0.5] * 3},
+            "student": _prefixed("_orig_mod.", src.state_dict()), "head": head.state_dict(),
+            "buffers": {"queue": torch.randn(16, 128)}, "optimizer": {"state": {}, "param_groups": []},
+            "rng": [{"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}]}
     path = _save(tmp_path, ckpt, "fastseed.pth")
-    assert detect_format(torch.load(path, weights_only=True)) == "fastseed"
-    bundle = load_teacher(None, str(path))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # plain data: loads with weights_only, no fallback
+        bundle = load_teacher(None, str(path))
+    assert bundle.mean == (0.5, 0.5, 0.5)
+    assert detect_format(torch.load(path, weights_only=False)) == "fastseed"
     assert (bundle.format, bundle.arch, bundle.dim, bundle.feature_dim) == ("fastseed", "resnet18", 128, 512)
     assert torch.equal(bundle.model(images), head(src(images)))
     with pytest.raises(TeacherLoadError, match="resnet18"):
