@@ -432,7 +432,7 @@ def _resolve_fastseed(ckpt: dict, arch: str | None, source: str):
         raise TeacherLoadError(f"{source}: fastseed checkpoint records no config['arch']")
     if arch not in (None, "auto", saved_arch):
         raise TeacherLoadError(
-            f"{source}: checkpoint is a '{saved_arch}' student, not '{arch}'; drop --teacher-arch")
+            f"{source}: checkpoint is a '{saved_arch}' student, not '{arch}'; pass --teacher-arch {saved_arch}")
     student = entry("student")
     if not _is_state_dict(student):
         raise TeacherLoadError(f"{source}: fastseed checkpoint has no 'student' state dict")
@@ -461,7 +461,8 @@ def load_bundled(arch: str, num_classes: int = 1000) -> tuple[nn.Module, str]:
     """
     arch = arch.removeprefix("tf_")
     if arch not in BUNDLED:
-        raise TeacherLoadError(f"no bundled weights for '{arch}'; bundled: {', '.join(BUNDLED)}")
+        raise TeacherLoadError(f"no bundled weights for '{arch}' (bundled: {', '.join(BUNDLED)}); "
+                               "pass a teacher checkpoint with --distill")
     path = _bundled_file(arch)
     state = _read(path)
     if not _is_state_dict(state):
