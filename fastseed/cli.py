@@ -1,0 +1,201 @@
+"""Entry points: `fastseed-train`, `fastseed-eval`, `fastseed-prep`.
+
+Bad input (missing data, unknown arch, a teacher checkpoint that does not fit) ends with one
+line on stderr naming the problem and what to do, exit code 2, and nothing written over.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from fastseed.config import DEMO_DATA_DIR, Config, demo
+
+USAGE_ERROR = 2
+
+
+def _pair(text: str) -> tuple[float, float]:
+    lo, hi = (float(v) for v in text.split(","))
+    return lo, hi
+
+
+def train_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="fastseed-train",
+        description="Self-supervised distillation (SEED, SimReg) and MoCo-v2. With no --data, runs the "
+                    "embedded demo: Fashion-MNIST, ImageNet EfficientNet-Lite0 teacher, ResNet-18 student.",
+        argument_default=argparse.SUPPRESS)
+    a = p.add_argument
+    a("--method", choices=["seed", "simreg", "moco"])
+    a("-a", "--arch", help="student: any timm model name (default resnet18)")
+    a("-k", "--teacher-arch", dest="teacher_arch", help="teacher arch (resnet50, resnet50w2, efficientnet_lite0, ...)")
+    a("--teacher-ssl", dest="teacher_ssl", help="teacher checkpoint format (default auto-detect)")
+    a("--distill", help="teacher checkpoint (MoCo, SwAV, SimCLR, BYOL, DINO, timm, fastseed)")
+    a("--teacher-no-head", dest="teacher_use_head", action="store_const", const=False,
+      help="distil the teacher's backbone feature instead of its projection")
+    a("--data", help="train .beton (from fastseed-prep)")
+    a("--val-data", dest="val_data", help="val .beton for k-NN monitoring")
+    a("--knn-bank", dest="knn_bank", help="labelled .beton used as the k-NN memory bank (default --data)")
+    a("--output", help="output directory (checkpoints, metrics.jsonl)")
+    a("--resume", help="checkpoint path, or 'auto' for OUTPUT/checkpoint_last.pt")
+    a("--device", help="auto, cuda or cpu")
+    a("--lr", type=float, help="learning rate (default 0.03 x batch/256)")
+    a("-b", "--batch-size", dest="batch_size", type=int, help="global batch size")
+    a("--epochs", type=int)
+    a("--max-steps", dest="max_steps", type=int, help="stop after this many steps")
+    a("--temp", type=float, help="student temperature (MoCo: InfoNCE temperature)")
+    a("--distill-t", dest="distill_t", type=float, help="teacher temperature")
+    a("--queue-size", "--moco-k", dest="queue_size", type=int, help="queue length K")
+    a("--moco-m", dest="moco_m", type=float)
+    a("--dim", type=int, help="embedding dim (MoCo head; SEED uses the teacher's)")
+    a("--simreg-target", dest="simreg_target", choices=["backbone", "projection"])
+    a("--res", type=int, help="crop resolution")
+    a("--teacher-res", dest="teacher_res", type=int, help="resize the crop to this for the teacher")
+    a("--crop-scale", dest="crop_scale", type=_pair, help="RandomResizedCrop scale, e.g. 0.2,1")
+    a("--small-crops", dest="small_crops", type=int, help="SEED small-patch: number of small crops (6)")
+    a("--small-res", dest="small_res", type=int)
+    a("--workers", type=int)
+    a("--wd", "--weight-decay", dest="weight_decay", type=float)
+    a("--momentum", type=float)
+    a("--warmup-epochs", dest="warmup_epochs", type=float)
+    a("--optimizer", choices=["sgd", "lars", "adamw"])
+    a("--precision", choices=["auto", "bf16", "fp16", "fp32"])
+    a("--compile", choices=["auto", "on", "off"])
+    a("--compile-mode", dest="compile_mode")
+    a("--no-channels-last", dest="channels_last", action="store_const", const=False)
+    a("--fsdp", action="store_const", const=True, help="FSDP2 (fully_shard) instead of DDP under torchrun")
+    a("--seed", type=int)
+    a("--log-every", dest="log_every", type=int)
+    a("--ckpt-every", dest="ckpt_every", type=int, help="checkpoint every N steps (and every epoch end)")
+    a("--knn-every", dest="knn_every", type=int, help="k-NN monitor every N epochs (0: at the end only)")
+    a("--profile", action="store_const", const=True, help="profile a few steps and write reports")
+    a("--no-progress", dest="progress", action="store_const", const=False)
+    a("--table", dest="final_table", action="store_const", const=True,
+      help="k-NN of raw pixels, teacher, student at init and distilled student at the end")
+    return p
+
+
+def config_from_args(argv: list[str] | None) -> Config:
+    args = vars(train_parser().parse_args(argv))
+    base = demo() if "data" not in args else Config()
+    return base.replace(**args)
+
+
+def _fail(msg: str) -> int:
+    print(f"error: {msg}", file=sys.stderr)
+    return USAGE_ERROR
+
+
+def _known_errors():
+    from fastseed.data_prep import PrepError
+    from fastseed.models import ConfigError
+    from fastseed.teachers import TeacherLoadError
+    from fastseed.train import TrainingError
+    return (ConfigError, TeacherLoadError, TrainingError, PrepError, FileNotFoundError)
+
+
+def prepare_demo_data(cfg: Config) -> None:
+    """Write the demo's Fashion-MNIST betons once; later runs reuse them."""
+    from fastseed.data_prep import write_beton
+    jobs = [("fashion-mnist:train", cfg.data, None), ("fashion-mnist:test", cfg.val_data, None),
+            ("fashion-mnist:train", cfg.knn_bank, 10_000)]
+    for source, path, subset in jobs:
+        if path and not Path(path).exists():
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            print(f"fastseed-prep {source} {path}" + (f" --subset {subset}" if subset else ""), file=sys.stderr)
+            write_beton(source, path, subset=subset, compress_probability=0.0, progress=False)
+
+
+def check_inputs(cfg: Config) -> None:
+    from fastseed.data import check_beton
+    from fastseed.models import ConfigError, create_student
+    from fastseed.teachers import BUNDLED
+    if cfg.data is None:
+        raise FileNotFoundError("no --data: pass a .beton written by fastseed-prep")
+    for name, path in (("--data", cfg.data), ("--val-data", cfg.val_data), ("--knn-bank", cfg.knn_bank)):
+        if not path:
+            continue
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"{name} {path} does not exist: write it with fastseed-prep SRC {path}")
+        try:
+            check_beton(path)
+        except ValueError as e:
+            raise ConfigError(f"{name}: {e}") from None
+    create_student(cfg.arch)  # unknown arch -> ConfigError before anything is written
+    if cfg.method in ("seed", "simreg") and cfg.distill is None and cfg.teacher_arch not in BUNDLED:
+        raise FileNotFoundError(f"teacher {cfg.teacher_arch} needs weights: pass --distill CHECKPOINT, "
+                                f"or use a bundled teacher with -k {BUNDLED[0]}")
+    if cfg.method in ("seed", "simreg") and cfg.distill is not None and not Path(cfg.distill).is_file():
+        raise FileNotFoundError(f"--distill {cfg.distill} does not exist")
+
+
+def train_main(argv: list[str] | None = None) -> int:
+    try:
+        cfg = config_from_args(argv)
+        if cfg.data == str(DEMO_DATA_DIR / "fashion_mnist_train.beton"):
+            prepare_demo_data(cfg)
+        check_inputs(cfg)
+        from fastseed.train import train
+        t0 = time.time()
+        if cfg.profile:
+            from fastseed.profile import profile
+            profile(cfg)
+            return 0
+        out = train(cfg)
+    except KeyboardInterrupt:
+        return 130
+    except _known_errors() as e:
+        return _fail(str(e).strip("'\""))
+    if out["results"]:
+        print_table(out["results"], cfg)
+    print(f"done: {out['step']} steps in {time.time() - t0:.0f} s; checkpoint {cfg.out_dir / 'checkpoint_last.pt'}, "
+          f"metrics {cfg.out_dir / 'metrics.jsonl'}")
+    return 0
+
+
+def print_table(results: dict, cfg: Config) -> None:
+    rows = [("raw pixels", "raw_pixels"), (f"teacher ({cfg.teacher_arch})", "teacher"),
+            (f"student at init ({cfg.arch})", "student_init"), (f"student distilled ({cfg.method})", "student")]
+    key = f"knn_top1@{cfg.knn_k}"
+    print(f"\nk-NN top-1 (k={cfg.knn_k}, T={cfg.knn_t}) on {cfg.val_data}")
+    print(f"| {'features':<34} | {'top-1 %':>7} |")
+    print(f"|{'-' * 36}|{'-' * 9}|")
+    for label, name in rows:
+        if name in results:
+            print(f"| {label:<34} | {results[name][key]:7.2f} |")
+
+
+def eval_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fastseed-eval", description="k-NN (and linear probe) of a checkpoint's "
+                                "student backbone; prints JSON.")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--train-data", required=True, help="labelled .beton: the k-NN bank / probe train set")
+    p.add_argument("--val-data", required=True)
+    p.add_argument("--res", type=int, default=None, help="eval resolution (default: the checkpoint's)")
+    p.add_argument("--k", type=int, nargs="+", default=[1, 20, 200])
+    p.add_argument("--temperature", type=float, default=0.07)
+    p.add_argument("--linear", action="store_true", help="also a linear probe on frozen features")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=int, default=512)
+    p.add_argument("--workers", type=int, default=2)
+    return p
+
+
+def eval_main(argv: list[str] | None = None) -> int:
+    args = eval_parser().parse_args(argv)
+    try:
+        from fastseed.evaluate import evaluate_checkpoint
+        result = evaluate_checkpoint(args.checkpoint, args.train_data, args.val_data, res=args.res, ks=args.k,
+                                     temperature=args.temperature, linear=args.linear, device=args.device,
+                                     batch_size=args.batch_size, workers=args.workers)
+    except _known_errors() as e:
+        return _fail(str(e).strip("'\""))
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def prep_main(argv: list[str] | None = None) -> int:
+    from fastseed.data_prep import main
+    return main(argv)

@@ -1,0 +1,516 @@
+"""The training loop: one screen of `train()`, the pieces it calls above it.
+
+Speed choices (each measured or explained where it is made): teacher frozen in eval +
+inference_mode and never in the optimizer/DDP/checkpoint; student channels-last under bf16
+autocast and torch.compile; fused/foreach optimizer; no host sync inside a step (loss and the
+NaN guard are read only at log and checkpoint steps); queue enqueue without a host sync.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from fastseed.augment import Normalize, moco_v2_augment
+from fastseed.config import Config
+from fastseed.data import eval_loader, ssl_loader
+from fastseed.evaluate import extract_features, knn_classify
+from fastseed.methods import METHODS
+from fastseed.methods._common import FrozenTeacher
+from fastseed.models import ConfigError, create_student, to_channels_last
+from fastseed.teachers import IMAGENET_MEAN, IMAGENET_STD, load_teacher
+
+CHECKPOINT_VERSION = 1
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (NaN loss, bad resume); the message says what to do."""
+
+
+# ---------------------------------------------------------------- environment
+@dataclass
+class Env:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_env(cfg: Config) -> Env:
+    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; a plain `python` run is one rank."""
+    want = cfg.device
+    if want == "auto":
+        want = "cuda" if torch.cuda.is_available() else "cpu"
+    if want.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("--device cuda but no CUDA device is visible: use --device cpu")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device(f"cuda:{local}") if want.startswith("cuda") else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Env(rank, world, local, device)
+
+
+def amp_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
+    p = cfg.precision
+    if p == "auto":
+        # CPUs without AMX run bf16 convolutions slower than fp32: autocast only on CUDA.
+        p = "bf16" if device.type == "cuda" else "fp32"
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[p]
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# ---------------------------------------------------------------- building
+def build_method(cfg: Config, env: Env):
+    """Student + head + queue (and the frozen teacher for distillation). Returns
+    (method, teacher_info, (mean, std))."""
+    student = create_student(cfg.arch)
+    teacher_info = None
+    teacher = None
+    mean, std = IMAGENET_MEAN, IMAGENET_STD
+    if cfg.method in ("seed", "simreg"):
+        use_head = cfg.teacher_use_head and not (cfg.method == "simreg" and cfg.simreg_target == "backbone")
+        bundle = load_teacher(cfg.teacher_arch, cfg.distill, cfg.teacher_ssl, use_head=use_head)
+        tmodel = to_channels_last(bundle.model.to(env.device), cfg.channels_last)
+        if amp_dtype(cfg, env.device) == torch.bfloat16:
+            tmodel = tmodel.to(torch.bfloat16)  # frozen: bf16 weights halve its memory traffic
+        compile_fn = (lambda m: torch.compile(m, mode=cfg.compile_mode)) if use_compile(cfg, env) else None
+        teacher = FrozenTeacher(tmodel, cfg.teacher_res, compile_fn)
+        teacher_info = {"arch": bundle.arch, "format": bundle.format, "sha256": bundle.sha256,
+                        "dim": bundle.dim, "checkpoint": cfg.distill}
+        mean, std = bundle.mean, bundle.std
+        dim = bundle.dim
+    else:
+        dim = cfg.dim or 128
+    if cfg.dim is not None and cfg.method != "moco" and cfg.dim != dim:
+        raise ConfigError(f"--dim {cfg.dim} does not match the teacher's embedding dim {dim}")
+    queue_dtype = torch.bfloat16 if amp_dtype(cfg, env.device) == torch.bfloat16 else torch.float32
+    method = METHODS[cfg.method](
+        student, teacher, dim=dim, queue_size=cfg.queue_size, temp=cfg.temp, distill_t=cfg.distill_t,
+        small_crops=cfg.small_crops, moco_m=cfg.moco_m, queue_dtype=queue_dtype)
+    method.student = to_channels_last(method.student, cfg.channels_last)
+    return method.to(env.device), teacher_info, (tuple(mean), tuple(std))
+
+
+def use_compile(cfg: Config, env: Env) -> bool:
+    if cfg.compile == "auto":
+        # compiling a ResNet takes minutes on a 2-core CPU: more than a CPU run gains
+        return env.device.type == "cuda"
+    return cfg.compile == "on"
+
+
+def build_optimizer(cfg: Config, method: nn.Module, lr: float, device: torch.device):
+    params = [p for p in method.parameters() if p.requires_grad]
+    fused = device.type == "cuda"
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                               fused=fused or None, foreach=None if fused else True)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay, fused=fused or None)
+    if cfg.optimizer == "lars":
+        from timm.optim import Lars
+        return Lars(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    raise ConfigError(f"unknown --optimizer {cfg.optimizer!r}: choose sgd, lars or adamw")
+
+
+def lr_at(step: int, total: int, warmup: int, base: float) -> float:
+    """Linear warm-up, then cosine to zero, per step."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return base * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+# ---------------------------------------------------------------- checkpoints
+def atomic_save(obj, path: Path) -> None:
+    """Write to a temp file beside the target, fsync, rename: a kill leaves the old file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _rng_state(aug_gen: torch.Generator) -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "augment": aug_gen.get_state()}
+
+
+def _set_rng_state(state: dict, aug_gen: torch.Generator) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    aug_gen.set_state(state["augment"])
+
+
+def save_checkpoint(path: Path, *, cfg: Config, env: Env, method, optimizer, scaler, step: int,
+                    epoch: int, batch_in_epoch: int, teacher_info, aug_gen, mean_std) -> None:
+    """Student, head, queue + pointer, optimizer, step, data position, every rank's RNG."""
+    rngs = [None] * env.world
+    if env.world > 1:
+        dist.all_gather_object(rngs, _rng_state(aug_gen))
+    else:
+        rngs = [_rng_state(aug_gen)]
+    if not env.main:
+        return
+    state = method.state_dict()
+    ckpt = {
+        "fastseed": {"version": CHECKPOINT_VERSION, "step": step, "epoch": epoch,
+                     "batch_in_epoch": batch_in_epoch, "teacher": teacher_info,
+                     "mean": mean_std[0], "std": mean_std[1], "arch": cfg.arch, "method": cfg.method},
+        "config": cfg.to_dict() | {"mean": list(mean_std[0]), "std": list(mean_std[1])},
+        "student": method.student.state_dict(),
+        "head": method.head.state_dict(),
+        "buffers": {k: v for k, v in state.items() if not k.startswith(("student.", "head."))},
+        "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "rng": rngs,
+    }
+    atomic_save(ckpt, path)
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise TrainingError(f"checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # truncated / not a torch file
+        raise TrainingError(f"checkpoint {path} cannot be read ({type(e).__name__}: {e}); "
+                            "it may be truncated: use an older one or start afresh") from None
+    if not isinstance(ckpt, dict) or "fastseed" not in ckpt or "student" not in ckpt:
+        raise TrainingError(f"{path} is not a fastseed checkpoint (no 'fastseed' entry)")
+    return ckpt
+
+
+def restore(ckpt: dict, cfg: Config, method, optimizer, scaler, teacher_info, aug_gen, env: Env) -> dict:
+    meta = ckpt["fastseed"]
+    if meta["arch"] != cfg.arch or meta["method"] != cfg.method:
+        raise TrainingError(f"checkpoint is {meta['method']} of {meta['arch']}, this run is "
+                            f"{cfg.method} of {cfg.arch}: pass the same --arch/--method or another --output")
+    want, have = (meta.get("teacher") or {}).get("sha256"), (teacher_info or {}).get("sha256")
+    if want != have:
+        raise TrainingError(f"checkpoint was distilled from teacher sha256 {str(want)[:12]}, this run "
+                            f"loads {str(have)[:12]}: pass the same --distill / -k")
+    state = {f"student.{k}": v for k, v in ckpt["student"].items()}
+    state |= {f"head.{k}": v for k, v in ckpt["head"].items()} | ckpt["buffers"]
+    method.load_state_dict(state, strict=True)
+    optimizer.load_state_dict(ckpt["optimizer"])
+    if scaler is not None and ckpt.get("scaler"):
+        scaler.load_state_dict(ckpt["scaler"])
+    rngs = ckpt["rng"]
+    if len(rngs) == env.world:
+        _set_rng_state(rngs[env.rank], aug_gen)
+    elif env.main:
+        print(f"resume: checkpoint has {len(rngs)} ranks' RNG, this run {env.world}: "
+              "augmentation randomness restarts", file=sys.stderr)
+    return meta
+
+
+def find_resume(cfg: Config) -> Path | None:
+    if cfg.resume is None:
+        return None
+    if cfg.resume == "auto":
+        p = cfg.out_dir / "checkpoint_last.pt"
+        return p if p.is_file() else None
+    return Path(cfg.resume)
+
+
+# ---------------------------------------------------------------- logging
+class Logger:
+    """metrics.jsonl (one JSON object a line), TensorBoard scalars when installed."""
+
+    def __init__(self, out_dir: Path, enabled: bool):
+        self.enabled = enabled
+        self.tb = None
+        if not enabled:
+            return
+        self.file = open(out_dir / "metrics.jsonl", "a", buffering=1)
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+            self.tb = SummaryWriter(str(out_dir / "tb"))
+        except Exception:  # tensorboard is optional
+            self.tb = None
+
+    def log(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        record = {"time": round(time.time(), 3), **record}
+        self.file.write(json.dumps(record) + "\n")
+        if self.tb is not None and "step" in record:
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k not in ("step", "time"):
+                    self.tb.add_scalar(k, v, record["step"])
+
+    def close(self) -> None:
+        if self.enabled:
+            self.file.close()
+            if self.tb is not None:
+                self.tb.close()
+
+
+# ---------------------------------------------------------------- evaluation
+def knn_eval(encoder, cfg: Config, env: Env, mean_std, *, bank_path: str, val_path: str,
+             res: int, batch_size: int = 512) -> dict:
+    """k-NN top-1 of `encoder` (None: raw pixels) with the train bank and the val split."""
+    norm = Normalize(mean_std[0], mean_std[1]) if encoder is not None else None
+    feats = []
+    for path in (bank_path, val_path):
+        loader = eval_loader(path, batch_size=batch_size, res=res, device=env.device, num_workers=cfg.workers)
+        if encoder is None:
+            f, y = _raw_pixels(loader)
+        else:
+            f, y = extract_features(encoder, loader, device=env.device, transform=norm,
+                                    dtype=amp_dtype(cfg, env.device) or torch.float32)
+        feats.append((f, y))
+    (ftr, ytr), (fte, yte) = feats
+    ks = sorted({1, cfg.knn_k})
+    return knn_classify(ftr, ytr, fte, yte, ks=ks, temperature=cfg.knn_t)
+
+
+def _raw_pixels(loader):
+    fs, ys = [], []
+    for x, y in loader:
+        fs.append(x.reshape(x.shape[0], -1).float())
+        ys.append(y.reshape(-1).long())
+    return torch.cat(fs), torch.cat(ys)
+
+
+class _Resized(nn.Module):
+    def __init__(self, model, res):
+        super().__init__()
+        self.model, self.res = model, res
+
+    def forward(self, x):
+        from fastseed.methods._common import resize
+        return self.model(resize(x, self.res))
+
+
+# ---------------------------------------------------------------- the loop
+@dataclass
+class Run:
+    """Everything a step needs, built once by `prepare`."""
+    cfg: Config
+    env: Env
+    method: nn.Module
+    model: nn.Module          # what the step calls: method, DDP(method), compiled
+    teacher_info: dict | None
+    mean_std: tuple
+    loader: object
+    augment: nn.Module
+    aug_gen: torch.Generator
+    optimizer: torch.optim.Optimizer
+    scaler: object
+    dtype: torch.dtype | None
+    lr: float
+    warmup: int
+    total: int
+    steps_per_epoch: int
+
+    def autocast(self):
+        return torch.autocast(self.env.device.type, dtype=self.dtype) if self.dtype else nullcontext()
+
+
+def prepare(cfg: Config) -> Run:
+    env = setup_env(cfg)
+    if env.main:
+        cfg.out_dir.mkdir(parents=True, exist_ok=True)
+    seed_everything(cfg.seed + env.rank)
+    dtype = amp_dtype(cfg, env.device)
+    method, teacher_info, mean_std = build_method(cfg, env)
+    loader = ssl_loader(cfg.data, batch_size=cfg.batch_size // env.world, res=cfg.res, scale=cfg.crop_scale,
+                        num_global=2 if cfg.method == "moco" else 1, num_small=cfg.small_crops,
+                        small_res=cfg.small_res, small_scale=cfg.small_scale, device=env.device,
+                        num_workers=cfg.workers, seed=cfg.seed, distributed=env.world > 1)
+    augment = moco_v2_augment(mean_std[0], mean_std[1]).to(env.device)
+    aug_gen = torch.Generator(env.device).manual_seed(cfg.seed * 1000 + env.rank)
+    steps_per_epoch = len(loader)
+    if steps_per_epoch == 0:
+        raise ConfigError(f"{cfg.data} holds fewer images than one batch of {cfg.batch_size // env.world} "
+                          "per rank: lower --batch-size")
+    total = cfg.epochs * steps_per_epoch
+    if cfg.max_steps is not None:
+        total = min(total, cfg.max_steps)
+    lr = cfg.lr if cfg.lr is not None else cfg.base_lr * cfg.batch_size / 256
+    optimizer = build_optimizer(cfg, method, lr, env.device)
+    scaler = torch.amp.GradScaler(env.device.type) if dtype == torch.float16 else None
+
+    model = method
+    if env.world > 1 and not cfg.fsdp:
+        # static graph + bucket views: no unused-parameter search, no gradient copies
+        model = nn.parallel.DistributedDataParallel(
+            method, device_ids=[env.device.index] if env.device.type == "cuda" else None,
+            static_graph=True, gradient_as_bucket_view=True, broadcast_buffers=False)
+    elif env.world > 1:
+        from torch.distributed.fsdp import fully_shard
+        for block in method.student.children():
+            if any(p.requires_grad for p in block.parameters()):
+                fully_shard(block)
+        fully_shard(method.student)
+        fully_shard(method.head)
+    if use_compile(cfg, env):
+        model = torch.compile(model, mode=cfg.compile_mode)
+    return Run(cfg, env, method, model, teacher_info, mean_std, loader, augment, aug_gen, optimizer, scaler,
+               dtype, lr, int(cfg.warmup_epochs * steps_per_epoch), total, steps_per_epoch)
+
+
+def train_step(run: Run, views: list[torch.Tensor], step: int) -> torch.Tensor:
+    """One optimisation step; returns the loss on the device (no host sync)."""
+    for g in run.optimizer.param_groups:
+        g["lr"] = lr_at(step, run.total, run.warmup, run.lr)
+    views = [run.augment(v, generator=run.aug_gen) for v in views]
+    with run.autocast():
+        targets = run.method.targets(views)
+        loss = run.model(views, targets)
+    if run.scaler is not None:
+        run.scaler.scale(loss).backward()
+        run.scaler.step(run.optimizer)
+        run.scaler.update()
+    else:
+        loss.backward()
+        run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.method.update(targets)  # after backward: the loss's backward re-reads the queue
+    return loss.detach()
+
+
+def train(cfg: Config) -> dict:
+    run = prepare(cfg)
+    env, method, optimizer, out = run.env, run.method, run.optimizer, cfg.out_dir
+    step = 0
+    resume_path = find_resume(cfg)
+    if resume_path is not None:
+        meta = restore(read_checkpoint(resume_path), cfg, method, optimizer, run.scaler, run.teacher_info,
+                       run.aug_gen, env)
+        step = meta["step"]
+        if env.main:
+            print(f"resumed from {resume_path} at step {step} (epoch {meta['epoch']}, "
+                  f"batch {meta['batch_in_epoch']})", file=sys.stderr)
+
+    logger = Logger(out, env.main)
+    results: dict = {}
+    eval_res = cfg.eval_res or cfg.res
+
+    def knn(encoder):
+        return knn_eval(encoder, cfg, env, run.mean_std, bank_path=cfg.knn_bank or cfg.data,
+                        val_path=cfg.val_data, res=eval_res)
+
+    if cfg.final_table and cfg.val_data and env.main and step == 0:
+        results["student_init"] = knn(method.encoder)
+
+    first_bad = torch.full((), -1, dtype=torch.long, device=env.device)  # first non-finite step
+    step_t = torch.full((), step, dtype=torch.long, device=env.device)
+    loss_sum = torch.zeros((), device=env.device)
+    method.train()
+
+    def check_finite() -> None:
+        bad = int(first_bad.item())
+        if bad >= 0:
+            raise TrainingError(f"loss became NaN/inf at step {bad}; stopped. The last good checkpoint "
+                                f"{out / 'checkpoint_last.pt'} is untouched: lower --lr or check the data, "
+                                "then --resume auto")
+
+    def checkpoint(epoch: int, batch_in_epoch: int) -> None:
+        check_finite()  # never write a checkpoint of NaN weights over a good one
+        save_checkpoint(out / "checkpoint_last.pt", cfg=cfg, env=env, method=method, optimizer=optimizer,
+                        scaler=run.scaler, step=step, epoch=epoch, batch_in_epoch=batch_in_epoch,
+                        teacher_info=run.teacher_info, aug_gen=run.aug_gen, mean_std=run.mean_std)
+
+    spe = run.steps_per_epoch
+    start_epoch, skip = divmod(step, spe)
+    t_log, n_img, n_log = time.perf_counter(), 0, 0
+    try:
+        for epoch in range(start_epoch, cfg.epochs):
+            if step >= run.total:
+                break
+            run.loader.resume(epoch, skip)
+            bar = _progress(cfg, env, spe, epoch, skip)
+            for i, (views, _) in enumerate(run.loader, start=skip):
+                loss = train_step(run, views, step)
+                # NaN guard without a host sync: the first bad step is remembered on the device
+                first_bad.copy_(torch.where((first_bad < 0) & ~torch.isfinite(loss), step_t, first_bad))
+                loss_sum += loss.float()
+                step += 1
+                step_t += 1
+                n_log += 1
+                n_img += views[0].shape[0] * env.world
+                if bar is not None:
+                    bar.update(1)
+                if step % cfg.log_every == 0 or step == run.total:
+                    check_finite()
+                    rec = {"step": step, "epoch": epoch, "loss": loss_sum.item() / n_log,
+                           "lr": optimizer.param_groups[0]["lr"], "img_per_s": n_img / (time.perf_counter() - t_log)}
+                    logger.log(rec)
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{rec['lr']:.3g}",
+                                        img_s=f"{rec['img_per_s']:.0f}")
+                    loss_sum.zero_()
+                    t_log, n_img, n_log = time.perf_counter(), 0, 0
+                if step % cfg.ckpt_every == 0:
+                    checkpoint(epoch, i + 1)
+                if step >= run.total:
+                    break
+            if bar is not None:
+                bar.close()
+            skip = 0
+            if step % spe == 0:
+                checkpoint(epoch + 1, 0)
+                if (cfg.val_data and cfg.knn_every and (epoch + 1) % cfg.knn_every == 0 and env.main
+                        and step < run.total):
+                    logger.log({"step": step, "epoch": epoch + 1, **knn(method.encoder)})
+                    method.train()
+        if step % spe:  # stopped mid-epoch (max_steps): epoch ends were saved above
+            checkpoint(step // spe, step % spe)
+        check_finite()
+
+        if cfg.val_data and env.main:
+            results["student"] = knn(method.encoder)
+            if cfg.final_table:
+                results["raw_pixels"] = knn(None)
+                t = getattr(method, "teacher", None)
+                if t is not None:
+                    results["teacher"] = knn(_Resized(t.model, t.res))
+            logger.log({"step": step, "final": True, **{f"{k}/{m}": v for k, r in results.items()
+                                                        for m, v in r.items()}})
+    finally:
+        logger.close()
+    return {"step": step, "results": results}
+
+
+def _progress(cfg: Config, env: Env, total: int, epoch: int, initial: int):
+    if not (cfg.progress and env.main):
+        return None
+    from tqdm import tqdm
+    return tqdm(total=total, initial=initial, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step",
+                dynamic_ncols=True, file=sys.stderr)

@@ -1,0 +1,88 @@
+"""End-to-end runs of the training loop on real Fashion-MNIST images (tiny, CPU)."""
+import json
+import math
+import os
+
+import pytest
+import torch
+
+from fastseed.config import Config
+from fastseed.data_prep import write_beton
+from fastseed.train import atomic_save, lr_at, read_checkpoint, train, TrainingError
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("data")
+    write_beton("fashion-mnist:train", str(d / "train.beton"), subset=512, compress_probability=0.0, progress=False)
+    write_beton("fashion-mnist:test", str(d / "test.beton"), subset=256, compress_probability=0.0, progress=False)
+    return d
+
+
+@pytest.fixture(scope="module")
+def teacher_ckpt(tmp_path_factory):
+    """A plain timm state dict: the teacher-loading path as a user's checkpoint takes it."""
+    import timm
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("teacher") / "resnet10t.pth"
+    torch.save(timm.create_model("resnet10t", num_classes=0).state_dict(), path)
+    return path
+
+
+def tiny(data, teacher_ckpt, out, **kw) -> Config:
+    cfg = Config(method="seed", arch="resnet10t", teacher_arch="resnet10t", distill=str(teacher_ckpt),
+                 data=str(data / "train.beton"), val_data=str(data / "test.beton"), res=32, workers=2,
+                 epochs=1, batch_size=32, lr=0.05, warmup_epochs=0, queue_size=256, distill_t=0.05,
+                 output=str(out), log_every=1, ckpt_every=1000, knn_every=0, progress=False, device="cpu")
+    return cfg.replace(**kw)
+
+
+def read_metrics(out):
+    return [json.loads(line) for line in open(out / "metrics.jsonl")]
+
+
+def test_tiny_seed_run_learns_and_writes_outputs(data, teacher_ckpt, tmp_path):
+    out = tmp_path / "run"
+    result = train(tiny(data, teacher_ckpt, out))
+    steps = [r for r in read_metrics(out) if "loss" in r]
+    assert result["step"] == 16 == len(steps)  # 512 images / 32, drop_last
+    losses = [r["loss"] for r in steps]
+    assert all(math.isfinite(v) for v in losses)
+    first, last = sum(losses[:4]) / 4, sum(losses[-4:]) / 4
+    assert last < 0.9 * first, losses
+    ckpt = read_checkpoint(out / "checkpoint_last.pt")
+    assert ckpt["fastseed"]["step"] == 16 and ckpt["fastseed"]["teacher"]["format"] == "plain"
+    assert "teacher" not in " ".join(ckpt["student"]) and ckpt["buffers"]["queue.keys"].shape == (256, 512)
+    assert 0 <= result["results"]["student"]["knn_top1@20"] <= 100
+
+
+def test_lr_schedule_warmup_then_cosine():
+    assert lr_at(0, 100, 10, 1.0) == pytest.approx(0.1)
+    assert lr_at(9, 100, 10, 1.0) == pytest.approx(1.0)
+    assert lr_at(55, 100, 10, 1.0) == pytest.approx(0.5)
+    assert lr_at(99, 100, 10, 1.0) < 0.001
+
+
+def test_atomic_save_keeps_old_file_when_writing_fails(tmp_path):
+    path = tmp_path / "ckpt.pt"
+    atomic_save({"a": 1}, path)
+
+    class Unpicklable:
+        def __reduce__(self):
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError):
+        atomic_save({"a": Unpicklable()}, path)
+    assert torch.load(path) == {"a": 1}
+    assert os.listdir(tmp_path) == ["ckpt.pt"]
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(data, teacher_ckpt, tmp_path):
+    out = tmp_path / "nan"
+    train(tiny(data, teacher_ckpt, out, max_steps=3))
+    good = (out / "checkpoint_last.pt").read_bytes()
+    with pytest.raises(TrainingError, match=r"NaN/inf at step \d+"):
+        train(tiny(data, teacher_ckpt, out, lr=float("nan"), resume="auto", log_every=2, ckpt_every=2))
+    assert (out / "checkpoint_last.pt").read_bytes() == good
