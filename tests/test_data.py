@@ -1,0 +1,94 @@
+"""FFCV loaders: shapes, dtypes, multi-view, resume, exact eval pixels, early path errors.
+Two loaders for the whole module (each FFCV Loader JIT-compiles for several seconds)."""
+import numpy as np
+import pytest
+import torch
+
+from fastseed.data import check_beton, eval_loader, ssl_loader
+from fastseed.data_prep import subset_indices, write_beton
+from fastseed.data_prep.sources import fashion_mnist
+
+N = 256
+
+
+@pytest.fixture(scope="module")
+def betons(tmp_path_factory):
+    d = tmp_path_factory.mktemp("betons")
+    # Half JPEG, half raw: the multi-view decoder's two paths in one loader.
+    write_beton("fashion-mnist:test", str(d / "mixed.beton"), subset=N, compress_probability=0.5, progress=False)
+    write_beton("fashion-mnist:test", str(d / "raw.beton"), subset=N, compress_probability=0.0, progress=False)
+    return d
+
+
+@pytest.fixture(scope="module")
+def ssl(betons):
+    loader = ssl_loader(betons / "mixed.beton", batch_size=64, res=24, num_global=2, num_small=3, small_res=12,
+                        seed=3, num_workers=2)
+    # (views, labels) of epoch 0, cloned: FFCV reuses its buffers a few batches later.
+    epoch0 = [([v.clone() for v in views], labels.clone()) for views, labels in loader]
+    return loader, epoch0
+
+
+@pytest.fixture(scope="module")
+def evaluation(betons):
+    return eval_loader(betons / "raw.beton", batch_size=100, res=28, crop_ratio=1.0)
+
+
+def test_ssl_views(ssl):
+    loader, epoch0 = ssl
+    assert len(loader) == len(epoch0) == N // 64
+    views, labels = epoch0[0]
+    assert [tuple(v.shape) for v in views] == [(64, 24, 24, 3)] * 2 + [(64, 12, 12, 3)] * 3
+    assert all(v.dtype == torch.uint8 and v.device.type == "cpu" for v in views)
+    assert labels.dtype == torch.int64 and labels.shape == (64,)
+    assert not torch.equal(views[0], views[1])  # two independent crops of each image
+    assert all(v.float().std() > 10 for v in views)  # real pixels, not an empty buffer
+
+
+def test_ssl_epoch_covers_dataset_in_random_order(ssl):
+    _, epoch0 = ssl
+    labels = torch.cat([y for _, y in epoch0]).numpy()
+    src = fashion_mnist("test")
+    want = src.labels[subset_indices(len(src), N)]
+    assert sorted(labels.tolist()) == sorted(want.tolist())
+    assert not np.array_equal(labels, want)  # shuffled
+
+
+def test_resume_mid_epoch(ssl):
+    loader, epoch0 = ssl
+    loader.resume(0, batch=2)
+    rest = [labels.clone() for _, labels in loader]
+    assert len(rest) == len(epoch0) - 2
+    for got, (_, want) in zip(rest, epoch0[2:]):
+        torch.testing.assert_close(got, want)
+    assert loader.epoch == 1
+    first = next(iter(loader))[1].clone()  # epoch 1: full length again, another permutation
+    assert not torch.equal(first, epoch0[0][1])
+    loader.epoch = 0
+    assert torch.equal(next(iter(loader))[1], epoch0[0][1])
+
+
+def test_eval_loader_exact_and_deterministic(evaluation):
+    batches = [(x.clone(), y.clone()) for x, y in evaluation]
+    assert [len(y) for _, y in batches] == [100, 100, 56]  # no drop_last
+    x = torch.cat([b[0] for b in batches])
+    y = torch.cat([b[1] for b in batches])
+    src = fashion_mnist("test")
+    idx = subset_indices(len(src), N)
+    np.testing.assert_array_equal(x.numpy(), np.repeat(src.images[idx][..., None], 3, axis=3))
+    np.testing.assert_array_equal(y.numpy(), src.labels[idx])
+    again = torch.cat([x2.clone() for x2, _ in evaluation])
+    assert torch.equal(x, again)
+
+
+def test_path_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing.beton"):
+        ssl_loader(tmp_path / "missing.beton", batch_size=8, res=16)
+    (tmp_path / "text.beton").write_text("hello, this is not a beton file at all" * 10)
+    with pytest.raises(ValueError, match="text.beton"):
+        eval_loader(tmp_path / "text.beton", batch_size=8, res=16)
+    (tmp_path / "empty.beton").write_bytes(b"")
+    with pytest.raises(ValueError, match="empty.beton"):
+        check_beton(tmp_path / "empty.beton")
+    with pytest.raises(ValueError, match="num_global"):
+        ssl_loader(tmp_path / "missing.beton", batch_size=8, res=16, num_global=0)
