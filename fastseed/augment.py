@@ -20,9 +20,13 @@ keep the cost near one pass per op instead of four:
   but the hue's place in it is stratified over the batch: a random quarter of the batch has hue
   first, another quarter second, and so on. Every sample's order is still uniform over the 24;
   only the hue of that quarter is computed at each of the 4 stages (not the whole batch 4x).
-* Blur subset. The blurred samples are a random round(blur_p x N) of the batch, so the other
-  samples cost nothing (the blur is the dearest op: 0.9 ms per 224 px image on 2 CPU cores).
-  Per sample the probability is round(blur_p N)/N, exactly blur_p for even N at p = 0.5.
+* Blur and grayscale subsets. The blurred (grayed) samples are a random round(p x N) of the
+  batch, so the other samples cost nothing (the blur is the dearest op: 0.9 ms per 224 px
+  image on 2 CPU cores). Per sample the probability is round(p N)/N, exactly p when p N is
+  whole (256 x 0.2 = 51.2 -> 51: 0.1992).
+These two apply to CUDA tensors (fixed-size groups: no host sync, compile friendly). CPU
+tensors take independent per-sample draws exactly as torchvision does (variable-size groups
+cost nothing there) and are processed in cache-sized chunks.
 """
 from __future__ import annotations
 
@@ -167,7 +171,8 @@ class SSLAugment(nn.Module):
         order = self.orders[hue_stage * 6 + pick]  # (N, 4)
         hue_groups = [perm[stage::4] for stage in range(4)]
         blur = torch.randperm(n, generator=generator, device=dev)[:round(self.blur_p * n)]
-        return self._augment(x, out, u, factors, hue, order, hue_groups, blur)
+        gray = torch.randperm(n, generator=generator, device=dev)[:round(self.grayscale_p * n)]
+        return self._augment(x, out, u, factors, hue, order, hue_groups, blur, gray)
 
     def _bernoulli(self, x, out, generator):
         """Independent draws per sample, exactly torchvision's: each sample's op order uniform
@@ -180,24 +185,24 @@ class SSLAugment(nn.Module):
         hue_stage = (order == 3).int().argmax(1)
         hue_groups = [(hue_stage == stage).nonzero().view(-1) for stage in range(4)]
         blur = (torch.rand(n, generator=generator, device=dev) < self.blur_p).nonzero().view(-1)
-        return self._augment(x, out, u, factors, hue, order, hue_groups, blur, jittered)
+        gray = (u[:, 5] < self.grayscale_p).nonzero().view(-1)
+        return self._augment(x, out, u, factors, hue, order, hue_groups, blur, gray, jittered)
 
-    def _augment(self, x, out, u, factors, hue, order, hue_groups, blur, jittered=None):
+    def _augment(self, x, out, u, factors, hue, order, hue_groups, blur, gray, jittered=None):
         """Apply the drawn parameters; `order`/`hue_groups` index the `jittered` samples
         (None: all of them). Writes the normalized result into `out`."""
         n, h, w, _ = x.shape
         # NCHW contiguous while augmenting: each channel is one contiguous plane, so the
         # per-channel math (luma, hue) vectorizes; channels-last again only at the end.
-        x = x.permute(0, 3, 1, 2).to(torch.float32, memory_format=torch.contiguous_format).mul_(1 / 255)
+        x = torch.mul(x.permute(0, 3, 1, 2), 1 / 255, out=torch.empty((n, 3, h, w), device=x.device))
         if self.jitter_p > 0 and jittered is None:
             x = self._jitter(x, factors, hue, order, hue_groups)
         elif self.jitter_p > 0 and jittered.numel() > 0:
             x.index_copy_(0, jittered, self._jitter(x.index_select(0, jittered), factors[jittered], hue[jittered],
                                                     order, hue_groups))
 
-        if self.grayscale_p > 0:
-            gs = (u[:, 5] < self.grayscale_p).to(x.dtype).view(n, 1, 1, 1)
-            x = torch.lerp(x, _luma(x).expand_as(x), gs)
+        if self.grayscale_p > 0 and gray.numel() > 0:  # only the chosen samples: 1/5 of a pass
+            x.index_copy_(0, gray, _luma(x.index_select(0, gray)).expand(-1, 3, -1, -1))
 
         if self.blur_p > 0 and blur.numel() > 0:
             sigma = _uniform(u[blur, 7], *self.blur_sigma)
