@@ -20,7 +20,7 @@ from ._common import FrozenTeacher, Queue
 class SEED(nn.Module):
     def __init__(self, student: nn.Module, teacher: FrozenTeacher, *, dim: int, queue_size: int,
                  temp: float = 0.2, distill_t: float = 1e-4, small_crops: int = 0,
-                 queue_dtype: torch.dtype = torch.float32):
+                 queue_dtype: torch.dtype = torch.float32, **_):
         super().__init__()
         self.student = student
         self.head = projection_head(student.num_features, dim)
