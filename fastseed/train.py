@@ -152,11 +152,15 @@ def atomic_save(obj, path: Path) -> None:
     """Write to a temp file beside the target, fsync, rename: a kill leaves the old file."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _rng_state(aug_gen: torch.Generator) -> dict:
@@ -236,6 +240,11 @@ def restore(ckpt: dict, cfg: Config, method, optimizer, scaler, teacher_info, au
         print(f"resume: checkpoint has {len(rngs)} ranks' RNG, this run {env.world}: "
               "augmentation randomness restarts", file=sys.stderr)
     return meta
+
+
+def all_finite(params) -> bool:
+    flags = [torch.isfinite(p.detach()).all() for p in params]
+    return bool(torch.stack(flags).all()) if flags else True
 
 
 def find_resume(cfg: Config) -> Path | None:
@@ -442,7 +451,13 @@ def train(cfg: Config) -> dict:
                                 "then --resume auto")
 
     def checkpoint(epoch: int, batch_in_epoch: int) -> None:
-        check_finite()  # never write a checkpoint of NaN weights over a good one
+        # never write NaN weights over a good checkpoint: a bad update shows in the weights one
+        # step before it shows in a loss, so look at both
+        check_finite()
+        if not all_finite(method.parameters()):
+            raise TrainingError(f"weights became NaN/inf by step {step} (the loss was still finite); stopped. "
+                                f"The last good checkpoint {out / 'checkpoint_last.pt'} is untouched: lower --lr, "
+                                "then --resume auto")
         save_checkpoint(out / "checkpoint_last.pt", cfg=cfg, env=env, method=method, optimizer=optimizer,
                         scaler=run.scaler, step=step, epoch=epoch, batch_in_epoch=batch_in_epoch,
                         teacher_info=run.teacher_info, aug_gen=run.aug_gen, mean_std=run.mean_std)

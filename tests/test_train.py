@@ -34,7 +34,7 @@ def teacher_ckpt(tmp_path_factory):
 def tiny(data, teacher_ckpt, out, **kw) -> Config:
     cfg = Config(method="seed", arch="resnet10t", teacher_arch="resnet10t", distill=str(teacher_ckpt),
                  data=str(data / "train.beton"), val_data=str(data / "test.beton"), res=32, workers=2,
-                 epochs=1, batch_size=32, lr=0.05, warmup_epochs=0, queue_size=256, distill_t=0.05,
+                 epochs=1, batch_size=32, lr=0.1, warmup_epochs=0, queue_size=256, distill_t=1e-4,
                  output=str(out), log_every=1, ckpt_every=1000, knn_every=0, progress=False, device="cpu")
     return cfg.replace(**kw)
 
@@ -45,16 +45,20 @@ def read_metrics(out):
 
 def test_tiny_seed_run_learns_and_writes_outputs(data, teacher_ckpt, tmp_path):
     out = tmp_path / "run"
-    result = train(tiny(data, teacher_ckpt, out))
+    # K = 2 batches: after step 2 the queue holds only real teacher keys, so the loss is
+    # comparable from there on (before, random queue rows make it artificially easy)
+    # a real teacher: a random network's features are all alike (cosine 0.997), nothing to learn
+    result = train(tiny(data, teacher_ckpt, out, epochs=3, queue_size=64, teacher_arch="efficientnet_lite0",
+                        distill=None))
     steps = [r for r in read_metrics(out) if "loss" in r]
-    assert result["step"] == 16 == len(steps)  # 512 images / 32, drop_last
+    assert result["step"] == 48 == len(steps)  # 3 x 512 images / 32, drop_last
     losses = [r["loss"] for r in steps]
     assert all(math.isfinite(v) for v in losses)
-    first, last = sum(losses[:4]) / 4, sum(losses[-4:]) / 4
-    assert last < 0.9 * first, losses
+    first, last = sum(losses[2:6]) / 4, sum(losses[-4:]) / 4
+    assert last < 0.85 * first, losses
     ckpt = read_checkpoint(out / "checkpoint_last.pt")
-    assert ckpt["fastseed"]["step"] == 16 and ckpt["fastseed"]["teacher"]["format"] == "plain"
-    assert "teacher" not in " ".join(ckpt["student"]) and ckpt["buffers"]["queue.keys"].shape == (256, 512)
+    assert ckpt["fastseed"]["step"] == 48 and ckpt["fastseed"]["teacher"]["format"] == "bundled"
+    assert "teacher" not in " ".join(ckpt["student"]) and ckpt["buffers"]["queue.keys"].shape == (64, 1280)
     assert 0 <= result["results"]["student"]["knn_top1@20"] <= 100
 
 
@@ -83,6 +87,6 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(data, teacher_ckpt, tmp_p
     out = tmp_path / "nan"
     train(tiny(data, teacher_ckpt, out, max_steps=3))
     good = (out / "checkpoint_last.pt").read_bytes()
-    with pytest.raises(TrainingError, match=r"NaN/inf at step \d+"):
+    with pytest.raises(TrainingError, match=r"NaN/inf (at|by) step \d+"):
         train(tiny(data, teacher_ckpt, out, lr=float("nan"), resume="auto", log_every=2, ckpt_every=2))
     assert (out / "checkpoint_last.pt").read_bytes() == good
