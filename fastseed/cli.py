@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from fastseed.config import DEMO_DATA_DIR, Config, demo
+from fastseed.config import Config, demo
 
 USAGE_ERROR = 2
 
@@ -99,7 +99,7 @@ def _known_errors():
 def prepare_demo_data(cfg: Config) -> None:
     """Write the demo's Fashion-MNIST betons once; later runs reuse them."""
     from fastseed.data_prep import write_beton
-    jobs = [("fashion-mnist:train", cfg.data, None), ("fashion-mnist:test", cfg.val_data, None),
+    jobs = [("fashion-mnist:train", cfg.data, 32_000), ("fashion-mnist:test", cfg.val_data, None),
             ("fashion-mnist:train", cfg.knn_bank, 10_000)]
     for source, path, subset in jobs:
         if path and not Path(path).exists():
@@ -134,7 +134,7 @@ def check_inputs(cfg: Config) -> None:
 def train_main(argv: list[str] | None = None) -> int:
     try:
         cfg = config_from_args(argv)
-        if cfg.data == str(DEMO_DATA_DIR / "fashion_mnist_train.beton"):
+        if cfg.data == demo().data:
             prepare_demo_data(cfg)
         check_inputs(cfg)
         from fastseed.train import train

@@ -93,13 +93,15 @@ def demo(**overrides) -> Config:
     Real data (Fashion-MNIST, 28 px) and a real teacher (ImageNet EfficientNet-Lite0). The
     student is trained at 32 px; the teacher sees the same crop at 48 px, where its ImageNet
     features are useful (k-NN 84% at 48 px vs 77% at 32 px, measured on 2k test images).
-    The paper's 5 warm-up epochs of 200 would be a whole run here: warm up for 1/4 epoch.
+    One epoch over a 32k-image random subset of the train split (250 steps of 128) keeps the
+    whole run, k-NN evaluations included, within 5 minutes on 2 cores. The paper's 5 warm-up
+    epochs of 200 would be a whole run here: warm up for 1/4 epoch.
     """
     cfg = Config(
         method="seed",
         arch="resnet18",
         teacher_arch="efficientnet_lite0",
-        data=str(DEMO_DATA_DIR / "fashion_mnist_train.beton"),
+        data=str(DEMO_DATA_DIR / "fashion_mnist_train_32k.beton"),
         val_data=str(DEMO_DATA_DIR / "fashion_mnist_test.beton"),
         knn_bank=str(DEMO_DATA_DIR / "fashion_mnist_train_10k.beton"),
         res=32,

@@ -20,10 +20,25 @@ without reading them. `len(loader)` is always the full epoch.
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import replace
 
 import numpy as np
 import torch
+
+def _ignore_numba_teardown(unraisable, _previous=sys.unraisablehook):
+    """numba's dispatcher finalizer raises a harmless KeyError for FFCV's generated functions at
+    interpreter exit, printed as 'Exception ignored ... Traceback'. Drop exactly that one."""
+    tb = unraisable.exc_traceback
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    if (isinstance(unraisable.exc_value, KeyError) and tb is not None
+            and tb.tb_frame.f_code.co_filename.endswith(os.path.join("numba", "core", "dispatcher.py"))):
+        return
+    _previous(unraisable)
+
+
+sys.unraisablehook = _ignore_numba_teardown
 
 JPEG_MODE = 0  # RGBImageField's IMAGE_MODES['jpg']
 RATIO = (3 / 4, 4 / 3)  # RandomResizedCrop's aspect-ratio range (torchvision's default)
@@ -181,7 +196,9 @@ class BetonLoader:
         if loader.code is None:
             loader.generate_code()
         for images, labels in EpochIterator(loader, order):
-            yield self._split(images), labels.view(-1)
+            # labels are tiny: copy them, so that a kept label tensor is not overwritten by FFCV's
+            # buffer reuse a few batches later (images are consumed at once by the augmentation)
+            yield self._split(images), labels.view(-1).clone()
 
 
 def ssl_loader(path, *, batch_size: int, res: int, scale=(0.2, 1.0), num_global: int = 1,

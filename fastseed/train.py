@@ -351,6 +351,26 @@ class Run:
         return torch.autocast(self.env.device.type, dtype=self.dtype) if self.dtype else nullcontext()
 
 
+def wrap_model(method: nn.Module, cfg: Config, env: Env) -> nn.Module:
+    """What the step calls: DDP (or FSDP2-sharded) and compiled as configured."""
+    model = method
+    if env.world > 1 and not cfg.fsdp:
+        # static graph + bucket views: no unused-parameter search, no gradient copies
+        model = nn.parallel.DistributedDataParallel(
+            method, device_ids=[env.device.index] if env.device.type == "cuda" else None,
+            static_graph=True, gradient_as_bucket_view=True, broadcast_buffers=False)
+    elif env.world > 1:
+        from torch.distributed.fsdp import fully_shard
+        for block in method.student.children():
+            if any(p.requires_grad for p in block.parameters()):
+                fully_shard(block)
+        fully_shard(method.student)
+        fully_shard(method.head)
+    if use_compile(cfg, env):
+        model = torch.compile(model, mode=cfg.compile_mode)
+    return model
+
+
 def prepare(cfg: Config) -> Run:
     env = setup_env(cfg)
     if env.main:
@@ -375,21 +395,7 @@ def prepare(cfg: Config) -> Run:
     optimizer = build_optimizer(cfg, method, lr, env.device)
     scaler = torch.amp.GradScaler(env.device.type) if dtype == torch.float16 else None
 
-    model = method
-    if env.world > 1 and not cfg.fsdp:
-        # static graph + bucket views: no unused-parameter search, no gradient copies
-        model = nn.parallel.DistributedDataParallel(
-            method, device_ids=[env.device.index] if env.device.type == "cuda" else None,
-            static_graph=True, gradient_as_bucket_view=True, broadcast_buffers=False)
-    elif env.world > 1:
-        from torch.distributed.fsdp import fully_shard
-        for block in method.student.children():
-            if any(p.requires_grad for p in block.parameters()):
-                fully_shard(block)
-        fully_shard(method.student)
-        fully_shard(method.head)
-    if use_compile(cfg, env):
-        model = torch.compile(model, mode=cfg.compile_mode)
+    model = wrap_model(method, cfg, env)
     return Run(cfg, env, method, model, teacher_info, mean_std, loader, augment, aug_gen, optimizer, scaler,
                dtype, lr, int(cfg.warmup_epochs * steps_per_epoch), total, steps_per_epoch)
 

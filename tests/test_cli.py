@@ -84,5 +84,5 @@ def test_official_flag_names_map_to_config():
 
 def test_no_arguments_is_the_demo():
     cfg = config_from_args([])
-    assert cfg.data.endswith("fashion_mnist_train.beton") and cfg.teacher_arch == "efficientnet_lite0"
+    assert cfg.data.endswith("fashion_mnist_train_32k.beton") and cfg.teacher_arch == "efficientnet_lite0"
     assert cfg.final_table
