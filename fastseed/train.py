@@ -420,6 +420,28 @@ def train_step(run: Run, views: list[torch.Tensor], step: int) -> torch.Tensor:
     return loss.detach()
 
 
+def oom_advice(run: Run, views: list[torch.Tensor]) -> str:
+    """The first step ran out of memory: find the largest per-rank batch that fits by halving,
+    on copies of this batch's views, and say what to pass."""
+    per_rank = views[0].shape[0]
+    b = per_rank // 2
+    while b >= 1:
+        run.optimizer.zero_grad(set_to_none=True)
+        if run.env.device.type == "cuda":
+            torch.cuda.empty_cache()
+        try:
+            train_step(run, [v[:b].clone() for v in views], 0)
+            break
+        except torch.OutOfMemoryError:
+            b //= 2
+    fits = b * run.env.world
+    lr_hint = "" if run.cfg.lr is None else " (and scale --lr with it)"
+    if b < 1:
+        return "out of memory at the first step even with 1 image per rank: use a smaller --arch or --res"
+    return (f"out of memory at the first step with --batch-size {per_rank * run.env.world}; the largest batch "
+            f"that fits is {fits}: rerun with --batch-size {fits}{lr_hint}")
+
+
 def train(cfg: Config) -> dict:
     run = prepare(cfg)
     env, method, optimizer, out = run.env, run.method, run.optimizer, cfg.out_dir
@@ -469,6 +491,7 @@ def train(cfg: Config) -> dict:
                         teacher_info=run.teacher_info, aug_gen=run.aug_gen, mean_std=run.mean_std)
 
     spe = run.steps_per_epoch
+    start_step = step
     start_epoch, skip = divmod(step, spe)
     t_log, n_img, n_log = time.perf_counter(), 0, 0
     try:
@@ -478,7 +501,12 @@ def train(cfg: Config) -> dict:
             run.loader.resume(epoch, skip)
             bar = _progress(cfg, env, spe, epoch, skip)
             for i, (views, _) in enumerate(run.loader, start=skip):
-                loss = train_step(run, views, step)
+                try:
+                    loss = train_step(run, views, step)
+                except torch.OutOfMemoryError:
+                    if n_log or step > start_step:
+                        raise
+                    raise TrainingError(oom_advice(run, views)) from None
                 # NaN guard without a host sync: the first bad step is remembered on the device
                 first_bad.copy_(torch.where((first_bad < 0) & ~torch.isfinite(loss), step_t, first_bad))
                 loss_sum += loss.float()

@@ -100,3 +100,20 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(data, teacher_ckpt, tmp_p
     with pytest.raises(TrainingError, match=r"NaN/inf (at|by) step \d+"):
         train(tiny(data, teacher_ckpt, out, lr=float("nan"), resume="auto", log_every=2, ckpt_every=2))
     assert (out / "checkpoint_last.pt").read_bytes() == good
+
+
+def test_out_of_memory_at_start_suggests_largest_batch(data, teacher_ckpt, tmp_path, monkeypatch):
+    """Simulated device memory of 8 images: the message names batch 8 and leaves no checkpoint."""
+    import fastseed.train as T
+    real_step = T.train_step
+
+    def small_memory_step(run, views, step):
+        if views[0].shape[0] > 8:
+            raise torch.OutOfMemoryError("simulated")
+        return real_step(run, views, step)
+
+    monkeypatch.setattr(T, "train_step", small_memory_step)
+    out = tmp_path / "oom"
+    with pytest.raises(TrainingError, match=r"largest batch that fits is 8: rerun with --batch-size 8"):
+        train(tiny(data, teacher_ckpt, out, max_steps=2))
+    assert not (out / "checkpoint_last.pt").exists()
