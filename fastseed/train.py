@@ -371,17 +371,20 @@ def wrap_model(method: nn.Module, cfg: Config, env: Env) -> nn.Module:
     return model
 
 
-def prepare(cfg: Config) -> Run:
+def prepare(cfg: Config, loader=None) -> Run:
+    """Build everything a run needs. `loader` replaces the FFCV loader of `cfg.data` (tests,
+    synthetic-data benchmarks): any sized iterable of `(views, labels)`."""
     env = setup_env(cfg)
     if env.main:
         cfg.out_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.seed + env.rank)
     dtype = amp_dtype(cfg, env.device)
     method, teacher_info, mean_std = build_method(cfg, env)
-    loader = ssl_loader(cfg.data, batch_size=cfg.batch_size // env.world, res=cfg.res, scale=cfg.crop_scale,
-                        num_global=2 if cfg.method == "moco" else 1, num_small=cfg.small_crops,
-                        small_res=cfg.small_res, small_scale=cfg.small_scale, device=env.device,
-                        num_workers=cfg.workers, seed=cfg.seed, distributed=env.world > 1)
+    if loader is None:
+        loader = ssl_loader(cfg.data, batch_size=cfg.batch_size // env.world, res=cfg.res, scale=cfg.crop_scale,
+                            num_global=2 if cfg.method == "moco" else 1, num_small=cfg.small_crops,
+                            small_res=cfg.small_res, small_scale=cfg.small_scale, device=env.device,
+                            num_workers=cfg.workers, seed=cfg.seed, distributed=env.world > 1)
     augment = moco_v2_augment(mean_std[0], mean_std[1]).to(env.device)
     aug_gen = torch.Generator(env.device).manual_seed(cfg.seed * 1000 + env.rank)
     steps_per_epoch = len(loader)
