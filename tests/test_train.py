@@ -117,3 +117,20 @@ def test_out_of_memory_at_start_suggests_largest_batch(data, teacher_ckpt, tmp_p
     with pytest.raises(TrainingError, match=r"largest batch that fits is 8: rerun with --batch-size 8"):
         train(tiny(data, teacher_ckpt, out, max_steps=2))
     assert not (out / "checkpoint_last.pt").exists()
+
+
+@pytest.mark.parametrize("method", ["seed-small-patch", "moco", "simreg"])
+def test_every_method_runs_through_the_loop(data, teacher_ckpt, tmp_path, method):
+    kw = {"seed-small-patch": dict(method="seed", small_crops=2, small_res=16),
+          "moco": dict(method="moco", dim=32), "simreg": dict(method="simreg")}[method]
+    out = tmp_path / method
+    result = train(tiny(data, teacher_ckpt, out, max_steps=3, val_data=None, **kw))
+    assert result["step"] == 3
+    ckpt = read_checkpoint(out / "checkpoint_last.pt")
+    buffers = ckpt["buffers"]
+    if method == "seed-small-patch":
+        assert int(buffers["queue.ptr"]) == 3 * 32 % 256 and int(buffers["small_queue.ptr"]) == 3 * 64 % 256
+    if method == "moco":
+        assert any(k.startswith("key_encoder.") for k in buffers) and buffers["queue.keys"].shape == (256, 32)
+    losses = [r["loss"] for r in read_metrics(out) if "loss" in r]
+    assert len(losses) == 3 and all(math.isfinite(v) for v in losses)
