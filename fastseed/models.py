@@ -16,7 +16,11 @@ def create_student(arch: str) -> nn.Module:
         close = timm.list_models(f"*{arch.split('_')[0]}*")[:6]
         hint = f" (close: {', '.join(close)})" if close else ""
         raise ConfigError(f"unknown --arch {arch!r}: use a timm model name{hint}")
-    return timm.create_model(arch, pretrained=False, num_classes=0)
+    model = timm.create_model(arch, pretrained=False, num_classes=0)
+    # MobileNetV3-style nets keep a conv head after pooling: their pooled output is
+    # head_hidden_size wide (mobilenetv3_large_100: 1280), not num_features (960).
+    model.num_features = getattr(model, "head_hidden_size", None) or model.num_features
+    return model
 
 
 def projection_head(in_dim: int, out_dim: int) -> nn.Sequential:

@@ -121,3 +121,11 @@ def test_moco_momentum_update_and_keys():
 
 def test_methods_registry():
     assert set(METHODS) == {"seed", "simreg", "moco"}
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "mobilenetv3_large_100", "efficientnet_b0"])
+def test_student_num_features_is_its_pooled_output_width(arch):
+    from fastseed.models import create_student
+    m = create_student(arch).eval()
+    with torch.no_grad():
+        assert m(torch.randn(1, 3, 32, 32)).shape == (1, m.num_features)
