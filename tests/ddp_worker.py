@@ -1,0 +1,115 @@
+"""One rank of the distributed-equivalence test (tests/test_distributed.py).
+
+Run under `python -m torch.distributed.run --nproc_per_node N tests/ddp_worker.py OUT METHOD`
+(or plain `python` for one rank). Builds the run with the real pieces (setup_env, METHODS,
+build_optimizer, wrap_model, train_step) around a batch-split-invariant student (GroupNorm, no
+BatchNorm) and a frozen LayerNorm/GroupNorm teacher, feeds every run the same fixed global
+uint8 batches (rank r takes rows r*B/W:(r+1)*B/W) and writes its losses, queue and weights to
+OUT/rank{r}.pt.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from fastseed.augment import Normalize
+from fastseed.config import Config
+from fastseed.methods import METHODS
+from fastseed.methods._common import FrozenTeacher
+from fastseed.train import Run, build_optimizer, setup_env, train_step, wrap_model
+
+STEPS = 8
+GLOBAL_BATCH = 16
+RES = 16
+DIM = 32
+QUEUE = 48  # 3 global batches: the ring wraps twice in 8 steps
+
+
+class TinyNet(nn.Module):
+    """Conv - GroupNorm - ReLU - Conv - GroupNorm - ReLU - pool: per-sample, so its output
+    does not depend on how the batch is split across ranks (BatchNorm's would)."""
+
+    def __init__(self, width: int = 16, out: int | None = None):
+        super().__init__()
+        self.num_features = width
+        self.body = nn.Sequential(
+            nn.Conv2d(3, width, 3, stride=2, padding=1), nn.GroupNorm(4, width), nn.ReLU(),
+            nn.Conv2d(width, width, 3, stride=2, padding=1), nn.GroupNorm(4, width), nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.proj = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, out)) if out else nn.Identity()
+
+    def forward(self, x):
+        return self.proj(self.body(x))
+
+
+class FixedAugment(Normalize):
+    """Normalisation only (the random augmentation's draws depend on the per-rank batch)."""
+
+    def forward(self, x, generator=None):
+        return super().forward(x)
+
+
+def global_batches() -> torch.Tensor:
+    g = torch.Generator().manual_seed(1234)
+    return torch.randint(0, 256, (STEPS, GLOBAL_BATCH, RES, RES, 3), generator=g, dtype=torch.uint8)
+
+
+def main(out_dir: str, method_name: str) -> None:
+    cfg = Config(method=method_name, device="cpu", compile="off", precision="fp32", batch_size=GLOBAL_BATCH,
+                 optimizer="sgd", momentum=0.9, weight_decay=1e-4, queue_size=QUEUE)
+    env = setup_env(cfg)  # reads torchrun's RANK/WORLD_SIZE/LOCAL_RANK, inits gloo when WORLD_SIZE > 1
+    torch.manual_seed(0)  # same init on every rank and in the 1-rank run
+    student = TinyNet()
+    teacher = None
+    if method_name in ("seed", "simreg"):
+        tnet = TinyNet(width=24, out=DIM).eval()
+        for p in tnet.parameters():
+            p.requires_grad_(False)
+        teacher = FrozenTeacher(tnet, res=RES)
+    method = METHODS[method_name](student, teacher, dim=DIM, queue_size=QUEUE, temp=0.2, distill_t=0.05,
+                                  moco_m=0.99, bn_groups=2).to(env.device)
+    lr = 0.5
+    optimizer = build_optimizer(cfg, method, lr, env.device)
+    model = wrap_model(method, cfg, env)
+    ddp = None
+    if env.world > 1:
+        ddp = {"is_ddp": isinstance(model, nn.parallel.DistributedDataParallel),
+               "static_graph": bool(getattr(model, "static_graph", False)),
+               "gradient_as_bucket_view": bool(getattr(model, "gradient_as_bucket_view", False)),
+               "find_unused_parameters": bool(getattr(model, "find_unused_parameters", True)),
+               "backend": dist.get_backend()}
+    augment = FixedAugment((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    run = Run(cfg, env, method, model, None, ((0.5,) * 3, (0.25,) * 3), None, augment,
+              torch.Generator().manual_seed(0), optimizer, None, None, lr, warmup=2, total=STEPS,
+              steps_per_epoch=STEPS)
+
+    per_rank = GLOBAL_BATCH // env.world
+    batches = global_batches()[:, env.rank * per_rank:(env.rank + 1) * per_rank]
+    local, mean = [], []
+    method.train()
+    for step in range(STEPS):
+        x = batches[step]
+        # MoCo's second view: a fixed flip of the first (deterministic, per sample)
+        views = [x, x.flip(2)] if method_name == "moco" else [x]
+        loss = train_step(run, views, step)
+        local.append(loss.item())
+        g = loss.clone()
+        if env.world > 1:
+            dist.all_reduce(g)  # equal per-rank batches: the global mean is the mean of rank means
+            g /= env.world
+        mean.append(g.item())
+    torch.save({"rank": env.rank, "world": env.world, "local_loss": local, "mean_loss": mean, "ddp": ddp,
+                "queue": method.queue.keys.clone(), "ptr": method.queue.ptr.clone(),
+                "student": {k: v.clone() for k, v in method.student.state_dict().items()}},
+               Path(out_dir) / f"rank{env.rank}.pt")
+    if env.world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])

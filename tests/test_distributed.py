@@ -1,0 +1,90 @@
+"""DDP through torchrun on CPU (gloo): 2 ranks train exactly like 1 rank with the same global batch.
+
+Each run is a subprocess of tests/ddp_worker.py: the 2-rank run is launched by torch's own
+engine (`python -m torch.distributed.run --standalone --nproc_per_node 2`), the 1-rank run by
+plain `python`. Both see the same fixed uint8 batches (rank r takes rows r*B/2:(r+1)*B/2),
+normalisation only as augmentation, a GroupNorm student and a frozen LayerNorm/GroupNorm
+teacher, so nothing depends on how the batch is split except the order of fp32 reductions.
+
+Tolerances: DDP averages the two ranks' gradients (sum of two half-batch sums, then / 2) where
+the 1-rank run sums one batch; fp32 reassociation gives ~1e-7 relative differences per step
+(measured: <= 1.3e-7 on the losses, <= 3e-7 on the weights after 8 steps at lr 0.5). We allow
+rtol 1e-4 on losses and 1e-4 absolute on weights: 3 orders of margin for other CPUs' kernels,
+still far below what a missing gradient all-reduce, a wrong loss scale (sum vs mean over
+ranks) or a wrongly ordered all-gather would produce (those change the values at 1e-2 or more,
+or permute whole queue rows). Queues must be bit-identical across ranks (every rank enqueues
+the same all-gathered tensor) and within 1e-5 of the 1-rank queue (the teacher's convolutions
+may block a batch of 8 differently from a batch of 16).
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.slow
+
+WORKER = Path(__file__).with_name("ddp_worker.py")
+LOSS_RTOL, LOSS_ATOL = 1e-4, 1e-6
+WEIGHT_ATOL = 1e-4
+QUEUE_ATOL = 1e-5
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    return env
+
+
+def _launch(out: Path, method: str, nproc: int) -> list[dict]:
+    out.mkdir(parents=True)
+    if nproc == 1:
+        cmd = [sys.executable, str(WORKER), str(out), method]
+    else:  # torch's launcher; --standalone picks a free rendezvous port itself
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               str(WORKER), str(out), method]
+    p = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
+    return [torch.load(out / f"rank{r}.pt") for r in range(nproc)]
+
+
+@pytest.mark.parametrize("method", ["seed", "moco"])
+def test_two_gloo_ranks_match_one_rank(tmp_path, method):
+    (one,) = _launch(tmp_path / "one", method, 1)
+    r0, r1 = _launch(tmp_path / "two", method, 2)
+
+    # the real wrap_model path: DDP, static graph, bucket views, no unused-parameter search
+    assert one["ddp"] is None and one["world"] == 1
+    for r in (r0, r1):
+        assert r["world"] == 2
+        assert r["ddp"] == {"is_ddp": True, "static_graph": True, "gradient_as_bucket_view": True,
+                            "find_unused_parameters": False, "backend": "gloo"}
+
+    # the two halves really differ, so the mean over ranks is not trivially one rank's loss
+    assert r0["local_loss"] != r1["local_loss"]
+    assert r0["mean_loss"] == r1["mean_loss"]  # all-reduced: the same number on both ranks
+    # loss trajectory of 2 ranks == 1 rank with the same global batch
+    torch.testing.assert_close(torch.tensor(r0["mean_loss"]), torch.tensor(one["local_loss"]),
+                               rtol=LOSS_RTOL, atol=LOSS_ATOL)
+    assert len(one["local_loss"]) == 8 and len(set(one["local_loss"])) > 1  # it trained
+
+    # gradients were averaged across ranks: the ranks' students agree, with each other and with 1 rank
+    for k, v in one["student"].items():
+        assert torch.equal(r0["student"][k], r1["student"][k]), k
+        torch.testing.assert_close(r0["student"][k], v, rtol=0, atol=WEIGHT_ATOL, msg=k)
+
+    # teacher/key embeddings all-gathered (in rank order) before the enqueue: identical queues
+    # on both ranks, and the same rows in the same places as the 1-rank run (8 steps x 16 keys
+    # into a 48-row ring: it wrapped, the pointer is at 128 % 48 = 32)
+    assert torch.equal(r0["queue"], r1["queue"]) and torch.equal(r0["ptr"], r1["ptr"])
+    assert int(one["ptr"]) == int(r0["ptr"]) == (8 * 16) % 48
+    torch.testing.assert_close(r0["queue"], one["queue"], rtol=0, atol=QUEUE_ATOL)
+    # a rank-reversed gather would swap the two 8-row halves of each batch: make sure that differs
+    swapped = torch.cat([one["queue"][8:16], one["queue"][0:8]])
+    assert (swapped - one["queue"][0:16]).abs().max() > 100 * QUEUE_ATOL
