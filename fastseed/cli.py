@@ -171,8 +171,10 @@ def eval_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fastseed-eval", description="k-NN (and linear probe) of a checkpoint's "
                                 "student backbone; prints JSON.")
     p.add_argument("--checkpoint", required=True)
-    p.add_argument("--train-data", required=True, help="labelled .beton: the k-NN bank / probe train set")
-    p.add_argument("--val-data", required=True)
+    p.add_argument("--train-data", help="labelled .beton: the k-NN bank / probe train set")
+    p.add_argument("--val-data")
+    p.add_argument("--export", metavar="PATH", help="write the distilled backbone (no head) as a timm state "
+                   "dict: timm.create_model(arch, num_classes=0).load_state_dict(torch.load(PATH))")
     p.add_argument("--res", type=int, default=None, help="eval resolution (default: the checkpoint's)")
     p.add_argument("--k", type=int, nargs="+", default=[1, 20, 200])
     p.add_argument("--temperature", type=float, default=0.07)
@@ -185,7 +187,17 @@ def eval_parser() -> argparse.ArgumentParser:
 
 def eval_main(argv: list[str] | None = None) -> int:
     args = eval_parser().parse_args(argv)
+    if not args.export and not (args.train_data and args.val_data):
+        return _fail("pass --train-data and --val-data to evaluate, and/or --export PATH")
     try:
+        if args.export:
+            from fastseed.evaluate import load_student
+            from fastseed.train import atomic_save
+            model, meta = load_student(args.checkpoint)
+            atomic_save(model.state_dict(), Path(args.export))
+            print(f"wrote {args.export}: {meta['arch']} backbone, step {meta['step']}", file=sys.stderr)
+            if not (args.train_data and args.val_data):
+                return 0
         from fastseed.evaluate import evaluate_checkpoint
         result = evaluate_checkpoint(args.checkpoint, args.train_data, args.val_data, res=args.res, ks=args.k,
                                      temperature=args.temperature, linear=args.linear, device=args.device,
