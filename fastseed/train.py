@@ -395,10 +395,11 @@ def prepare(cfg: Config, loader=None) -> Run:
     if cfg.max_steps is not None:
         total = min(total, cfg.max_steps)
     lr = cfg.lr if cfg.lr is not None else cfg.base_lr * cfg.batch_size / 256
-    optimizer = build_optimizer(cfg, method, lr, env.device)
     scaler = torch.amp.GradScaler(env.device.type) if dtype == torch.float16 else None
 
     model = wrap_model(method, cfg, env)
+    # after wrapping: fully_shard swaps the parameters for DTensor shards
+    optimizer = build_optimizer(cfg, method, lr, env.device)
     return Run(cfg, env, method, model, teacher_info, mean_std, loader, augment, aug_gen, optimizer, scaler,
                dtype, lr, int(cfg.warmup_epochs * steps_per_epoch), total, steps_per_epoch)
 

@@ -58,9 +58,14 @@ def global_batches() -> torch.Tensor:
     return torch.randint(0, 256, (STEPS, GLOBAL_BATCH, RES, RES, 3), generator=g, dtype=torch.uint8)
 
 
-def main(out_dir: str, method_name: str) -> None:
+def full(v: torch.Tensor) -> torch.Tensor:
+    """An FSDP2 shard (DTensor) gathered whole; a plain tensor as it is."""
+    return v.full_tensor() if hasattr(v, "full_tensor") else v
+
+
+def main(out_dir: str, method_name: str, mode: str = "ddp") -> None:
     cfg = Config(method=method_name, device="cpu", compile="off", precision="fp32", batch_size=GLOBAL_BATCH,
-                 optimizer="sgd", momentum=0.9, weight_decay=1e-4, queue_size=QUEUE)
+                 optimizer="sgd", momentum=0.9, weight_decay=1e-4, queue_size=QUEUE, fsdp=mode == "fsdp")
     env = setup_env(cfg)  # reads torchrun's RANK/WORLD_SIZE/LOCAL_RANK, inits gloo when WORLD_SIZE > 1
     torch.manual_seed(0)  # same init on every rank and in the 1-rank run
     student = TinyNet()
@@ -73,10 +78,10 @@ def main(out_dir: str, method_name: str) -> None:
     method = METHODS[method_name](student, teacher, dim=DIM, queue_size=QUEUE, temp=0.2, distill_t=0.05,
                                   moco_m=0.99, bn_groups=2).to(env.device)
     lr = 0.5
-    optimizer = build_optimizer(cfg, method, lr, env.device)
     model = wrap_model(method, cfg, env)
+    optimizer = build_optimizer(cfg, method, lr, env.device)  # after fully_shard replaced the params
     ddp = None
-    if env.world > 1:
+    if env.world > 1 and mode == "ddp":
         ddp = {"is_ddp": isinstance(model, nn.parallel.DistributedDataParallel),
                "static_graph": bool(getattr(model, "static_graph", False)),
                "gradient_as_bucket_view": bool(getattr(model, "gradient_as_bucket_view", False)),
@@ -104,7 +109,7 @@ def main(out_dir: str, method_name: str) -> None:
         mean.append(g.item())
     torch.save({"rank": env.rank, "world": env.world, "local_loss": local, "mean_loss": mean, "ddp": ddp,
                 "queue": method.queue.keys.clone(), "ptr": method.queue.ptr.clone(),
-                "student": {k: v.clone() for k, v in method.student.state_dict().items()}},
+                "student": {k: full(v).clone() for k, v in method.student.state_dict().items()}},
                Path(out_dir) / f"rank{env.rank}.pt")
     if env.world > 1:
         dist.barrier()
@@ -112,4 +117,4 @@ def main(out_dir: str, method_name: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(*sys.argv[1:])

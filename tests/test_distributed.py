@@ -42,13 +42,13 @@ def _env() -> dict:
     return env
 
 
-def _launch(out: Path, method: str, nproc: int) -> list[dict]:
+def _launch(out: Path, method: str, nproc: int, mode: str = "ddp") -> list[dict]:
     out.mkdir(parents=True)
     if nproc == 1:
         cmd = [sys.executable, str(WORKER), str(out), method]
     else:  # torch's launcher; --standalone picks a free rendezvous port itself
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               str(WORKER), str(out), method]
+               str(WORKER), str(out), method, mode]
     p = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
     return [torch.load(out / f"rank{r}.pt") for r in range(nproc)]
@@ -88,3 +88,18 @@ def test_two_gloo_ranks_match_one_rank(tmp_path, method):
     # a rank-reversed gather would swap the two 8-row halves of each batch: make sure that differs
     swapped = torch.cat([one["queue"][8:16], one["queue"][0:8]])
     assert (swapped - one["queue"][0:16]).abs().max() > 100 * QUEUE_ATOL
+
+
+def test_two_fsdp2_ranks_match_one_rank(tmp_path):
+    """--fsdp: fully_shard'ed student and head (sharded parameters, reduce-scattered gradients)
+    train exactly as one rank does; the optimizer must hold the shards, not the old tensors."""
+    (one,) = _launch(tmp_path / "one", "seed", 1)
+    r0, r1 = _launch(tmp_path / "two", "seed", 2, mode="fsdp")
+    assert r0["ddp"] is None and r0["world"] == 2
+    torch.testing.assert_close(torch.tensor(r0["mean_loss"]), torch.tensor(one["local_loss"]),
+                               rtol=LOSS_RTOL, atol=LOSS_ATOL)
+    for k, v in one["student"].items():
+        torch.testing.assert_close(r0["student"][k], v, rtol=0, atol=WEIGHT_ATOL, msg=k)
+        assert torch.equal(r0["student"][k], r1["student"][k]), k
+    assert torch.equal(r0["queue"], r1["queue"])
+    torch.testing.assert_close(r0["queue"], one["queue"], rtol=0, atol=QUEUE_ATOL)
