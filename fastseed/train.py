@@ -178,6 +178,20 @@ def _set_rng_state(state: dict, aug_gen: torch.Generator) -> None:
     aug_gen.set_state(state["augment"])
 
 
+def _sharded(cfg: Config, env: Env) -> bool:
+    return cfg.fsdp and env.world > 1
+
+
+def _full_state(method, optimizer, cfg: Config, env: Env) -> tuple[dict, dict]:
+    """Whole (unsharded) model and optimizer state: FSDP2 shards are gathered (every rank must
+    call this), so the model state loads on any number of ranks, with or without FSDP; the
+    optimizer state (keyed by parameter name under FSDP) resumes under FSDP."""
+    if not _sharded(cfg, env):
+        return method.state_dict(), optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+    return get_state_dict(method, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
 def save_checkpoint(path: Path, *, cfg: Config, env: Env, method, optimizer, scaler, step: int,
                     epoch: int, batch_in_epoch: int, teacher_info, aug_gen, mean_std) -> None:
     """Student, head, queue + pointer, optimizer, step, data position, every rank's RNG."""
@@ -186,18 +200,18 @@ def save_checkpoint(path: Path, *, cfg: Config, env: Env, method, optimizer, sca
         dist.all_gather_object(rngs, _rng_state(aug_gen))
     else:
         rngs = [_rng_state(aug_gen)]
+    state, optim_state = _full_state(method, optimizer, cfg, env)  # collective under FSDP
     if not env.main:
         return
-    state = method.state_dict()
     ckpt = {
         "fastseed": {"version": CHECKPOINT_VERSION, "step": step, "epoch": epoch,
                      "batch_in_epoch": batch_in_epoch, "teacher": teacher_info,
                      "mean": mean_std[0], "std": mean_std[1], "arch": cfg.arch, "method": cfg.method},
         "config": cfg.to_dict() | {"mean": list(mean_std[0]), "std": list(mean_std[1])},
-        "student": method.student.state_dict(),
-        "head": method.head.state_dict(),
+        "student": {k.removeprefix("student."): v for k, v in state.items() if k.startswith("student.")},
+        "head": {k.removeprefix("head."): v for k, v in state.items() if k.startswith("head.")},
         "buffers": {k: v for k, v in state.items() if not k.startswith(("student.", "head."))},
-        "optimizer": optimizer.state_dict(),
+        "optimizer": optim_state,
         "scaler": scaler.state_dict() if scaler is not None else None,
         "rng": rngs,
     }
@@ -229,8 +243,13 @@ def restore(ckpt: dict, cfg: Config, method, optimizer, scaler, teacher_info, au
                             f"loads {str(have)[:12]}: pass the same --distill / -k")
     state = {f"student.{k}": v for k, v in ckpt["student"].items()}
     state |= {f"head.{k}": v for k, v in ckpt["head"].items()} | ckpt["buffers"]
-    method.load_state_dict(state, strict=True)
-    optimizer.load_state_dict(ckpt["optimizer"])
+    if _sharded(cfg, env):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+        set_state_dict(method, optimizer, model_state_dict=state, optim_state_dict=ckpt["optimizer"],
+                       options=StateDictOptions(full_state_dict=True, strict=True))
+    else:
+        method.load_state_dict(state, strict=True)
+        optimizer.load_state_dict(ckpt["optimizer"])
     if scaler is not None and ckpt.get("scaler"):
         scaler.load_state_dict(ckpt["scaler"])
     rngs = ckpt["rng"]

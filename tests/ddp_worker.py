@@ -107,7 +107,23 @@ def main(out_dir: str, method_name: str, mode: str = "ddp") -> None:
             dist.all_reduce(g)  # equal per-rank batches: the global mean is the mean of rank means
             g /= env.world
         mean.append(g.item())
-    torch.save({"rank": env.rank, "world": env.world, "local_loss": local, "mean_loss": mean, "ddp": ddp,
+    restored = None
+    if mode == "fsdp":  # checkpoint round trip: gather the shards, write, load into a fresh sharded run
+        from fastseed.train import read_checkpoint, restore, save_checkpoint
+        path = Path(out_dir) / "ckpt.pt"
+        save_checkpoint(path, cfg=cfg, env=env, method=method, optimizer=optimizer, scaler=None, step=STEPS,
+                        epoch=0, batch_in_epoch=STEPS, teacher_info=None, aug_gen=run.aug_gen,
+                        mean_std=run.mean_std)
+        dist.barrier()
+        torch.manual_seed(1)  # a different init: everything must come from the file
+        fresh = METHODS[method_name](TinyNet(), teacher, dim=DIM, queue_size=QUEUE, temp=0.2, distill_t=0.05)
+        wrap_model(fresh, cfg, env)
+        fresh_opt = build_optimizer(cfg, fresh, lr, env.device)
+        restore(read_checkpoint(path), cfg, fresh, fresh_opt, None, None,
+                torch.Generator(), env)
+        restored = all(torch.equal(full(a), full(b)) for a, b in
+                       zip(method.state_dict().values(), fresh.state_dict().values()))
+    torch.save({"rank": env.rank, "restored_equal": restored, "world": env.world, "local_loss": local, "mean_loss": mean, "ddp": ddp,
                 "queue": method.queue.keys.clone(), "ptr": method.queue.ptr.clone(),
                 "student": {k: full(v).clone() for k, v in method.student.state_dict().items()}},
                Path(out_dir) / f"rank{env.rank}.pt")
