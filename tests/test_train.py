@@ -134,3 +134,19 @@ def test_every_method_runs_through_the_loop(data, teacher_ckpt, tmp_path, method
         assert any(k.startswith("key_encoder.") for k in buffers) and buffers["queue.keys"].shape == (256, 32)
     losses = [r["loss"] for r in read_metrics(out) if "loss" in r]
     assert len(losses) == 3 and all(math.isfinite(v) for v in losses)
+
+
+def test_knn_monitor_each_epoch_and_tensorboard(data, teacher_ckpt, tmp_path):
+    out = tmp_path / "monitor"
+    train(tiny(data, teacher_ckpt, out, epochs=3, batch_size=128, knn_every=1, log_every=2))
+    records = read_metrics(out)
+    monitors = [r for r in records if "knn_top1@20" in r and not r.get("final")]
+    assert [r["epoch"] for r in monitors] == [1, 2]  # epoch 3's k-NN is the final one
+    assert all(0 <= r["knn_top1@20"] <= 100 for r in monitors)
+    final = [r for r in records if r.get("final")]
+    assert len(final) == 1 and "student/knn_top1@20" in final[0]
+    try:
+        import tensorboard  # noqa: F401  (optional dependency)
+    except ImportError:
+        return
+    assert list((out / "tb").glob("events.out.tfevents.*"))
