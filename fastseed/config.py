@@ -6,7 +6,7 @@ real Fashion-MNIST with the bundled ImageNet EfficientNet-Lite0 teacher.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 

@@ -42,10 +42,3 @@ def to_channels_last(model: nn.Module, enabled: bool = True) -> nn.Module:
     # Convolutions in NHWC skip a layout transpose per layer in cuDNN on tensor cores.
     return model.to(memory_format=torch.channels_last) if enabled else model
 
-
-def freeze(model: nn.Module) -> nn.Module:
-    """Eval mode (BN running stats, as the official code) and no gradients."""
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model

@@ -1,5 +1,4 @@
 """Batched augmentation vs torchvision: exact single ops, MoCo-v2 batch statistics, format."""
-import numpy as np
 import pytest
 import torch
 import torchvision.transforms as T

@@ -5,7 +5,7 @@ import sys
 import pytest
 import torch
 
-from fastseed.cli import config_from_args, train_main
+from fastseed.cli import config_from_args
 
 
 def run_cli(*args, cwd):
