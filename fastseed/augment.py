@@ -138,7 +138,10 @@ class SSLAugment(nn.Module):
         # CPU: chunks that stay in cache. Each op is one memory-bound pass; over a batch of 64
         # images at 224 px (38 MB per fp32 copy) that runs at RAM speed, over 8 images at cache
         # speed: 410 vs 298 images/s on a 2-core EPYC VM. Small images need no chunks.
-        chunk = max(1, self.cpu_chunk_pixels // (h * w))
+        # Small images the other way round: per-op dispatch, not memory, dominates, so a whole
+        # batch of up to 2^20 pixels is one chunk (64 px, batch 256, 2 cores: 6.2k vs 5.8k
+        # images/s in 98-image chunks; the data benchmark 4.91-5.15x torchvision vs 4.39-4.76x).
+        chunk = n if n * h * w <= 1 << 20 else max(1, self.cpu_chunk_pixels // (h * w))
         out = self._empty_output(x)
         for i in range(0, n, chunk):
             self._bernoulli(x[i:i + chunk], out[i:i + chunk], generator)
