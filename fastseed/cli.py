@@ -89,11 +89,12 @@ def _fail(msg: str) -> int:
 
 
 def _known_errors():
+    from fastseed.data import BetonError
     from fastseed.data_prep import PrepError
     from fastseed.models import ConfigError
     from fastseed.teachers import TeacherLoadError
     from fastseed.train import TrainingError
-    return (ConfigError, TeacherLoadError, TrainingError, PrepError, FileNotFoundError)
+    return (ConfigError, TeacherLoadError, TrainingError, PrepError, BetonError, FileNotFoundError)
 
 
 def prepare_demo_data(cfg: Config) -> None:
@@ -109,20 +110,17 @@ def prepare_demo_data(cfg: Config) -> None:
 
 
 def check_inputs(cfg: Config) -> None:
-    from fastseed.data import check_beton
+    from fastseed.data import BetonError, check_beton
     from fastseed.models import ConfigError, create_student
     from fastseed.teachers import BUNDLED
     if cfg.data is None:
         raise FileNotFoundError("no --data: pass a .beton written by fastseed-prep")
     for name, path in (("--data", cfg.data), ("--val-data", cfg.val_data), ("--knn-bank", cfg.knn_bank)):
-        if not path:
-            continue
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"{name} {path} does not exist: write it with fastseed-prep SRC {path}")
-        try:
-            check_beton(path)
-        except ValueError as e:
-            raise ConfigError(f"{name}: {e}") from None
+        if path:
+            try:
+                check_beton(path)
+            except (FileNotFoundError, BetonError) as e:
+                raise ConfigError(f"{name}: {e}") from None
     create_student(cfg.arch)  # unknown arch -> ConfigError before anything is written
     if cfg.method in ("seed", "simreg") and cfg.distill is None and cfg.teacher_arch not in BUNDLED:
         raise FileNotFoundError(f"teacher {cfg.teacher_arch} needs weights: pass --distill CHECKPOINT, "

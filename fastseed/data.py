@@ -44,8 +44,12 @@ JPEG_MODE = 0  # RGBImageField's IMAGE_MODES['jpg']
 RATIO = (3 / 4, 4 / 3)  # RandomResizedCrop's aspect-ratio range (torchvision's default)
 
 
+class BetonError(ValueError):
+    """A file that is not a usable .beton; the message names it and says what to do."""
+
+
 def check_beton(path: str | os.PathLike, fields=("image", "label")) -> str:
-    """Raise FileNotFoundError / ValueError naming `path` unless it is a readable beton with
+    """Raise FileNotFoundError / BetonError naming `path` unless it is a readable beton with
     `fields`. FFCV itself would fail later with an unrelated-looking numpy or numba error."""
     from ffcv.types import CURRENT_VERSION, FieldDescType, HeaderType
     from ffcv.utils import decode_null_terminated_string
@@ -55,20 +59,20 @@ def check_beton(path: str | os.PathLike, fields=("image", "label")) -> str:
         raise FileNotFoundError(f"beton not found: {path} (write one with fastseed-prep SRC {path})")
     size = os.path.getsize(path)
     if size < HeaderType.itemsize:
-        raise ValueError(f"{path} is not an FFCV .beton ({size} bytes, shorter than a header)")
+        raise BetonError(f"{path} is not an FFCV .beton ({size} bytes, shorter than a header)")
     header = np.fromfile(path, dtype=HeaderType, count=1)[0]
     descs_end = HeaderType.itemsize + int(header["num_fields"]) * FieldDescType.itemsize
     if (header["version"] != CURRENT_VERSION or not 0 < header["num_fields"] < 64
             or not descs_end <= header["alloc_table_ptr"] <= size):
-        raise ValueError(f"{path} is not an FFCV .beton (format version {CURRENT_VERSION}); "
+        raise BetonError(f"{path} is not an FFCV .beton (format version {CURRENT_VERSION}); "
                          "write it with fastseed-prep")
     descs = np.fromfile(path, dtype=FieldDescType, count=int(header["num_fields"]), offset=HeaderType.itemsize)
     names = [decode_null_terminated_string(d["name"]) for d in descs]
     missing = [f for f in fields if f not in names]
     if missing:
-        raise ValueError(f"{path} has fields {names}, needs {list(fields)}; write it with fastseed-prep")
+        raise BetonError(f"{path} has fields {names}, needs {list(fields)}; write it with fastseed-prep")
     if header["num_samples"] == 0:
-        raise ValueError(f"{path} holds no samples")
+        raise BetonError(f"{path} holds no samples")
     return path
 
 

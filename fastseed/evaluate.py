@@ -190,10 +190,8 @@ def evaluate_checkpoint(checkpoint: str, train_data: str, val_data: str, *, res:
                         device: str = "auto", batch_size: int = 512, workers: int = 2) -> dict:
     """k-NN (and optionally a linear-probe grid) of a checkpoint's student on labelled betons."""
     from fastseed.augment import Normalize
-    from fastseed.data import check_beton, eval_loader
+    from fastseed.data import eval_loader  # checks each beton before FFCV opens it
 
-    for path in (train_data, val_data):
-        check_beton(path)
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                        ("cpu" if device == "auto" else device))
     model, meta = load_student(checkpoint)

@@ -48,6 +48,12 @@ def test_eval_prints_knn_json_and_student_is_timm_loadable(beton, tmp_path, caps
     assert result["arch"] == "resnet10t" and result["step"] == 2
     # the bank is the val set itself: every image's nearest neighbour is itself
     assert result["knn_top1@1"] == 100.0 and 0 <= result["knn_top1@20"] <= 100
+    garbage = tmp_path / "garbage.beton"
+    garbage.write_bytes(b"not a beton at all" * 10)
+    capsys.readouterr()
+    assert eval_main(["--checkpoint", str(ckpt), "--train-data", str(beton), "--val-data", str(garbage),
+                      "--device", "cpu"]) == 2
+    assert "garbage.beton is not an FFCV .beton" in capsys.readouterr().err
     assert eval_main(["--checkpoint", str(ckpt), "--export", str(tmp_path / "r10t.pth")]) == 0
     state = torch.load(tmp_path / "r10t.pth", map_location="cpu", weights_only=True)
     assert not any(k.startswith("head") for k in state)
