@@ -309,30 +309,21 @@ class Logger:
 
 
 # ---------------------------------------------------------------- evaluation
-def knn_eval(encoder, cfg: Config, env: Env, mean_std, *, bank_path: str, val_path: str,
-             res: int, batch_size: int = 512) -> dict:
+def knn_loaders(cfg: Config, env: Env, *, bank_path: str, val_path: str, res: int, batch_size: int = 512):
+    """The k-NN bank and val loaders, built once per run (each FFCV loader JIT-compiles)."""
+    return [eval_loader(p, batch_size=batch_size, res=res, device=env.device, num_workers=cfg.workers)
+            for p in (bank_path, val_path)]
+
+
+def knn_eval(encoder, cfg: Config, env: Env, mean_std, loaders) -> dict:
     """k-NN top-1 of `encoder` (None: raw pixels) with the train bank and the val split."""
-    norm = Normalize(mean_std[0], mean_std[1]) if encoder is not None else None
-    feats = []
-    for path in (bank_path, val_path):
-        loader = eval_loader(path, batch_size=batch_size, res=res, device=env.device, num_workers=cfg.workers)
-        if encoder is None:
-            f, y = _raw_pixels(loader)
-        else:
-            f, y = extract_features(encoder, loader, device=env.device, transform=norm,
-                                    dtype=amp_dtype(cfg, env.device) or torch.float32)
-        feats.append((f, y))
-    (ftr, ytr), (fte, yte) = feats
-    ks = sorted({1, cfg.knn_k})
-    return knn_classify(ftr, ytr, fte, yte, ks=ks, temperature=cfg.knn_t)
-
-
-def _raw_pixels(loader):
-    fs, ys = [], []
-    for x, y in loader:
-        fs.append(x.reshape(x.shape[0], -1).float())
-        ys.append(y.reshape(-1).long())
-    return torch.cat(fs), torch.cat(ys)
+    if encoder is None:
+        encoder, norm, dtype = nn.Flatten(), None, torch.float32  # pixels in [0, 1]
+    else:
+        norm, dtype = Normalize(mean_std[0], mean_std[1]), amp_dtype(cfg, env.device) or torch.float32
+    (ftr, ytr), (fte, yte) = (extract_features(encoder, loader, device=env.device, transform=norm, dtype=dtype)
+                              for loader in loaders)
+    return knn_classify(ftr, ytr, fte, yte, ks=sorted({1, cfg.knn_k}), temperature=cfg.knn_t)
 
 
 class _Resized(nn.Module):
@@ -482,9 +473,13 @@ def train(cfg: Config) -> dict:
     results: dict = {}
     eval_res = cfg.eval_res or cfg.res
 
+    loaders = []
+
     def knn(encoder):
-        return knn_eval(encoder, cfg, env, run.mean_std, bank_path=cfg.knn_bank or cfg.data,
-                        val_path=cfg.val_data, res=eval_res)
+        if not loaders:
+            loaders.extend(knn_loaders(cfg, env, bank_path=cfg.knn_bank or cfg.data, val_path=cfg.val_data,
+                                       res=eval_res))
+        return knn_eval(encoder, cfg, env, run.mean_std, loaders)
 
     if cfg.final_table and cfg.val_data and env.main and step == 0:
         results["student_init"] = knn(method.encoder)

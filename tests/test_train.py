@@ -66,14 +66,16 @@ def test_kept_labels_survive_ffcv_buffer_reuse(data):
     """FFCV reuses its batch buffers a few batches later: labels kept across a whole pass (as
     k-NN does) must still be the labels of their batch."""
     from fastseed.data import eval_loader
-    from fastseed.train import Env, knn_eval
+    from fastseed.train import Env, knn_eval, knn_loaders
     loader = eval_loader(str(data / "test.beton"), batch_size=16, res=28)  # 16 batches >> ring size
     kept = [y for _, y in loader]
     fresh = [y.clone() for _, y in loader]
     assert all(torch.equal(a, b) for a, b in zip(kept, fresh))
     # and end to end: raw-pixel k-NN with the val set as its own bank is exact at k=1
-    r = knn_eval(None, Config(workers=2), Env(), ((0.5,) * 3, (0.5,) * 3), bank_path=str(data / "test.beton"),
-                 val_path=str(data / "test.beton"), res=28, batch_size=16)
+    cfg = Config(workers=2)
+    loaders = knn_loaders(cfg, Env(), bank_path=str(data / "test.beton"), val_path=str(data / "test.beton"),
+                          res=28, batch_size=16)
+    r = knn_eval(None, cfg, Env(), ((0.5,) * 3, (0.5,) * 3), loaders)
     assert r["knn_top1@1"] == 100.0, r
 
 
