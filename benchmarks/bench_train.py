@@ -23,26 +23,12 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
+from bench_data import make_images  # the same synthetic JPEGs as the data benchmark
 
 PAIRS = [("resnet50", "resnet18"), ("resnet50", "efficientnet_b0"), ("resnet50", "mobilenetv3_large_100")]
 TINY_PAIRS = [("resnet10t", "resnet10t")]
-
-
-def make_jpegs(root: Path, n: int, size: int, classes: int = 4, seed: int = 0) -> Path:
-    """Smooth random colour images (JPEG cost close to photos, unlike noise), ImageFolder layout."""
-    from PIL import Image
-    rng = np.random.default_rng(seed)
-    for i in range(n):
-        d = root / f"c{i % classes}"
-        d.mkdir(parents=True, exist_ok=True)
-        low = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
-        w, h = size + int(rng.integers(-size // 8, size // 8)), size
-        img = Image.fromarray(low).resize((w, h), Image.BICUBIC)
-        img.save(d / f"{i}.jpg", quality=90)
-    return root
 
 
 def _sync(device):
@@ -192,7 +178,8 @@ def run_all(tiny: bool, out: str | None = None, steps: int | None = None, worker
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        images = make_jpegs(tmp / "images", n_images, 64 if tiny else 400)
+        images = tmp / "images"
+        make_images(images, n_images, 64 if tiny else 400, classes=4)
         beton = tmp / "images.beton"
         write_beton(str(images), str(beton), max_res=None if tiny else 512, jpeg_quality=90,
                     compress_probability=1.0, workers=workers, progress=False)
