@@ -1,11 +1,12 @@
-"""Batched augmentation vs torchvision: exact single ops, MoCo-v2 batch statistics, format."""
+"""Batched augmentation vs torchvision: exact single ops, MoCo-v2 batch statistics, format; the
+fused CPU kernel against the batched PyTorch path on the same draws."""
 import pytest
 import torch
 import torchvision.transforms as T
 import torchvision.transforms.v2.functional as TF
 
 from fastseed.augment import (Normalize, SSLAugment, _gaussian_blur, _hue_shift, blur_kernel_size,
-                              byol_augment, moco_v2_augment)
+                              byol_augment, cpu_backend, moco_v2_augment)
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -80,14 +81,15 @@ def reference():
 # implementation lands within 0.003 (means) and 0.005 (stds). Without the color jitter the
 # means move by 0.03 and the stds by 0.04; without the blur the stds move by 0.03: the
 # tolerances below (0.015 / 0.015 / 0.02) catch either.
-@pytest.mark.parametrize("path", ["bernoulli (CPU)", "static (CUDA)"])
-def test_moco_v2_statistics_match_torchvision(reference, path):
+@pytest.mark.parametrize("path", ["fused (CPU)", "batched (CPU)", "static (CUDA)"])
+def test_moco_v2_statistics_match_torchvision(reference, path, monkeypatch):
     u8, (mean_tv, std_tv, gray_tv) = reference
     aug = moco_v2_augment(MEAN, STD)
     g = torch.Generator().manual_seed(5)
     if path.startswith("static"):
         y = aug._static(u8, aug._empty_output(u8), g)  # the fixed-size-group path CUDA takes
     else:
+        monkeypatch.setenv("FASTSEED_CPU_AUGMENT", path.split()[0].replace("batched", "torch"))
         y = aug(u8, generator=g)
     mean, std, gray = summary(y)
     torch.testing.assert_close(mean, mean_tv, atol=0.015, rtol=0)
@@ -95,7 +97,9 @@ def test_moco_v2_statistics_match_torchvision(reference, path):
     assert abs(gray - gray_tv) < 0.02 and abs(gray - 0.2) < 0.02, (gray, gray_tv)
 
 
-def test_output_format_dtype_and_generator():
+@pytest.mark.parametrize("backend", ["fused", "torch"])
+def test_output_format_dtype_and_generator(backend, monkeypatch):
+    monkeypatch.setenv("FASTSEED_CPU_AUGMENT", backend)
     u8 = colorful(16, 24)
     aug = moco_v2_augment(MEAN, STD, out_dtype=torch.bfloat16)
     y = aug(u8[:, 2:, 1:], generator=torch.Generator().manual_seed(0))  # non-contiguous input
@@ -114,3 +118,68 @@ def test_byol_pair_solarizes_second_view():
     assert (v1.blur_p, v1.solarize_p, v2.blur_p, v2.solarize_p) == (1.0, 0.0, 0.1, 0.2)
     u8 = colorful(8, 16)
     assert v1(u8).shape == v2(u8).shape == (8, 3, 16, 16)
+
+
+FUSED_CASES = {  # name: (augmentation, batch, height, width, input crop)
+    "moco_v2 64px": (lambda: moco_v2_augment(MEAN, STD), 37, 64, 64, None),
+    "moco_v2 odd 23x17, crop view": (lambda: moco_v2_augment(MEAN, STD), 29, 23, 17, (3, 5)),
+    "byol view 1 (always blurred)": (lambda: byol_augment(MEAN, STD)[0], 16, 40, 40, None),
+    "byol view 2 (solarized)": (lambda: byol_augment(MEAN, STD)[1], 64, 16, 16, None),
+    "hue 0.5 only, every sample": (lambda: SSLAugment(mean=MEAN, std=STD, jitter=(0, 0, 0, 0.5), jitter_p=1.0,
+                                                      grayscale_p=0, blur_p=0), 24, 12, 12, None),
+    "strong jitter, all ops": (lambda: SSLAugment(mean=MEAN, std=STD, jitter=(0.9, 0.9, 0.9, 0.3), jitter_p=1.0,
+                                                  grayscale_p=0.5, blur_p=1.0, blur_sigma=(0.5, 3.0),
+                                                  solarize_p=0.5), 40, 31, 30, None),
+    "one image, blur only": (lambda: SSLAugment(mean=(0, 0, 0), std=(1, 1, 1), jitter_p=0, grayscale_p=0,
+                                                blur_p=1.0, blur_sigma=(1.5, 2.0)), 1, 96, 9, None),
+    "identity": (lambda: SSLAugment(mean=(0, 0, 0), std=(1, 1, 1), jitter_p=0, grayscale_p=0, blur_p=0),
+                 5, 7, 11, None),
+}
+
+
+# The two paths share the draws and the float32 formulas but not the summation order (the
+# contrast mean, the blur taps) or the fused multiply-adds: measured differences are <= 5e-6 in
+# normalized units (~1e-6 of the [0, 1] range). A wrong op, order or draw moves them by > 1e-2.
+@pytest.mark.parametrize("case", list(FUSED_CASES))
+def test_fused_cpu_matches_batched_reference(case, monkeypatch):
+    make, n, h, w, crop = FUSED_CASES[case]
+    aug = make()
+    u8 = colorful(n, max(h, w) + 8, seed=len(case))
+    u8 = u8[:, crop[0]:crop[0] + h, crop[1]:crop[1] + w] if crop else u8[:, :h, :w].contiguous()
+    got = {}
+    for backend in ("torch", "fused"):
+        monkeypatch.setenv("FASTSEED_CPU_AUGMENT", backend)
+        got[backend] = aug(u8, generator=torch.Generator().manual_seed(11))
+    assert got["fused"].is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(got["fused"], got["torch"], atol=2e-5, rtol=0)
+    if case != "identity":  # the comparison is not vacuous: the augmentation changed the images
+        x = u8.permute(0, 3, 1, 2).float() / 255
+        y = (got["torch"] - aug.normalize.shift) / (aug.normalize.scale * 255)
+        assert (y - x).abs().amax() > 0.05
+
+
+def test_fused_cpu_threads_and_dtype(monkeypatch):
+    """Thread count does not change the result (images are independent); bf16 output rounds the
+    float32 result."""
+    monkeypatch.setenv("FASTSEED_CPU_AUGMENT", "fused")
+    u8 = colorful(33, 32, seed=4)
+    aug, aug16 = moco_v2_augment(MEAN, STD), moco_v2_augment(MEAN, STD, out_dtype=torch.bfloat16)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = aug(u8, generator=torch.Generator().manual_seed(2))
+        torch.set_num_threads(3)
+        three = aug(u8, generator=torch.Generator().manual_seed(2))
+        half = aug16(u8, generator=torch.Generator().manual_seed(2))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, three)
+    assert torch.equal(half, one.to(torch.bfloat16))
+
+
+def test_cpu_backend_choice(monkeypatch):
+    monkeypatch.delenv("FASTSEED_CPU_AUGMENT", raising=False)
+    assert cpu_backend() == "fused"
+    monkeypatch.setenv("FASTSEED_CPU_AUGMENT", "numpy")
+    with pytest.raises(ValueError, match="FASTSEED_CPU_AUGMENT"):
+        moco_v2_augment(MEAN, STD)(colorful(2, 8))
