@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import tempfile
 import time
@@ -27,6 +25,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from fastseed.augment import cpu_backend
+from fastseed.provenance import provenance
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -126,10 +127,8 @@ def bench(res: int = 64, images: int = 256, workers: int = 2, batch: int = 64, e
     ips = {k: counts[k] / times[k] for k in runs}
     return {
         "res": res, "images": images, "src_side": src_side, "workers": workers, "batch": batch,
-        "epochs": epochs, "device": str(dev), "compile_augment": compile_augment,
-        "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
-        "gpu": torch.cuda.get_device_name() if dev.type == "cuda" else None,
-        "torch": torch.__version__, "prep_s": round(prep_s, 2),
+        "epochs": epochs, **provenance(dev), "compile_augment": compile_augment,
+        "cpu_augment": cpu_backend() if dev.type == "cpu" else None, "prep_s": round(prep_s, 2),
         "fastseed_images_per_s": round(ips["fastseed"], 1),
         "torchvision_images_per_s": round(ips["torchvision"], 1),
         "speedup": round(ips["fastseed"] / ips["torchvision"], 2),

@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
-import subprocess
 import time
 from pathlib import Path
 
@@ -30,6 +28,7 @@ import torch.nn.functional as F
 
 import fastseed.kernels as fk
 from fastseed.kernels import reference
+from fastseed.provenance import provenance
 
 D = 128
 TEMPS = dict(student_temp=0.2, teacher_temp=1e-4)
@@ -215,24 +214,12 @@ def table(rows) -> str:
 
 
 def environment(device) -> dict:
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = None
-    try:
-        import triton
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
     on_cuda = torch.device(device).type == "cuda"
-    return {
-        "device": torch.cuda.get_device_name(torch.device(device)) if on_cuda
-        else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
-        "torch": torch.__version__, "triton": triton_version, "commit": commit,
+    peak = device_peak(device)
+    return provenance(device) | {
         "cpu_kernels": None if on_cuda else fk.cpu_backend(),
-        "peak_bf16_flops": None if device_peak(device) is None else device_peak(device)[0],
-        "peak_bandwidth": None if device_peak(device) is None else device_peak(device)[1],
+        "peak_bf16_flops": None if peak is None else peak[0],
+        "peak_bandwidth": None if peak is None else peak[1],
     }
 
 

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 
 import torch
 
 from fastseed.evaluate import knn_classify
+from fastseed.provenance import provenance
 
 FULL = dict(n_train=50_000, n_test=10_000, dim=512, classes=1000)
 TINY = dict(n_train=5_000, n_test=1_000, dim=512, classes=100)
@@ -50,16 +50,9 @@ def run(*, n_train, n_test, dim, classes, device, chunk_size=1024, repeats=5, wa
             times.append(time.perf_counter() - t0)
     return {
         "bench": "knn_classify", "n_train": n_train, "n_test": n_test, "dim": dim,
-        "classes": classes, "chunk_size": chunk_size, "device": _device_name(device),
-        "torch": torch.__version__, "repeats": repeats, "median_s": statistics.median(times),
+        "classes": classes, "chunk_size": chunk_size, **provenance(device), "repeats": repeats, "median_s": statistics.median(times),
         "min_s": min(times), "result": result,
     }
-
-
-def _device_name(device):
-    if torch.device(device).type == "cuda":
-        return torch.cuda.get_device_name(torch.device(device))
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
 def main(argv=None):

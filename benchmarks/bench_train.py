@@ -16,8 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -25,6 +23,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from fastseed.provenance import provenance
 from bench_data import make_images  # the same synthetic JPEGs as the data benchmark
 
 PAIRS = [("resnet50", "resnet18"), ("resnet50", "efficientnet_b0"), ("resnet50", "mobilenetv3_large_100")]
@@ -150,22 +149,6 @@ def teacher_checkpoint(arch: str, path: Path) -> Path:
     return path
 
 
-def environment() -> dict:
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent).stdout.strip()
-    except OSError:
-        commit = "unknown"
-    try:
-        import triton
-        triton_v = triton.__version__
-    except ImportError:
-        triton_v = None
-    dev = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"
-    return {"device": dev, "cpus": os.cpu_count(), "torch": torch.__version__, "triton": triton_v,
-            "python": platform.python_version(), "commit": commit}
-
-
 def run_all(tiny: bool, out: str | None = None, steps: int | None = None, workers: int | None = None) -> dict:
     from fastseed.data_prep import write_beton
     device = torch.device("cuda" if torch.cuda.is_available() and not tiny else "cpu")
@@ -193,7 +176,7 @@ def run_all(tiny: bool, out: str | None = None, steps: int | None = None, worker
             rows.append({"pair": f"{teacher_arch}->{student_arch}", "official_img_s": official,
                          "synthetic_img_s": syn, "fastseed_img_s": real, "speedup_vs_official": real / official,
                          "loader_vs_synthetic": real / syn})
-    result = {"env": environment(), "batch": batch, "res": res, "queue": queue, "steps": steps,
+    result = {"env": provenance(), "batch": batch, "res": res, "queue": queue, "steps": steps,
               "workers": workers, "rows": rows}
     print(table(result))
     if out:
@@ -205,7 +188,7 @@ def run_all(tiny: bool, out: str | None = None, steps: int | None = None, worker
 
 def table(result: dict) -> str:
     e = result["env"]
-    lines = [f"device {e['device']} ({e['cpus']} CPUs), torch {e['torch']}, triton {e['triton']}, commit {e['commit']}; "
+    lines = [f"device {e['device']} ({e['cpu_count']} CPUs), torch {e['torch']}, triton {e['triton']}, commit {e['commit']}; "
              f"batch {result['batch']}, {result['res']} px, K={result['queue']}, {result['steps']} timed steps, "
              f"{result['workers']} workers", "",
              "| pair | official img/s | fastseed synthetic img/s | fastseed img/s | vs official | loader / synthetic |",

@@ -26,14 +26,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+from fastseed.provenance import device_name, git_commit
 
 ROOT = Path(__file__).resolve().parent.parent
 STUDENTS = ("resnet18", "mobilenetv3_large_100")
@@ -61,20 +61,6 @@ SIZES = {
 # Shared by every run (small-data MoCo: a queue well below the dataset, faster momentum).
 COMMON = dict(crop_scale=(0.35, 1.0), weight_decay=5e-4, temp=0.2, moco_m=0.99, distill_t=0.02,
               simreg_target="backbone")
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=ROOT, capture_output=True,
-                              text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def device_name(dev: torch.device) -> str:
-    if dev.type == "cuda":
-        return torch.cuda.get_device_name(dev)
-    return f"CPU {platform.processor() or platform.machine()} x{os.cpu_count()} (torch threads {torch.get_num_threads()})"
 
 
 # ---------------------------------------------------------------- data

@@ -1,0 +1,45 @@
+"""What a measurement ran on: commit, versions and device, recorded beside every benchmark figure
+(a number without them cannot be compared with the next one)."""
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def git_commit(root: Path = ROOT) -> str | None:
+    """HEAD's hash, with '-dirty' when tracked files differ from it; None outside a checkout."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True,
+                              text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + ("-dirty" if dirty else "")
+
+
+def device_name(device: torch.device | str | None = None) -> str:
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU {platform.processor() or platform.machine()} x{os.cpu_count()} (torch threads {torch.get_num_threads()})"
+
+
+def _version(module: str) -> str | None:
+    try:
+        return __import__(module).__version__
+    except ImportError:
+        return None
+
+
+def provenance(device: torch.device | str | None = None) -> dict:
+    return {"device": device_name(device), "cpu_count": os.cpu_count(), "commit": git_commit(),
+            "torch": torch.__version__, "triton": _version("triton"), "numba": _version("numba"),
+            "python": platform.python_version(), "date": time.strftime("%Y-%m-%d %H:%M:%S")}
