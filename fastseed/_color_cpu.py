@@ -187,9 +187,8 @@ def augment(x: torch.Tensor, out: torch.Tensor, jittered: torch.Tensor, order: t
     xs = x.numpy()
     if xs.strides[1:] != (w * 3, 3, 1):  # one flat run per image, e.g. a crop view: copy
         xs = np.ascontiguousarray(xs)
-    args = [xs.reshape(n, h * w, 3) if xs.flags.c_contiguous else np.lib.stride_tricks.as_strided(
-                xs, (n, h * w, 3), (xs.strides[0], 3, 1)),
-            out.permute(0, 2, 3, 1).numpy().reshape(n, h * w, 3), h, w, 0, n]
+    # (N, H*W, 3) views: merging H and W needs no copy now, whatever the batch stride
+    args = [xs.reshape(n, h * w, 3), out.permute(0, 2, 3, 1).numpy().reshape(n, h * w, 3), h, w, 0, n]
     b8, i64, f32 = torch.bool, torch.int64, torch.float32
     args += [t.to(dtype).contiguous().numpy() for t, dtype in (
         (jittered, b8), (order, i64), (factors, f32), (hue, f32), (gray, b8), (blurred, b8), (kernels, f32),
@@ -199,6 +198,8 @@ def augment(x: torch.Tensor, out: torch.Tensor, jittered: torch.Tensor, order: t
         _augment_range(*args)
         return
     if _pool is None or _pool_size < threads:
+        if _pool is not None:
+            _pool.shutdown(wait=False)
         _pool, _pool_size = ThreadPoolExecutor(threads, thread_name_prefix="fastseed-augment"), threads
     bounds = np.linspace(0, n, threads + 1).round().astype(int)
     jobs = [_pool.submit(_augment_range, *args[:4], int(lo), int(hi), *args[6:])

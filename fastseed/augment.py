@@ -92,7 +92,7 @@ def _gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, k: int) -> torch.Tensor
 
 
 def cpu_backend() -> str:
-    """How CPU tensors are augmented: 'fused' (one numba pass per image for the color ops,
+    """How CPU tensors are augmented: 'fused' (all ops of an image in one numba pass,
     `fastseed._color_cpu`; the default) or 'torch' (the batched reference path). Read at call
     time from FASTSEED_CPU_AUGMENT."""
     choice = os.environ.get("FASTSEED_CPU_AUGMENT", "fused").strip().lower() or "fused"
@@ -155,15 +155,15 @@ class SSLAugment(nn.Module):
         n, h, w, _ = x.shape
         if x.is_cuda:
             return self._static(x, self._empty_output(x), generator)
-        # CPU: chunks that stay in cache. Each op is one memory-bound pass; over a batch of 64
+        out = self._empty_output(x)
+        if cpu_backend() == "fused":
+            return self._fused(x, out, generator)
+        # Batched ops on CPU: chunks that stay in cache. Each op is one memory-bound pass; over a batch of 64
         # images at 224 px (38 MB per fp32 copy) that runs at RAM speed, over 8 images at cache
         # speed: 410 vs 298 images/s on a 2-core EPYC VM. Small images need no chunks.
         # Small images the other way round: per-op dispatch, not memory, dominates, so a whole
         # batch of up to 2^20 pixels is one chunk (64 px, batch 256, 2 cores: 6.2k vs 5.8k
         # images/s in 98-image chunks; the data benchmark 4.91-5.15x torchvision vs 4.39-4.76x).
-        out = self._empty_output(x)
-        if cpu_backend() == "fused":
-            return self._fused(x, out, generator)
         chunk = n if n * h * w <= 1 << 20 else max(1, self.cpu_chunk_pixels // (h * w))
         for i in range(0, n, chunk):
             self._bernoulli(x[i:i + chunk], out[i:i + chunk], generator)
@@ -201,18 +201,21 @@ class SSLAugment(nn.Module):
 
     def _bernoulli_draws(self, n, dev, generator):
         """Independent draws per sample, exactly torchvision's: each sample's op order uniform
-        over the 24, blur with probability blur_p; only the jittered samples are jittered. The
-        groups have random sizes (a host sync on CUDA, free on CPU)."""
+        over the 24, blur with probability blur_p; only the jittered samples are jittered.
+        Returns u, factors, hue, order (one row per jittered sample) and the jittered / blurred
+        / gray masks (N,)."""
         u, factors, hue = self._draw(n, dev, generator)
-        jittered = (u[:, 0] < self.jitter_p).nonzero().view(-1)
-        order = torch.rand(len(jittered), 4, generator=generator, device=dev).argsort(1)
-        blur = (torch.rand(n, generator=generator, device=dev) < self.blur_p).nonzero().view(-1)
-        gray = (u[:, 5] < self.grayscale_p).nonzero().view(-1)
-        return u, factors, hue, order, blur, gray, jittered
+        jittered = u[:, 0] < self.jitter_p
+        order = torch.rand(int(jittered.sum()), 4, generator=generator, device=dev).argsort(1)
+        blur = torch.rand(n, generator=generator, device=dev) < self.blur_p
+        gray = u[:, 5] < self.grayscale_p
+        return u, factors, hue, order, jittered, blur, gray
 
     def _bernoulli(self, x, out, generator):
-        """The batched PyTorch path (any device): the reference for `_fused`."""
-        u, factors, hue, order, blur, gray, jittered = self._bernoulli_draws(x.shape[0], x.device, generator)
+        """The batched PyTorch path (any device; variable-size groups: a host sync on CUDA,
+        free on CPU): the reference for `_fused`."""
+        u, factors, hue, order, *masks = self._bernoulli_draws(x.shape[0], x.device, generator)
+        jittered, blur, gray = (m.nonzero().view(-1) for m in masks)
         hue_stage = (order == 3).int().argmax(1)
         hue_groups = [(hue_stage == stage).nonzero().view(-1) for stage in range(4)]
         return self._augment(x, out, u, factors, hue, order, hue_groups, blur, gray, jittered)
@@ -222,22 +225,12 @@ class SSLAugment(nn.Module):
         while the image is in cache (`fastseed._color_cpu`)."""
         from fastseed import _color_cpu
         n, h, w, _ = x.shape
-        u, factors, hue, order, blur, gray, jittered = self._bernoulli_draws(n, x.device, generator)
-
-        def flags(idx, p):
-            flag = torch.zeros(n, dtype=torch.bool)
-            if p > 0:
-                flag[idx] = True
-            return flag
+        u, factors, hue, order, jittered, blur, gray = self._bernoulli_draws(n, x.device, generator)
         full_order = torch.zeros(n, 4, dtype=torch.int64)
         full_order[jittered] = order
-        sigma = _uniform(u[:, 7], *self.blur_sigma)
-        kernels = _gaussian_kernels(sigma, blur_kernel_size(min(h, w)))
-        solarized = u[:, 6] < self.solarize_p
-        hue = hue if self.hue > 0 else torch.zeros_like(hue)
+        kernels = _gaussian_kernels(_uniform(u[:, 7], *self.blur_sigma), blur_kernel_size(min(h, w)))
         y = out if out.dtype == torch.float32 else self._empty_output(x).float()
-        _color_cpu.augment(x, y, flags(jittered, self.jitter_p), full_order, factors, hue,
-                           flags(gray, self.grayscale_p), flags(blur, self.blur_p), kernels, solarized,
+        _color_cpu.augment(x, y, jittered, full_order, factors, hue, gray, blur, kernels, u[:, 6] < self.solarize_p,
                            (self.normalize.scale * 255.0).view(3), self.normalize.shift.view(3))
         if y is not out:
             out.copy_(y)
