@@ -50,8 +50,8 @@ def run(*, n_train, n_test, dim, classes, device, chunk_size=1024, repeats=5, wa
             times.append(time.perf_counter() - t0)
     return {
         "bench": "knn_classify", "n_train": n_train, "n_test": n_test, "dim": dim,
-        "classes": classes, "chunk_size": chunk_size, **provenance(device), "repeats": repeats, "median_s": statistics.median(times),
-        "min_s": min(times), "result": result,
+        "classes": classes, "chunk_size": chunk_size, **provenance(device), "repeats": repeats,
+        "median_s": statistics.median(times), "min_s": min(times), "result": result,
     }
 
 

@@ -23,8 +23,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from fastseed.provenance import provenance
+
 from bench_data import make_images  # the same synthetic JPEGs as the data benchmark
+from fastseed.provenance import provenance
 
 PAIRS = [("resnet50", "resnet18"), ("resnet50", "efficientnet_b0"), ("resnet50", "mobilenetv3_large_100")]
 TINY_PAIRS = [("resnet10t", "resnet10t")]

@@ -26,14 +26,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-from fastseed.provenance import device_name, git_commit
+from fastseed.provenance import provenance
 
 ROOT = Path(__file__).resolve().parent.parent
 STUDENTS = ("resnet18", "mobilenetv3_large_100")
@@ -235,7 +234,7 @@ def gaps(rows: list[dict]) -> dict:
 def markdown(result: dict) -> str:
     s = result["sizes"]
     lines = [f"Fashion-MNIST reproduction, size `{result['size']}` — {result['device']}, torch {result['torch']}, "
-             f"commit `{result['git_commit']}`, {result['wall_s'] / 60:.1f} min.",
+             f"commit `{result['commit']}`, {result['wall_s'] / 60:.1f} min.",
              f"Train subset {s['train']} images (also the k-NN bank and the probe's training set), test "
              f"{s['test']}; {s['res']} px (Lite0 teacher at {s['lite_res']} px); batch {s['batch']}; teacher "
              f"{s['teacher_epochs']} epochs, students {s['student_epochs']} epochs"
@@ -265,8 +264,7 @@ def reproduce(size: str, out: Path, work: Path, device: str = "auto", overrides:
     runs = run_configs(s, data, work, str(dev))
     trained = train_all(runs, log)
     rows = evaluate_all(runs, trained, s, data, dev, log)
-    result = {"size": size, "device": device_name(dev), "torch": torch.__version__, "python": platform.python_version(),
-              "git_commit": git_commit(), "date": time.strftime("%Y-%m-%d %H:%M:%S"), "sizes": s,
+    result = {"size": size, **provenance(dev), "sizes": s,
               "common": {k: list(v) if isinstance(v, tuple) else v for k, v in COMMON.items()},
               "linear_lrs": list(LINEAR_LRS), "students": list(STUDENTS),
               "train_s": {k: v["train_s"] for k, v in trained.items()},

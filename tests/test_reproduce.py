@@ -25,7 +25,7 @@ def test_tiny_reproduction_writes_every_row(tmp_path):
     out = tmp_path / "reproduce_tiny.json"
     repro.main(["--size", "tiny", "--device", "cpu", "--out", str(out), "--work", str(tmp_path / "work")])
     result = json.loads(out.read_text())
-    assert result["size"] == "tiny" and result["torch"] and result["git_commit"]
+    assert result["size"] == "tiny" and result["torch"] and result["commit"]
 
     names = [r["name"] for r in result["rows"]]
     expected = ["raw_pixels", "teacher_moco_resnet50", "teacher_lite0"] + [
