@@ -158,9 +158,35 @@ def atomic_save(obj, path: Path) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
+        aliases = _dtype_aliases(obj) if isinstance(e, RuntimeError) else []
+        if aliases:  # torch.save's own message names no tensor
+            raise TrainingError(f"cannot write {path}: tensors share memory under different dtypes: "
+                                f"{'; '.join(aliases)}. {path.name} is untouched") from e
         raise
+
+
+def _dtype_aliases(obj) -> list[str]:
+    """The tensors of `obj` (nested dicts, lists, tuples) whose storages start at one address
+    with different dtypes, which torch.save refuses: 'path=dtype, path=dtype' per address."""
+    by_ptr: dict[int, list[tuple[str, torch.dtype]]] = {}
+
+    def walk(x, path):
+        if isinstance(x, torch.Tensor):
+            ptr = x.untyped_storage().data_ptr()
+            if ptr:
+                by_ptr.setdefault(ptr, []).append((path, x.dtype))
+        elif isinstance(x, dict):
+            for k, v in x.items():
+                walk(v, f"{path}.{k}" if path else str(k))
+        elif isinstance(x, (list, tuple)):
+            for i, v in enumerate(x):
+                walk(v, f"{path}[{i}]")
+
+    walk(obj, "")
+    return [", ".join(f"{p}={str(d).removeprefix('torch.')}" for p, d in group)
+            for group in by_ptr.values() if len({d for _, d in group}) > 1]
 
 
 def _rng_state(aug_gen: torch.Generator) -> dict:

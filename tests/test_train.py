@@ -100,6 +100,17 @@ def test_atomic_save_keeps_old_file_when_writing_fails(tmp_path):
     assert os.listdir(tmp_path) == ["ckpt.pt"]
 
 
+def test_atomic_save_names_tensors_that_alias_under_two_dtypes(tmp_path):
+    """torch.save refuses them without naming any; the error names both and keeps the old file."""
+    path = tmp_path / "ckpt.pt"
+    atomic_save({"a": 1}, path)
+    w = torch.zeros(4)
+    with pytest.raises(TrainingError, match=r"student\.w=float32, buffers\.rng\[1\]=int32\. ckpt\.pt is untouched"):
+        atomic_save({"student": {"w": w}, "buffers": {"rng": [torch.ones(2), w.view(torch.int32)]}}, path)
+    assert torch.load(path) == {"a": 1}
+    assert os.listdir(tmp_path) == ["ckpt.pt"]
+
+
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(data, teacher_ckpt, tmp_path):
     out = tmp_path / "nan"
     train(tiny(data, teacher_ckpt, out, max_steps=3))
