@@ -199,10 +199,32 @@ class BetonLoader:
         self._skip = 0
         if loader.code is None:
             loader.generate_code()
-        for images, labels in EpochIterator(loader, order):
-            # labels are tiny: copy them, so that a kept label tensor is not overwritten by FFCV's
-            # buffer reuse a few batches later (images are consumed at once by the augmentation)
-            yield self._split(images), labels.view(-1).clone()
+        epoch = EpochIterator(loader, order)
+        try:
+            for images, labels in epoch:
+                # labels are tiny: copy them, so that a kept label tensor is not overwritten by FFCV's
+                # buffer reuse a few batches later (images are consumed at once by the augmentation)
+                yield self._split(images), labels.view(-1).clone()
+        finally:
+            _stop(epoch)
+
+
+def _stop(epoch) -> None:
+    """End FFCV's EpochIterator thread, finished or not. A pass left early (--max-steps, an
+    error, a break) would otherwise leave it decoding into its batch ring, then blocked on the
+    full queue for the life of the process, holding batches_ahead + 2 batch buffers. It gets no
+    more batches, is told to stop, and has room for its last put; after this nothing writes."""
+    import queue
+
+    epoch.iter_ixes = iter(())  # its next batch ends the epoch (it reads the attribute each time)
+    epoch.terminate_event.set()  # a put that finds the queue full returns instead of waiting
+    while epoch.is_alive():
+        try:
+            epoch.output_queue.get_nowait()  # room for a put that does not look at the event
+        except queue.Empty:
+            pass
+        epoch.join(0.05)
+    epoch.close()
 
 
 def ssl_loader(path, *, batch_size: int, res: int, scale=(0.2, 1.0), num_global: int = 1,

@@ -68,6 +68,20 @@ def test_resume_mid_epoch(ssl):
     assert torch.equal(next(iter(loader))[1], epoch0[0][1])
 
 
+def test_a_pass_left_early_stops_ffcv_thread(ssl):
+    """Breaking out (as --max-steps does) must not leave FFCV's thread decoding or blocked."""
+    import threading
+    from ffcv.loader.epoch_iterator import EpochIterator
+    loader, _ = ssl
+    before = {t for t in threading.enumerate() if isinstance(t, EpochIterator)}
+    for stop_after in (1, len(loader) - 1):  # mid-epoch, and with the epoch's end already queued
+        it = iter(loader)
+        for _ in range(stop_after):
+            next(it)
+        it.close()
+        assert {t for t in threading.enumerate() if isinstance(t, EpochIterator)} == before
+
+
 def test_eval_loader_exact_and_deterministic(evaluation):
     batches = [(x.clone(), y.clone()) for x, y in evaluation]
     assert [len(y) for _, y in batches] == [100, 100, 56]  # no drop_last
