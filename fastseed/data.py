@@ -20,6 +20,7 @@ without reading them. `len(loader)` is always the full epoch.
 from __future__ import annotations
 
 import os
+import queue
 import sys
 from dataclasses import replace
 
@@ -214,8 +215,6 @@ def _stop(epoch) -> None:
     error, a break) would otherwise leave it decoding into its batch ring, then blocked on the
     full queue for the life of the process, holding batches_ahead + 2 batch buffers. It gets no
     more batches, is told to stop, and has room for its last put; after this nothing writes."""
-    import queue
-
     epoch.iter_ixes = iter(())  # its next batch ends the epoch (it reads the attribute each time)
     epoch.terminate_event.set()  # a put that finds the queue full returns instead of waiting
     while epoch.is_alive():
