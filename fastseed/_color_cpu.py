@@ -62,6 +62,16 @@ def _hue(r, g, b, shift):
 
 
 @numba.njit(nogil=True, cache=True, inline="always")
+def _grayscale(r, g, b):
+    """In-place luma of planes r, g, b into all three (augment._luma)."""
+    for p in range(r.shape[0]):
+        v = L0 * r[p] + L1 * g[p] + L2 * b[p]
+        r[p] = v
+        g[p] = v
+        b[p] = v
+
+
+@numba.njit(nogil=True, cache=True, inline="always")
 def _reflect(i, n):
     return -i if i < 0 else (2 * (n - 1) - i if i >= n else i)
 
@@ -102,12 +112,12 @@ def _blur(plane, tmp, h, w, kern):
 
 @numba.njit(nogil=True, cache=True)
 def _augment_range(x, out, h, w, lo, hi, jittered, order, factors, hue, gray, blurred, kernels,
-                   solarized, mul, add):
+                   solarized, mul, add, gray_first):
     """Images lo..hi-1 of x (uint8 N, H*W, 3) into out (float32 N, H*W, 3), in the reference
     order: jitter stage s applies op order[i, s] (0 brightness, 1 contrast, 2 saturation,
     3 hue) with factor factors[i, op] / shift hue[i] where jittered[i]; luma for all channels
-    where gray[i]; the blur kernels[i] where blurred[i]; 1 - v for v >= 0.5 where solarized[i];
-    then out = v * mul + add per channel."""
+    where gray[i] (before the jitter if gray_first); the blur kernels[i] where blurred[i];
+    1 - v for v >= 0.5 where solarized[i]; then out = v * mul + add per channel."""
     n_px = h * w
     r = np.empty(n_px, np.float32)
     g = np.empty(n_px, np.float32)
@@ -119,6 +129,8 @@ def _augment_range(x, out, h, w, lo, hi, jittered, order, factors, hue, gray, bl
             r[p] = _F(xi[p, 0]) * INV255
             g[p] = _F(xi[p, 1]) * INV255
             b[p] = _F(xi[p, 2]) * INV255
+        if gray[i] and gray_first:
+            _grayscale(r, g, b)
         if jittered[i]:
             for s in range(4):
                 op = order[i, s]
@@ -145,12 +157,8 @@ def _augment_range(x, out, h, w, lo, hi, jittered, order, factors, hue, gray, bl
                         b[p] = _clamp01(t + b[p] * f)
                 elif hue[i] != ZERO:
                     _hue(r, g, b, hue[i])
-        if gray[i]:
-            for p in range(n_px):
-                v = L0 * r[p] + L1 * g[p] + L2 * b[p]
-                r[p] = v
-                g[p] = v
-                b[p] = v
+        if gray[i] and not gray_first:
+            _grayscale(r, g, b)
         if blurred[i]:
             _blur(r, tmp, h, w, kernels[i])
             _blur(g, tmp, h, w, kernels[i])
@@ -172,10 +180,11 @@ _pool_size = 0
 
 
 def augment(x: torch.Tensor, out: torch.Tensor, jittered: torch.Tensor, order: torch.Tensor,
-            factors: torch.Tensor, hue: torch.Tensor, gray: torch.Tensor, blurred: torch.Tensor,
+            factors: torch.Tensor, hue: torch.Tensor, gray: torch.Tensor, gray_first: bool, blurred: torch.Tensor,
             kernels: torch.Tensor, solarized: torch.Tensor, mul: torch.Tensor, add: torch.Tensor) -> None:
     """x uint8 (N, H, W, 3) CPU, any strides; out float32 (N, 3, H, W) channels-last, written.
-    jittered/gray/blurred/solarized bool (N,); order int64 (N, 4); factors float32 (N, 4);
+    jittered/gray/blurred/solarized bool (N,); gray_first: grayscale before the jitter;
+    order int64 (N, 4); factors float32 (N, 4);
     hue float32 (N,); kernels float32 (N, k) normalized 1-D Gaussians, k odd and < min(H, W)
     (rows of unblurred samples are ignored); mul, add float32 (3,)."""
     global _pool, _pool_size
@@ -192,7 +201,7 @@ def augment(x: torch.Tensor, out: torch.Tensor, jittered: torch.Tensor, order: t
     b8, i64, f32 = torch.bool, torch.int64, torch.float32
     args += [t.to(dtype).contiguous().numpy() for t, dtype in (
         (jittered, b8), (order, i64), (factors, f32), (hue, f32), (gray, b8), (blurred, b8), (kernels, f32),
-        (solarized, b8), (mul, f32), (add, f32))]
+        (solarized, b8), (mul, f32), (add, f32))] + [bool(gray_first)]
     threads = max(1, min(torch.get_num_threads(), n))
     if threads == 1:
         _augment_range(*args)

@@ -6,7 +6,7 @@ torch.compile. The recipe is torchvision's MoCo-v2 chain after RandomResizedCrop
 (those run in the FFCV decoder, `fastseed.data`):
 
     RandomApply(ColorJitter(b, c, s, h), p=jitter_p)   # the 4 ops in a random order per sample
-    RandomGrayscale(p=grayscale_p)
+    RandomGrayscale(p=grayscale_p)                      # before the jitter if grayscale_first
     RandomApply(GaussianBlur(k ~ 0.1 x side, sigma), p=blur_p)
     RandomSolarize(0.5, p=solarize_p)                   # BYOL's second view; MoCo-v2: none
     Normalize(mean, std)
@@ -129,8 +129,8 @@ class SSLAugment(nn.Module):
     """
 
     def __init__(self, *, mean, std, jitter=(0.4, 0.4, 0.4, 0.1), jitter_p: float = 0.8,
-                 grayscale_p: float = 0.2, blur_p: float = 0.5, blur_sigma=(0.1, 2.0),
-                 solarize_p: float = 0.0, out_dtype: torch.dtype = torch.float32,
+                 grayscale_p: float = 0.2, grayscale_first: bool = False, blur_p: float = 0.5,
+                 blur_sigma=(0.1, 2.0), solarize_p: float = 0.0, out_dtype: torch.dtype = torch.float32,
                  cpu_chunk_pixels: int = 8 * 224 * 224):
         super().__init__()
         self.cpu_chunk_pixels = cpu_chunk_pixels
@@ -140,6 +140,7 @@ class SSLAugment(nn.Module):
         self.ranges = [(max(0.0, 1 - v), 1 + v) for v in (b, c, s)]
         self.hue = h
         self.jitter_p, self.grayscale_p, self.blur_p, self.solarize_p = jitter_p, grayscale_p, blur_p, solarize_p
+        self.grayscale_first = grayscale_first
         self.blur_sigma = blur_sigma
         self.normalize = Normalize(mean, std, out_dtype)
         # The 24 orders of (brightness 0, contrast 1, saturation 2, hue 3), grouped by where hue
@@ -148,8 +149,9 @@ class SSLAugment(nn.Module):
         self.register_buffer("orders", torch.tensor(perms, dtype=torch.int64), persistent=False)
 
     def extra_repr(self) -> str:
-        return (f"jitter={self.ranges}+hue {self.hue} p={self.jitter_p}, grayscale_p={self.grayscale_p}, "
-                f"blur_p={self.blur_p} sigma={self.blur_sigma}, solarize_p={self.solarize_p}")
+        return (f"jitter={self.ranges}+hue {self.hue} p={self.jitter_p}, grayscale_p={self.grayscale_p}"
+                f"{' (first)' if self.grayscale_first else ''}, blur_p={self.blur_p} sigma={self.blur_sigma}, "
+                f"solarize_p={self.solarize_p}")
 
     def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         n, h, w, _ = x.shape
@@ -230,8 +232,9 @@ class SSLAugment(nn.Module):
         full_order[jittered] = order
         kernels = _gaussian_kernels(_uniform(u[:, 7], *self.blur_sigma), blur_kernel_size(min(h, w)))
         y = out if out.dtype == torch.float32 else self._empty_output(x).float()
-        _color_cpu.augment(x, y, jittered, full_order, factors, hue, gray, blur, kernels, u[:, 6] < self.solarize_p,
-                           (self.normalize.scale * 255.0).view(3), self.normalize.shift.view(3))
+        _color_cpu.augment(x, y, jittered, full_order, factors, hue, gray, self.grayscale_first, blur, kernels,
+                           u[:, 6] < self.solarize_p, (self.normalize.scale * 255.0).view(3),
+                           self.normalize.shift.view(3))
         if y is not out:
             out.copy_(y)
         return out
@@ -243,14 +246,15 @@ class SSLAugment(nn.Module):
         # NCHW contiguous while augmenting: each channel is one contiguous plane, so the
         # per-channel math (luma, hue) vectorizes; channels-last again only at the end.
         x = torch.mul(x.permute(0, 3, 1, 2), 1 / 255, out=torch.empty((n, 3, h, w), device=x.device))
+        if self.grayscale_first:
+            x = self._grayscale(x, gray)
         if self.jitter_p > 0 and jittered is None:
             x = self._jitter(x, factors, hue, order, hue_groups)
         elif self.jitter_p > 0 and jittered.numel() > 0:
             x.index_copy_(0, jittered, self._jitter(x.index_select(0, jittered), factors[jittered], hue[jittered],
                                                     order, hue_groups))
-
-        if self.grayscale_p > 0 and gray.numel() > 0:  # only the chosen samples: 1/5 of a pass
-            x.index_copy_(0, gray, _luma(x.index_select(0, gray)).expand(-1, 3, -1, -1))
+        if not self.grayscale_first:
+            x = self._grayscale(x, gray)
 
         if self.blur_p > 0 and blur.numel() > 0:
             sigma = _uniform(u[blur, 7], *self.blur_sigma)
@@ -262,6 +266,11 @@ class SSLAugment(nn.Module):
 
         # Normalize on the float image: (x - mean)/std == x*255*scale + shift.
         return torch.addcmul(self.normalize.shift, x, self.normalize.scale * 255.0, out=out)
+
+    def _grayscale(self, x, gray):
+        if self.grayscale_p > 0 and gray.numel() > 0:  # only the chosen samples: 1/5 of a pass
+            x.index_copy_(0, gray, _luma(x.index_select(0, gray)).expand(-1, 3, -1, -1))
+        return x
 
     def _jitter(self, x, factors, hue, order, hue_groups):
         """ColorJitter on x (M, 3, H, W) in [0, 1]: stage s applies op order[:, s] to each sample."""

@@ -120,6 +120,28 @@ def test_byol_pair_solarizes_second_view():
     assert v1(u8).shape == v2(u8).shape == (8, 3, 16, 16)
 
 
+@pytest.mark.parametrize("path", ["fused (CPU)", "batched (CPU)", "static (CUDA)"])
+def test_grayscale_first_grays_before_the_jitter(path, monkeypatch):
+    """SimCLR's order (jacobswan1/SEED tools/utils.py:248-252: RandomGrayscale, then ColorJitter).
+    A gray image has no hue: with every image grayed and hue-jittered, graying first leaves the
+    luma of the input, graying last the luma of hue-rotated colours."""
+    u8 = colorful(32, 12, seed=3)
+    x = u8.permute(0, 3, 1, 2).float() / 255
+    luma = (0.299 * x[:, :1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:]).expand(-1, 3, -1, -1)
+    got = {}
+    for first in (True, False):
+        aug = SSLAugment(mean=(0, 0, 0), std=(1, 1, 1), jitter=(0, 0, 0, 0.4), jitter_p=1.0, grayscale_p=1.0,
+                         grayscale_first=first, blur_p=0)
+        g = torch.Generator().manual_seed(0)
+        if path.startswith("static"):
+            got[first] = aug._static(u8, aug._empty_output(u8), g)
+        else:
+            monkeypatch.setenv("FASTSEED_CPU_AUGMENT", path.split()[0].replace("batched", "torch"))
+            got[first] = aug(u8, generator=g)
+    torch.testing.assert_close(got[True], luma, atol=1e-6, rtol=0)
+    assert (got[False] - luma).abs().amax() > 0.05
+
+
 FUSED_CASES = {  # name: (augmentation, batch, height, width, input crop)
     "moco_v2 64px": (lambda: moco_v2_augment(MEAN, STD), 37, 64, 64, None),
     "moco_v2 odd 23x17, crop view": (lambda: moco_v2_augment(MEAN, STD), 29, 23, 17, (3, 5)),
@@ -132,6 +154,8 @@ FUSED_CASES = {  # name: (augmentation, batch, height, width, input crop)
                                                   solarize_p=0.5), 40, 31, 30, None),
     "one image, blur only": (lambda: SSLAugment(mean=(0, 0, 0), std=(1, 1, 1), jitter_p=0, grayscale_p=0,
                                                 blur_p=1.0, blur_sigma=(1.5, 2.0)), 1, 96, 9, None),
+    "gray first, jitter always": (lambda: SSLAugment(mean=MEAN, std=STD, jitter=(0.4, 0.4, 0.4, 0.4), jitter_p=1.0,
+                                                     grayscale_first=True, blur_p=0), 48, 20, 20, None),
     "identity": (lambda: SSLAugment(mean=(0, 0, 0), std=(1, 1, 1), jitter_p=0, grayscale_p=0, blur_p=0),
                  5, 7, 11, None),
 }
