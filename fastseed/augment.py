@@ -31,11 +31,16 @@ each image through all of its ops in one visit (`fastseed._color_cpu`: 64 px, ba
 cores: ~40k images/s against ~6k for the batched ops below); FASTSEED_CPU_AUGMENT=torch selects
 the batched PyTorch ops instead, processed in cache-sized chunks. The batched ops are the
 reference the fused kernel is tested against.
+
+`PRESETS` holds the official augmentations (MoCo-v2, SEED's SwAV and SimCLR variants, SimReg's
+weak one), each a crop scale for the loader and the colour ops for `SSLAugment`;
+`preset_name` picks the official one for a method and a teacher's checkpoint format.
 """
 from __future__ import annotations
 
 import itertools
 import os
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -290,10 +295,67 @@ class SSLAugment(nn.Module):
         return x
 
 
+@dataclass(frozen=True)
+class Preset:
+    """An official augmentation: RandomResizedCrop's area share (done by the FFCV loader,
+    `fastseed.data.ssl_loader(scale=...)`, which also flips with p 1/2, as every preset here
+    does), then the colour ops of `SSLAugment`."""
+
+    crop_scale: tuple[float, float]
+    jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1)
+    jitter_p: float = 0.8
+    grayscale_p: float = 0.2
+    grayscale_first: bool = False
+    blur_p: float = 0.5
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+
+
+PRESETS = {
+    # facebookresearch/moco main_moco.py:223-235 (--aug-plus); jacobswan1/SEED tools/utils.py:225-236
+    "moco_v2": Preset(crop_scale=(0.2, 1.0)),
+    # jacobswan1/SEED tools/utils.py:202-212 (swav_aug): MoCo-v2's colour ops on a wider crop range
+    "swav": Preset(crop_scale=(0.14, 1.0)),
+    # jacobswan1/SEED tools/utils.py:248-255 (simclr_aug, = mocov1_aug): grayscale, then a jitter
+    # with hue 0.4 applied to every image, no blur
+    "simclr": Preset(crop_scale=(0.2, 1.0), jitter=(0.4, 0.4, 0.4, 0.4), jitter_p=1.0, grayscale_first=True,
+                     blur_p=0.0),
+    # UCDvision/simreg dataloader.py:63-68 (augmentation_weak; run.sh --weak_weak): crop and flip
+    "weak": Preset(crop_scale=(0.2, 1.0), jitter_p=0.0, grayscale_p=0.0, blur_p=0.0),
+}
+
+
+def preset_name(aug: str, method: str, teacher_format: str | None, small_crops: int = 0) -> str:
+    """`aug` if it names a preset; for 'auto', the official choice:
+    SimReg: 'weak', on one view for student and teacher (UCDvision/simreg run.sh: --single_aug
+    --weak_weak); MoCo: 'moco_v2' (moco README: --aug-plus); SEED with small crops: 'swav' for
+    any teacher (jacobswan1/SEED main_small-patch.py:142-143); SEED: by the teacher's checkpoint
+    format (main.py:165-168): swav -> 'swav', simclr -> 'simclr', moco -> 'moco_v2'. SEED has no
+    rule for the other formats (mocov3, byol, dino, plain, fastseed, bundled): they get 'moco_v2',
+    its augmentation for the MoCo teachers of the paper."""
+    if aug != "auto":
+        if aug not in PRESETS:
+            raise ValueError(f"unknown augmentation preset {aug!r}: choose auto, {', '.join(PRESETS)}")
+        return aug
+    if method == "simreg":
+        return "weak"
+    if method == "seed" and small_crops:
+        return "swav"
+    if method == "seed" and teacher_format in ("swav", "simclr"):
+        return teacher_format
+    return "moco_v2"
+
+
+def preset_augment(name: str, mean, std, out_dtype: torch.dtype = torch.float32) -> SSLAugment:
+    """The colour ops of preset `name` (its crop scale goes to the loader)."""
+    p = PRESETS[name]
+    return SSLAugment(mean=mean, std=std, jitter=p.jitter, jitter_p=p.jitter_p, grayscale_p=p.grayscale_p,
+                      grayscale_first=p.grayscale_first, blur_p=p.blur_p, blur_sigma=p.blur_sigma,
+                      out_dtype=out_dtype)
+
+
 def moco_v2_augment(mean, std, out_dtype: torch.dtype = torch.float32) -> SSLAugment:
     """MoCo-v2 / SEED: jitter 0.4/0.4/0.4/0.1 p 0.8, grayscale 0.2, blur sigma 0.1-2 p 0.5."""
-    return SSLAugment(mean=mean, std=std, jitter=(0.4, 0.4, 0.4, 0.1), jitter_p=0.8, grayscale_p=0.2,
-                      blur_p=0.5, blur_sigma=(0.1, 2.0), solarize_p=0.0, out_dtype=out_dtype)
+    return preset_augment("moco_v2", mean, std, out_dtype)
 
 
 def byol_augment(mean, std, out_dtype: torch.dtype = torch.float32) -> tuple[SSLAugment, SSLAugment]:

@@ -27,6 +27,7 @@ def train_parser() -> argparse.ArgumentParser:
         description="Self-supervised distillation (SEED, SimReg) and MoCo-v2. With no --data, runs the "
                     "embedded demo: Fashion-MNIST, ImageNet EfficientNet-Lite0 teacher, ResNet-18 student.",
         argument_default=argparse.SUPPRESS)
+    from fastseed.augment import PRESETS
     a = p.add_argument
     a("--method", choices=["seed", "simreg", "moco"])
     a("-a", "--arch", help="student: any timm model name (default resnet18)")
@@ -53,7 +54,11 @@ def train_parser() -> argparse.ArgumentParser:
     a("--simreg-target", dest="simreg_target", choices=["backbone", "projection"])
     a("--res", type=int, help="crop resolution")
     a("--teacher-res", dest="teacher_res", type=int, help="resize the crop to this for the teacher")
-    a("--crop-scale", dest="crop_scale", type=_pair, help="RandomResizedCrop scale, e.g. 0.2,1")
+    a("--aug", choices=["auto", *PRESETS],
+      help="augmentation preset (default auto: SimReg weak, MoCo moco_v2, SEED by teacher format: swav, "
+           "simclr, else moco_v2)")
+    a("--crop-scale", dest="crop_scale", type=_pair,
+      help="RandomResizedCrop scale, e.g. 0.2,1 (default: the --aug preset's)")
     a("--small-crops", dest="small_crops", type=int, help="SEED small-patch: number of small crops (6)")
     a("--small-res", dest="small_res", type=int)
     a("--workers", type=int)

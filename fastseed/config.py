@@ -28,7 +28,9 @@ class Config:
     res: int = 224
     teacher_res: int | None = None       # teacher sees the same crop, resized to this (None: res)
     eval_res: int | None = None          # (None: res)
-    crop_scale: tuple[float, float] = (0.2, 1.0)
+    aug: str = "auto"                    # fastseed.augment.PRESETS name; auto: the official one for
+                                         # the method and the teacher's checkpoint format
+    crop_scale: tuple[float, float] | None = None  # None: the preset's
     small_crops: int = 0                 # SEED small-patch variant: 6
     small_res: int = 96
     small_scale: tuple[float, float] = (0.05, 0.14)
@@ -106,6 +108,7 @@ def demo(**overrides) -> Config:
         knn_bank=str(DEMO_DATA_DIR / "fashion_mnist_train_10k.beton"),
         res=32,
         teacher_res=48,
+        aug="moco_v2",
         crop_scale=(0.35, 1.0),
         workers=2,
         epochs=1,

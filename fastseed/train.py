@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from fastseed.augment import Normalize, moco_v2_augment
+from fastseed.augment import PRESETS, Normalize, preset_augment, preset_name
 from fastseed.config import Config
 from fastseed.data import eval_loader, ssl_loader
 from fastseed.evaluate import extract_features, knn_classify
@@ -232,7 +232,8 @@ def save_checkpoint(path: Path, *, cfg: Config, env: Env, method, optimizer, sca
     ckpt = {
         "fastseed": {"version": CHECKPOINT_VERSION, "step": step, "epoch": epoch,
                      "batch_in_epoch": batch_in_epoch, "teacher": teacher_info,
-                     "mean": mean_std[0], "std": mean_std[1], "arch": cfg.arch, "method": cfg.method},
+                     "mean": mean_std[0], "std": mean_std[1], "arch": cfg.arch, "method": cfg.method,
+                     "augment": cfg.aug},
         "config": cfg.to_dict() | {"mean": list(mean_std[0]), "std": list(mean_std[1])},
         "student": {k.removeprefix("student."): v for k, v in state.items() if k.startswith("student.")},
         "head": {k.removeprefix("head."): v for k, v in state.items() if k.startswith("head.")},
@@ -416,12 +417,15 @@ def prepare(cfg: Config, loader=None) -> Run:
     seed_everything(cfg.seed + env.rank)
     dtype = amp_dtype(cfg, env.device)
     method, teacher_info, mean_std = build_method(cfg, env)
+    # the preset and its crop scale (an explicit one wins), resolved here so checkpoints record them
+    aug = preset_name(cfg.aug, cfg.method, teacher_info and teacher_info["format"], cfg.small_crops)
+    cfg = cfg.replace(aug=aug, crop_scale=tuple(cfg.crop_scale or PRESETS[aug].crop_scale))
     if loader is None:
         loader = ssl_loader(cfg.data, batch_size=cfg.batch_size // env.world, res=cfg.res, scale=cfg.crop_scale,
                             num_global=2 if cfg.method == "moco" else 1, num_small=cfg.small_crops,
                             small_res=cfg.small_res, small_scale=cfg.small_scale, device=env.device,
                             num_workers=cfg.workers, seed=cfg.seed, distributed=env.world > 1)
-    augment = moco_v2_augment(mean_std[0], mean_std[1]).to(env.device)
+    augment = preset_augment(aug, mean_std[0], mean_std[1]).to(env.device)
     aug_gen = torch.Generator(env.device).manual_seed(cfg.seed * 1000 + env.rank)
     steps_per_epoch = len(loader)
     if steps_per_epoch == 0:
@@ -484,6 +488,7 @@ def oom_advice(run: Run, views: list[torch.Tensor]) -> str:
 
 def train(cfg: Config) -> dict:
     run = prepare(cfg)
+    cfg = run.cfg  # with the augmentation preset resolved
     env, method, optimizer, out = run.env, run.method, run.optimizer, cfg.out_dir
     step = 0
     resume_path = find_resume(cfg)

@@ -1,0 +1,209 @@
+"""The official recipes: augmentation presets against the official code. Every expected value is written here from the official file named beside it, never taken
+from fastseed."""
+import pytest
+import torch
+import torchvision.transforms as T
+from torch import nn
+
+import fastseed.train
+from fastseed.augment import PRESETS, preset_augment, preset_name
+from fastseed.cli import config_from_args
+from fastseed.config import Config
+from fastseed.train import prepare, read_checkpoint, train
+
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+class GaussianBlur:
+    """Stands in for the official PIL blur (moco/loader.py, SEED tools/utils.py:12-21): its sigma range."""
+
+    def __init__(self, sigma):
+        self.sigma = sigma
+
+
+# The official augmentations, transform by transform, as the official files write them.
+OFFICIAL_AUGMENTATIONS = {
+    # facebookresearch/moco main_moco.py:225-232 (--aug-plus); = jacobswan1/SEED tools/utils.py:226-234
+    "moco_v2": T.Compose([
+        T.RandomResizedCrop(224, scale=(0.2, 1.)),
+        T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
+        T.RandomGrayscale(p=0.2),
+        T.RandomApply([GaussianBlur([.1, 2.])], p=0.5),
+        T.RandomHorizontalFlip()]),
+    # jacobswan1/SEED tools/utils.py:203-210 (swav_aug)
+    "swav": T.Compose([
+        T.RandomResizedCrop(224, scale=(0.14, 1.)),
+        T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
+        T.RandomGrayscale(p=0.2),
+        T.RandomApply([GaussianBlur([.1, 2.])], p=0.5),
+        T.RandomHorizontalFlip()]),
+    # jacobswan1/SEED tools/utils.py:248-252 (simclr_aug)
+    "simclr": T.Compose([
+        T.RandomResizedCrop(224, scale=(0.2, 1.)),
+        T.RandomGrayscale(p=0.2),
+        T.ColorJitter(0.4, 0.4, 0.4, 0.4),
+        T.RandomHorizontalFlip()]),
+    # UCDvision/simreg dataloader.py:63-66 (augmentation_weak, run.sh --weak_weak)
+    "weak": T.Compose([
+        T.RandomResizedCrop(224, scale=(0.2, 1.)),
+        T.RandomHorizontalFlip()]),
+}
+
+
+def described(compose: T.Compose) -> dict:
+    """The parameters of an official transform list in SSLAugment's terms."""
+    out = dict(jitter_p=0.0, grayscale_p=0.0, grayscale_first=False, blur_p=0.0, flip_p=0.0)
+    jittered = False
+    for t in compose.transforms:
+        p, op = (t.p, t.transforms[0]) if isinstance(t, T.RandomApply) else (1.0, t)
+        if isinstance(op, T.RandomResizedCrop):
+            out["crop_scale"] = tuple(op.scale)
+        elif isinstance(op, T.ColorJitter):
+            jittered = True
+            out.update(jitter_p=p, ranges=[tuple(op.brightness), tuple(op.contrast), tuple(op.saturation)],
+                       hue=op.hue[1])
+        elif isinstance(op, T.RandomGrayscale):
+            out.update(grayscale_p=op.p, grayscale_first=not jittered)
+        elif isinstance(op, GaussianBlur):
+            out.update(blur_p=p, blur_sigma=tuple(op.sigma))
+        elif isinstance(op, T.RandomHorizontalFlip):
+            out["flip_p"] = op.p
+    return out
+
+
+def fastseed_described(name: str) -> dict:
+    aug = preset_augment(name, MEAN, STD)
+    out = dict(crop_scale=PRESETS[name].crop_scale, jitter_p=aug.jitter_p, grayscale_p=aug.grayscale_p,
+               grayscale_first=aug.grayscale_first and aug.grayscale_p > 0, blur_p=aug.blur_p,
+               flip_p=0.5)  # fastseed.data.ssl_loader flips every view with p 1/2
+    if aug.jitter_p > 0:
+        out.update(ranges=aug.ranges, hue=aug.hue)
+    if aug.blur_p > 0:
+        out["blur_sigma"] = tuple(aug.blur_sigma)
+    return out
+
+
+@pytest.mark.parametrize("name", list(OFFICIAL_AUGMENTATIONS))
+def test_preset_is_the_official_augmentation(name):
+    assert fastseed_described(name) == described(OFFICIAL_AUGMENTATIONS[name])
+
+
+@pytest.mark.parametrize("method,teacher_format,small_crops,want", [
+    ("seed", "swav", 0, "swav"),      # jacobswan1/SEED main.py:165
+    ("seed", "simclr", 0, "simclr"),  # main.py:166
+    ("seed", "moco", 0, "moco_v2"),   # main.py:167 (--student_mlp defaults to True, tools/opts.py:154-157)
+    ("seed", "moco", 6, "swav"),      # main_small-patch.py:142-143: swav_aug whatever the teacher
+    ("simreg", "moco", 0, "weak"),    # UCDvision/simreg run.sh:14-15 (--single_aug --weak_weak)
+    ("simreg", "byol", 0, "weak"),
+    ("moco", None, 0, "moco_v2"),     # facebookresearch/moco README.md:51 (MoCo v2: --aug-plus)
+    # formats SEED has no rule for: its MoCo-v2 augmentation
+    ("seed", "mocov3", 0, "moco_v2"), ("seed", "dino", 0, "moco_v2"), ("seed", "bundled", 0, "moco_v2"),
+])
+def test_auto_preset_follows_method_and_teacher_format(method, teacher_format, small_crops, want):
+    assert preset_name("auto", method, teacher_format, small_crops) == want
+    assert preset_name("weak", method, teacher_format, small_crops) == "weak"  # a named preset wins
+
+
+def test_unknown_preset_is_named():
+    with pytest.raises(ValueError, match="'strong'.*auto, moco_v2, swav, simclr, weak"):
+        preset_name("strong", "seed", "moco")
+
+
+def test_aug_flags():
+    cfg = config_from_args(["--data", "x.beton", "--aug", "simclr", "--crop-scale", "0.3,1"])
+    assert (cfg.aug, cfg.crop_scale) == ("simclr", (0.3, 1.0))
+    cfg = config_from_args(["--data", "x.beton"])
+    assert (cfg.aug, cfg.crop_scale) == ("auto", None)  # the preset's crop scale unless given
+    assert config_from_args([]).aug == "moco_v2" and config_from_args([]).crop_scale == (0.35, 1.0)  # the demo's
+
+
+def tiny(method, teacher, out, **kw) -> dict:
+    return dict(method=method, arch="resnet10t", teacher_arch="resnet10t", distill=str(teacher), data="unused.beton",
+                res=32, queue_size=64, device="cpu", compile="off", output=str(out), progress=False, **kw)
+
+
+# ------------------------------------------------------------------ end to end: preset, loader, checkpoint
+class FakeLoader:
+    """The FFCV loader's interface: `batches` batches of random uint8 NHWC crops per epoch."""
+
+    def __init__(self, batches, batch_size, res):
+        g = torch.Generator().manual_seed(0)
+        self.data = torch.randint(0, 256, (batches, batch_size, res, res, 3), dtype=torch.uint8, generator=g)
+        self.skip = 0
+
+    def __len__(self):
+        return len(self.data)
+
+    def resume(self, epoch, batch=0):
+        self.skip = batch
+
+    def __iter__(self):
+        for views in self.data[self.skip:]:
+            yield [views], torch.zeros(len(views), dtype=torch.long)
+
+
+@pytest.fixture
+def spied(monkeypatch):
+    """train() with the FFCV loader replaced: records what ssl_loader was asked for and the Run."""
+    seen = {"loader": [], "run": []}
+
+    def ssl_loader(path, **kw):
+        seen["loader"].append(kw)
+        return FakeLoader(1, kw["batch_size"], kw["res"])  # one step an epoch
+
+    def prepare_spy(cfg, loader=None):
+        seen["run"].append(prepare(cfg, loader))
+        return seen["run"][-1]
+
+    monkeypatch.setattr(fastseed.train, "ssl_loader", ssl_loader)
+    monkeypatch.setattr(fastseed.train, "prepare", prepare_spy)
+    return seen
+
+
+def swav_checkpoint(path):
+    """facebookresearch/swav layout: 'module.' backbone, projection_head Linear-BN-ReLU-Linear, prototypes."""
+    import timm
+    torch.manual_seed(1)
+    body = timm.create_model("resnet10t", num_classes=0).state_dict()
+    head = nn.Sequential(nn.Linear(512, 64), nn.BatchNorm1d(64), nn.ReLU(), nn.Linear(64, 16)).state_dict()
+    torch.save({**{f"module.{k}": v for k, v in body.items()},
+                **{f"module.projection_head.{k}": v for k, v in head.items()},
+                "module.prototypes.weight": torch.randn(30, 16)}, path)
+    return path
+
+
+def simclr_checkpoint(path):
+    """sthalles/SimCLR layout: backbone.* with the projection MLP as backbone.fc (Linear-ReLU-Linear)."""
+    import timm
+    torch.manual_seed(2)
+    body = timm.create_model("resnet10t", num_classes=0).state_dict()
+    head = nn.Sequential(nn.Linear(512, 64), nn.ReLU(), nn.Linear(64, 16)).state_dict()
+    torch.save({"state_dict": {**{f"backbone.{k}": v for k, v in body.items()},
+                               **{f"backbone.fc.{k}": v for k, v in head.items()}}}, path)
+    return path
+
+
+def test_swav_teacher_gets_swav_preset(spied, tmp_path):
+    teacher = swav_checkpoint(tmp_path / "swav.pth")
+    out = tmp_path / "run"
+    assert train(Config(**tiny("seed", teacher, out, batch_size=8, epochs=1)))["step"] == 1
+    assert spied["loader"][0]["scale"] == (0.14, 1.0)  # jacobswan1/SEED tools/utils.py:204
+    aug = spied["run"][0].augment
+    assert (aug.jitter_p, aug.hue, aug.grayscale_first, aug.blur_p) == (0.8, 0.1, False, 0.5)
+    ckpt = read_checkpoint(out / "checkpoint_last.pt")
+    assert ckpt["fastseed"]["teacher"]["format"] == "swav" and ckpt["fastseed"]["augment"] == "swav"
+    assert ckpt["config"]["aug"] == "swav" and tuple(ckpt["config"]["crop_scale"]) == (0.14, 1.0)
+
+
+def test_simclr_teacher_gets_simclr_preset_and_explicit_crop_scale_wins(spied, tmp_path):
+    teacher = simclr_checkpoint(tmp_path / "simclr.pth")
+    out = tmp_path / "run"
+    cfg = Config(**tiny("seed", teacher, out, batch_size=8, epochs=1, crop_scale=(0.5, 1.0), log_every=1))
+    assert train(cfg)["step"] == 1
+    assert spied["loader"][0]["scale"] == (0.5, 1.0)
+    aug = spied["run"][0].augment
+    # jacobswan1/SEED tools/utils.py:248-252: grayscale p 0.2, then ColorJitter(0.4, 0.4, 0.4, 0.4) always, no blur
+    assert (aug.jitter_p, aug.hue, aug.grayscale_p, aug.grayscale_first, aug.blur_p) == (1.0, 0.4, 0.2, True, 0.0)
+    ckpt = read_checkpoint(out / "checkpoint_last.pt")
+    assert ckpt["fastseed"]["teacher"]["format"] == "simclr" and ckpt["fastseed"]["augment"] == "simclr"
+    assert ckpt["config"]["aug"] == "simclr" and tuple(ckpt["config"]["crop_scale"]) == (0.5, 1.0)
