@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from fastseed.config import Config, demo
+from fastseed.config import Config, demo, official
 
 USAGE_ERROR = 2
 
@@ -30,6 +30,9 @@ def train_parser() -> argparse.ArgumentParser:
     from fastseed.augment import PRESETS
     a = p.add_argument
     a("--method", choices=["seed", "simreg", "moco"])
+    a("--recipe", choices=["fastseed", "official"],
+      help="fastseed: fastseed's defaults (per-step warm-up and cosine); official: the method's official "
+           "lr, epochs, weight decay, per-epoch schedule (README, Defaults). Flags given win over either")
     a("-a", "--arch", help="student: any timm model name (default resnet18)")
     a("-k", "--teacher-arch", dest="teacher_arch", help="teacher arch (resnet50, resnet50w2, efficientnet_lite0, ...)")
     a("--teacher-ssl", dest="teacher_ssl", help="teacher checkpoint format (default auto-detect)")
@@ -84,7 +87,10 @@ def train_parser() -> argparse.ArgumentParser:
 
 def config_from_args(argv: list[str] | None) -> Config:
     args = vars(train_parser().parse_args(argv))
-    base = demo() if "data" not in args else Config()
+    if args.pop("recipe", "fastseed") == "official":
+        base = official(args.get("method", "seed"))
+    else:
+        base = demo() if "data" not in args else Config()
     return base.replace(**args)
 
 

@@ -1,7 +1,10 @@
-"""Every setting of a run, in one dataclass. Defaults are the SEED paper's (official code).
+"""Every setting of a run, in one dataclass. Defaults are the SEED paper's hyper-parameters
+(official code) with fastseed's own learning-rate schedule: a per-step linear warm-up, then a
+per-step cosine (README, "Defaults").
 
-`demo()` is the embedded default of `fastseed-train` with no `--data`: a CPU-sized run on
-real Fashion-MNIST with the bundled ImageNet EfficientNet-Lite0 teacher.
+`official(method)` is the official recipe of each method (`--recipe official`); `demo()` is the
+embedded default of `fastseed-train` with no `--data`: a CPU-sized run on real Fashion-MNIST with
+the bundled ImageNet EfficientNet-Lite0 teacher.
 """
 from __future__ import annotations
 
@@ -44,6 +47,7 @@ class Config:
     momentum: float = 0.9
     weight_decay: float = 1e-4
     warmup_epochs: float = 5.0
+    lr_schedule: str = "step"            # step: fastseed's; epoch: the official one (train.epoch_lr)
     optimizer: str = "sgd"               # sgd | lars | adamw
 
     # objective
@@ -84,6 +88,28 @@ class Config:
     @property
     def out_dir(self) -> Path:
         return Path(self.output)
+
+
+# The optimiser and schedule of each official training script (SGD, per-epoch schedule); the
+# augmentation preset follows from `aug="auto"` (fastseed.augment.preset_name).
+OFFICIAL = {
+    # jacobswan1/SEED tools/opts.py:74-99 (lr 0.03, momentum 0.9, wd 1e-4), :55-59 (200 epochs);
+    # main.py:116-121 (peak lr 0.03 x batch/256, 5 warm-up epochs); tools/utils.py:89-101
+    "seed": dict(lr=None, base_lr=0.03, epochs=200, momentum=0.9, weight_decay=1e-4, warmup_epochs=5.0),
+    # facebookresearch/moco main_moco.py:42-58 (200 epochs, lr 0.03 at any batch size, wd 1e-4),
+    # README.md:51 (MoCo v2: --cos), main_moco.py:372-381 (cosine per epoch, no warm-up)
+    "moco": dict(lr=0.03, epochs=200, momentum=0.9, weight_decay=1e-4, warmup_epochs=0.0),
+    # UCDvision/simreg main.py:42-55 (batch 256, lr 0.05 at any batch size, 130 epochs, wd 1e-4);
+    # tools.py:13-18 (cosine per epoch, no warm-up)
+    "simreg": dict(lr=0.05, epochs=130, momentum=0.9, weight_decay=1e-4, warmup_epochs=0.0),
+}
+
+
+def official(method: str = "seed", **overrides) -> Config:
+    """The official recipe of `method`: its script's lr, epochs, weight decay and warm-up, the
+    per-epoch schedule, SGD, and the official augmentation preset."""
+    cfg = Config(method=method, optimizer="sgd", lr_schedule="epoch", **OFFICIAL[method])
+    return cfg.replace(**overrides)
 
 
 DEMO_DATA_DIR = Path("data")

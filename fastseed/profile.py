@@ -19,7 +19,7 @@ import torch
 from torch.profiler import ProfilerActivity, record_function
 
 from fastseed.config import Config
-from fastseed.train import lr_at, prepare
+from fastseed.train import prepare
 
 PHASES = ("data wait", "augment", "teacher", "student forward", "loss", "backward", "optimizer", "enqueue")
 
@@ -86,7 +86,7 @@ def profile(cfg: Config, warmup: int = 3, steps: int = 5) -> dict:
                 views, _ = next(it)
         timer.lap("data wait")
         for g in run.optimizer.param_groups:
-            g["lr"] = lr_at(step, run.total, run.warmup, run.lr)
+            g["lr"] = run.schedule(step)
         with record_function("augment"):
             views = [run.augment(v, generator=run.aug_gen) for v in views]
         timer.lap("augment")

@@ -147,6 +147,19 @@ def lr_at(step: int, total: int, warmup: int, base: float) -> float:
     return base * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
+def epoch_lr(epoch: int, epochs: int, warmup_epochs: float, peak: float, start: float) -> float:
+    """The official schedule, one value per epoch (jacobswan1/SEED tools/utils.py:89-101; with no
+    warm-up it is MoCo's main_moco.py:372-381 and SimReg's tools.py:13-18):
+
+        epoch < W:  start + (peak - start) / W * epoch     SEED: start = lr, peak = lr x batch/256
+        otherwise:  peak * (1 + cos(pi * epoch / epochs)) / 2
+
+    The cosine counts the warm-up epochs too, so it resumes below `peak` after the warm-up."""
+    if epoch < warmup_epochs:
+        return start + (peak - start) / warmup_epochs * epoch
+    return peak * 0.5 * (1.0 + math.cos(math.pi * epoch / epochs))
+
+
 # ---------------------------------------------------------------- checkpoints
 def atomic_save(obj, path: Path) -> None:
     """Write to a temp file beside the target, fsync, rename: a kill leaves the old file."""
@@ -387,6 +400,16 @@ class Run:
     def autocast(self):
         return torch.autocast(self.env.device.type, dtype=self.dtype) if self.dtype else nullcontext()
 
+    def schedule(self, step: int) -> float:
+        """The learning rate of `step`: fastseed's per-step schedule, or the official per-epoch one
+        warming up from the lr of batch 256 (SEED's lr) to `lr` (its lr x batch/256)."""
+        if self.cfg.lr_schedule == "epoch":
+            return epoch_lr(step // self.steps_per_epoch, self.cfg.epochs, self.cfg.warmup_epochs, self.lr,
+                            self.lr * 256 / self.cfg.batch_size)
+        if self.cfg.lr_schedule == "step":
+            return lr_at(step, self.total, self.warmup, self.lr)
+        raise ConfigError(f"unknown lr_schedule {self.cfg.lr_schedule!r}: step or epoch")
+
 
 def wrap_model(method: nn.Module, cfg: Config, env: Env) -> nn.Module:
     """What the step calls: DDP (or FSDP2-sharded) and compiled as configured."""
@@ -447,7 +470,7 @@ def prepare(cfg: Config, loader=None) -> Run:
 def train_step(run: Run, views: list[torch.Tensor], step: int) -> torch.Tensor:
     """One optimisation step; returns the loss on the device (no host sync)."""
     for g in run.optimizer.param_groups:
-        g["lr"] = lr_at(step, run.total, run.warmup, run.lr)
+        g["lr"] = run.schedule(step)
     views = [run.augment(v, generator=run.aug_gen) for v in views]
     with run.autocast():
         targets = run.method.targets(views)

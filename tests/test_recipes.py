@@ -1,5 +1,9 @@
-"""The official recipes: augmentation presets against the official code. Every expected value is written here from the official file named beside it, never taken
+"""The official recipes: augmentation presets and learning-rate schedules against the official
+code. Every expected value is written here from the official file named beside it, never taken
 from fastseed."""
+import json
+import math
+
 import pytest
 import torch
 import torchvision.transforms as T
@@ -8,7 +12,7 @@ from torch import nn
 import fastseed.train
 from fastseed.augment import PRESETS, preset_augment, preset_name
 from fastseed.cli import config_from_args
-from fastseed.config import Config
+from fastseed.config import Config, official
 from fastseed.train import prepare, read_checkpoint, train
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -109,17 +113,74 @@ def test_unknown_preset_is_named():
         preset_name("strong", "seed", "moco")
 
 
-def test_aug_flags():
-    cfg = config_from_args(["--data", "x.beton", "--aug", "simclr", "--crop-scale", "0.3,1"])
-    assert (cfg.aug, cfg.crop_scale) == ("simclr", (0.3, 1.0))
-    cfg = config_from_args(["--data", "x.beton"])
-    assert (cfg.aug, cfg.crop_scale) == ("auto", None)  # the preset's crop scale unless given
+def test_recipe_flags():
+    cfg = config_from_args(["--data", "x.beton", "--recipe", "official", "--method", "simreg"])
+    assert (cfg.lr, cfg.epochs, cfg.warmup_epochs, cfg.lr_schedule, cfg.aug) == (0.05, 130, 0.0, "epoch", "auto")
+    cfg = config_from_args(["--data", "x.beton", "--recipe", "official", "--epochs", "3", "--aug", "simclr",
+                            "--crop-scale", "0.3,1"])  # flags given win over the recipe
+    assert (cfg.method, cfg.epochs, cfg.warmup_epochs, cfg.aug, cfg.crop_scale) == ("seed", 3, 5.0, "simclr",
+                                                                                    (0.3, 1.0))
+    cfg = config_from_args(["--data", "x.beton"])  # fastseed's own defaults otherwise
+    assert (cfg.lr_schedule, cfg.warmup_epochs, cfg.aug, cfg.crop_scale) == ("step", 5.0, "auto", None)
     assert config_from_args([]).aug == "moco_v2" and config_from_args([]).crop_scale == (0.35, 1.0)  # the demo's
+    cfg = config_from_args(["--data", "x.beton", "--aug", "simclr", "--crop-scale", "0.3,1"])
+    assert (cfg.lr_schedule, cfg.aug, cfg.crop_scale) == ("step", "simclr", (0.3, 1.0))
+
+
+# ------------------------------------------------------------------ the official schedules, literally
+def seed_official_lr(epoch, *, batch_size, lr=0.03, epochs=200, warmup_epochs=5):
+    # jacobswan1/SEED main.py:116-117 (lr_mult, 5 warm-up epochs), tools/opts.py:74-79 (lr 0.03),
+    # :159-162 (--cos True); tools/utils.py:89-99 adjust_learning_rate, called once per epoch (main.py:195)
+    lr_mult = batch_size / 256
+    new_lr = lr * lr_mult
+    if epoch < warmup_epochs:
+        new_lr = lr + (lr * lr_mult - lr) / warmup_epochs * epoch
+    else:
+        new_lr *= 0.5 * (1. + math.cos(math.pi * epoch / epochs))
+    return new_lr
+
+
+def moco_official_lr(epoch, lr=0.03, epochs=200):
+    # facebookresearch/moco main_moco.py:51 (lr 0.03), :42 (200 epochs), :372-376 (--cos), per epoch (:263)
+    return lr * 0.5 * (1. + math.cos(math.pi * epoch / epochs))
+
+
+def simreg_official_lr(epoch, learning_rate=0.05, epochs=130):
+    # UCDvision/simreg main.py:46-51 (130 epochs, lr 0.05), tools.py:13-15; epochs count from 1 (main.py:176)
+    return learning_rate * 0.5 * (1. + math.cos(math.pi * (epoch - 1) / epochs))
+
+
+@pytest.fixture(scope="module")
+def plain_teacher(tmp_path_factory):
+    import timm
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("teacher") / "resnet10t.pth"
+    torch.save(timm.create_model("resnet10t", num_classes=0).state_dict(), path)
+    return path
 
 
 def tiny(method, teacher, out, **kw) -> dict:
     return dict(method=method, arch="resnet10t", teacher_arch="resnet10t", distill=str(teacher), data="unused.beton",
                 res=32, queue_size=64, device="cpu", compile="off", output=str(out), progress=False, **kw)
+
+
+STEPS_PER_EPOCH = 5005  # ImageNet's 1,281,167 images in batches of 256, drop_last
+
+
+@pytest.mark.parametrize("method,batch_size", [("seed", 1024), ("seed", 64), ("moco", 512), ("simreg", 512)])
+def test_official_schedule_matches_the_official_formula(method, batch_size, plain_teacher, tmp_path):
+    cfg = official(**tiny(method, plain_teacher, tmp_path, batch_size=batch_size))
+    run = prepare(cfg, loader=range(STEPS_PER_EPOCH))  # only its length matters here
+    spe, last = STEPS_PER_EPOCH, cfg.epochs * STEPS_PER_EPOCH - 1
+    for step in (0, spe - 1, spe, 2 * spe + 17, 5 * spe - 1, 5 * spe, 5 * spe + 1, 64 * spe + 99, last):
+        epoch = step // spe
+        if method == "seed":
+            want = seed_official_lr(epoch, batch_size=batch_size)
+        elif method == "moco":
+            want = moco_official_lr(epoch)
+        else:
+            want = simreg_official_lr(epoch + 1)
+        assert run.schedule(step) == pytest.approx(want, rel=1e-12, abs=0), (method, step)
 
 
 # ------------------------------------------------------------------ end to end: preset, loader, checkpoint
@@ -183,16 +244,22 @@ def simclr_checkpoint(path):
     return path
 
 
-def test_swav_teacher_gets_swav_preset(spied, tmp_path):
+def test_swav_teacher_gets_swav_preset_and_official_seed_schedule(spied, tmp_path):
     teacher = swav_checkpoint(tmp_path / "swav.pth")
     out = tmp_path / "run"
-    assert train(Config(**tiny("seed", teacher, out, batch_size=8, epochs=1)))["step"] == 1
+    cfg = official(**tiny("seed", teacher, out, batch_size=8, epochs=3, warmup_epochs=2.0, log_every=1))
+    assert train(cfg)["step"] == 3
     assert spied["loader"][0]["scale"] == (0.14, 1.0)  # jacobswan1/SEED tools/utils.py:204
     aug = spied["run"][0].augment
     assert (aug.jitter_p, aug.hue, aug.grayscale_first, aug.blur_p) == (0.8, 0.1, False, 0.5)
     ckpt = read_checkpoint(out / "checkpoint_last.pt")
     assert ckpt["fastseed"]["teacher"]["format"] == "swav" and ckpt["fastseed"]["augment"] == "swav"
     assert ckpt["config"]["aug"] == "swav" and tuple(ckpt["config"]["crop_scale"]) == (0.14, 1.0)
+    # the lr each step (= epoch) ran with: SEED's warm-up from 0.03 down to 0.03 x 8/256 over 2
+    # epochs, then the cosine over all 3
+    lrs = [r["lr"] for r in map(json.loads, open(out / "metrics.jsonl")) if "lr" in r]
+    want = [seed_official_lr(e, batch_size=8, epochs=3, warmup_epochs=2) for e in (0, 1, 2)]
+    assert lrs == pytest.approx(want, rel=1e-12, abs=0)
 
 
 def test_simclr_teacher_gets_simclr_preset_and_explicit_crop_scale_wins(spied, tmp_path):
