@@ -21,8 +21,8 @@ mocov3     ``base_encoder.*``; head ``base_encoder.fc`` facebookresearch/moco-v3
            (Linear-BN-ReLU-…-BN); ignores
            ``momentum_encoder.*``, ``predictor.*``
 swav       torchvision keys; head ``projection_head``   facebookresearch/swav src/resnet50.py
-           (0 Linear, 1 BN, 2 ReLU, 3 Linear); ignores  (widths w2/w4/w5 widen stem, stages
-           ``prototypes*``                              and the bottleneck base width)
+           (0 Linear, 1 BN, 2 ReLU, 3 Linear); ignores  (w2/w4/w5 widen stem and stages;
+           ``prototypes*``                              bottleneck base width stays 64)
 dino       ``teacher`` dict, ``backbone.*``; head       facebookresearch/dino main_dino.py,
            ``head.mlp`` (Linear-[BN]-GELU-…-Linear);    vision_transformer.py DINOHead; the
            ignores ``head.last_layer*``; the released   released RN-50 weights are plain
@@ -72,7 +72,7 @@ NO_NORM = ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))  # TF SimCLR: raw [0, 1] pixels
 SSL_CHOICES = ("auto", "moco", "mocov3", "swav", "dino", "byol", "simclr", "plain", "fastseed", "bundled")
 BUNDLED = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
 _WRAPPERS = ("module.", "_orig_mod.")
-_WIDE_RESNET = re.compile(r"resnet50([wx])(\d+)$")
+_WIDE_RESNET = re.compile(r"resnet50[wx](\d+)$")
 
 
 class TeacherLoadError(ValueError):
@@ -257,18 +257,20 @@ def detect_format(state: dict) -> str:
 
 
 class WideResNet50(nn.Module):
-    """ResNet-50 with every width multiplied, torchvision key names.
+    """ResNet-50 with the stem and every stage ``widen`` times wider, torchvision key names.
 
-    SwAV ``resnet50w{2,4,5}`` (src/resnet50.py) widens the stem and stage planes by ``widen`` and
-    sets the bottleneck base width to ``64 * widen``, so inner widths grow by ``widen**2``;
-    SimCLR ``resnet50x{2,4}`` (simclr-converter resnet_wider.py) widens stem and planes only.
-    timm's ResNet keeps a 64-channel stem, so neither can be built from it.
+    SwAV ``resnet50w{2,4,5}`` (src/resnet50.py since commit 5d50133) and SimCLR
+    ``resnet50x{2,4}`` (simclr-converter resnet_wider.py) are the same network: stem width and
+    stage planes ``64·widen·2^i``, bottleneck base width 64, so the inner width of a block is its
+    planes. Backbone parameters: 93.9M (2x), 375.4M (4x), 586.5M (5x), the counts of the SwAV
+    README. timm's ResNet keeps a 64-channel stem, so it cannot build these.
     """
 
-    def __init__(self, widen: int, base_width: int):
+    def __init__(self, widen: int):
         super().__init__()
         self.inplanes = 64 * widen
-        self.conv1 = nn.Conv2d(3, self.inplanes, 7, 2, 3, bias=False)  # SwAV: pad 1 + pad 2
+        # SwAV pads by 1 (nn.ConstantPad2d) before a stem conv of padding 2: the same as padding 3.
+        self.conv1 = nn.Conv2d(3, self.inplanes, 7, 2, 3, bias=False)
         self.bn1 = nn.BatchNorm2d(self.inplanes)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(3, 2, 1)
@@ -276,9 +278,9 @@ class WideResNet50(nn.Module):
             planes, stride = 64 * widen * 2 ** i, 1 if i == 0 else 2
             downsample = nn.Sequential(nn.Conv2d(self.inplanes, planes * 4, 1, stride, bias=False),
                                        nn.BatchNorm2d(planes * 4))
-            layers = [Bottleneck(self.inplanes, planes, stride, downsample, base_width=base_width)]
+            layers = [Bottleneck(self.inplanes, planes, stride, downsample)]
             self.inplanes = planes * 4
-            layers += [Bottleneck(self.inplanes, planes, base_width=base_width) for _ in range(blocks - 1)]
+            layers += [Bottleneck(self.inplanes, planes) for _ in range(blocks - 1)]
             setattr(self, f"layer{i + 1}", nn.Sequential(*layers))
         self.num_features = self.inplanes
 
@@ -291,9 +293,8 @@ class WideResNet50(nn.Module):
 def build_backbone(arch: str) -> nn.Module:
     """Backbone returning pooled features [B, num_features]; parameters are left uninitialised."""
     wide = _WIDE_RESNET.match(arch)
-    if wide and int(wide[2]) > 1:
-        widen = int(wide[2])
-        return WideResNet50(widen, 64 * widen if wide[1] == "w" else 64)
+    if wide and int(wide[1]) > 1:
+        return WideResNet50(int(wide[1]))
     name = "resnet50" if wide else ("tf_" + arch if arch in BUNDLED else arch)
     try:
         return timm.create_model(name, pretrained=False, num_classes=0)
@@ -344,6 +345,16 @@ def _classifier_prefixes(backbone: nn.Module) -> tuple[str, ...]:
     return tuple(f"{n}." for n in ((name,) if isinstance(name, str) else name))
 
 
+def _arch_hint(state: dict[str, torch.Tensor]) -> str:
+    """The --teacher-arch of a ResNet-50 checkpoint, read from its stem: 64·N channels is N× wide."""
+    stem = state.get("backbone.conv1.weight")
+    is_r50 = "backbone.layer3.5.conv1.weight" in state and "backbone.layer3.6.conv1.weight" not in state
+    if stem is None or not is_r50 or stem.shape[0] % 64:
+        return "pass the matching --teacher-arch"
+    widen = stem.shape[0] // 64
+    return f"pass --teacher-arch {'resnet50' if widen == 1 else f'resnet50w{widen}'}"
+
+
 def _assign_strict(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
     """Load ``state`` into ``model`` (built on the meta device) or raise; never half-loads."""
     expected = model.state_dict()
@@ -363,7 +374,7 @@ def _assign_strict(model: nn.Module, state: dict[str, torch.Tensor], source: str
             raise TeacherLoadError(
                 f"{source}: layer '{key}' has shape {tuple(value.shape)} in the checkpoint but "
                 f"{tuple(expected[key].shape)} in the teacher: the checkpoint is a different "
-                "architecture or width; pass the matching --teacher-arch (e.g. resnet50w2)")
+                f"architecture or width; {_arch_hint(state)}")
     full = {}
     for key, ref in expected.items():
         # BN counters are unused in eval mode and absent from pre-0.4 torchvision files.
