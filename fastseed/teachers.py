@@ -35,9 +35,12 @@ simclr     ``{'state_dict': torchvision keys + fc}``    tonylins/simclr-converte
            only (TF-converted, inputs in [0, 1], no     (saves ``{'state_dict': …}``, eval
            normalisation); ``backbone.*`` + MLP         uses ToTensor only); sthalles/SimCLR
            ``backbone.fc.0/2``; ``encoder.*`` +         ResNetSimCLR; Spijkervet/SimCLR
-           ``projector.0/2`` (bias-free)                ``SimCLR.projector``
+           ``projector.0/2`` (bias-free); SEED's        ``SimCLR.projector``; SEED
+           release: torchvision keys, head ``fc.0``     simclr_resnet.py, tools/utils.py
+           Linear-``fc.1`` BN-ReLU-``fc.3`` Linear      (ImageNet mean/std)
 plain      timm / torchvision state dict, optionally    timm, torchvision
-           under ``backbone.``; classifier ignored
+           under ``backbone.``; classifier ignored (an
+           MLP in the classifier slot is refused)
 fastseed   ``{'fastseed': {...}, 'student': timm        this project's checkpoints (see
            state dict, 'head': Sequential state dict,   ``_resolve_fastseed``)
            'config': {'arch': ...}}``
@@ -131,6 +134,8 @@ _LAYOUTS = (
             ignore=("predictor.", "momentum_", "classifier.")),
     _Layout("simclr", ("backbone.", "projector."), "backbone.", "projector",
             ignore=("momentum_", "classifier.")),
+    # SEED's own SimCLR release: torchvision keys, fc = Linear-BN-ReLU-Linear (simclr_resnet.py)
+    _Layout("simclr", ("fc.0.", "fc.1.running_mean", "fc.3."), "", "fc"),
     _Layout("swav", ("projection_head.",), "", "projection_head", ignore=("prototypes",)),
     _Layout("swav", ("prototypes",), "", None, ignore=("prototypes",)),
     _Layout("plain", ("backbone.",), "backbone.", None, ignore=("head.", "neck.")),
@@ -406,12 +411,18 @@ def _split(state: dict[str, torch.Tensor], layout: _Layout, backbone: nn.Module,
            source: str) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Backbone and head tensors of a checkpoint; raises on keys no layout rule accounts for."""
     head_prefix = f"{layout.head}." if layout.head else None
-    ignore = layout.ignore + tuple(layout.backbone + p for p in _classifier_prefixes(backbone))
-    backbone_state, head_state, leftover = {}, {}, []
+    classifier = tuple(layout.backbone + p for p in _classifier_prefixes(backbone))
+    # A classifier is one Linear; numbered layers in its slot are a projection head (SEED's
+    # SimCLR, MoCo-v3's ViT, MoCo-v2's encoder saved alone), which a frozen teacher must not lose.
+    mlp = re.compile("|".join(re.escape(p) + r"\d+\." for p in classifier))
+    backbone_state, head_state, leftover, mlp_keys = {}, {}, [], []
     for key, value in state.items():
         if head_prefix and key.startswith(head_prefix):
             head_state[key[len(head_prefix):]] = value
-        elif any(key.startswith(p) for p in ignore):
+        elif key.startswith(classifier):
+            if mlp.match(key):
+                mlp_keys.append(key)
+        elif any(key.startswith(p) for p in layout.ignore):
             continue
         elif key.startswith(layout.backbone):
             backbone_state[key[len(layout.backbone):]] = value
@@ -421,6 +432,12 @@ def _split(state: dict[str, torch.Tensor], layout: _Layout, backbone: nn.Module,
         raise TeacherLoadError(
             f"{source}: {len(leftover)} keys belong to no part of a '{layout.format}' teacher "
             f"(e.g. {', '.join(leftover[:3])}); pass the right --teacher-ssl")
+    if mlp_keys and use_head:
+        layers = sorted({m.group(0).rstrip(".") for m in map(mlp.match, mlp_keys)})
+        raise TeacherLoadError(
+            f"{source}: layers {', '.join(layers)} in the classifier slot form a projection head, not "
+            f"a classifier, and a '{layout.format}' teacher has no head there: pass the --teacher-ssl "
+            "of the method that wrote the file, or --teacher-no-head to distil the backbone features")
     return backbone_state, (head_state if use_head else {})
 
 

@@ -195,6 +195,30 @@ def test_simclr_spijkervet(tmp_path, r50, images):
            mean=(0.0, 0.0, 0.0))
 
 
+def test_simclr_seed_release(tmp_path, r50, images):
+    """SEED's SimCLR teacher (simclr_200.pth): SEED tools/utils.py load_simclr_teacher_encoder reads
+    checkpoint['model'], keys 'module.module.module.' + torchvision resnet50 names, where
+    seed/architectures/simclr/simclr_resnet.py made fc Linear(2048, 2048)-BN1d-ReLU-Linear(2048, 128).
+    SEED feeds it ImageNet-normalised images (tools/utils.py simclr_aug) and distils the 128-d output."""
+    _, body = r50
+    mlp = _head(nn.Linear(2048, 2048), nn.BatchNorm1d(2048), nn.ReLU(), nn.Linear(2048, 128))
+    state = prefixed("module.module.module.", {**body.state_dict(), **prefixed("fc.", mlp.state_dict())})
+    path = _save(tmp_path, {"model": state})
+    for ssl in ("auto", "simclr"):
+        _check(load_teacher("resnet50", str(path), ssl=ssl), lambda x: mlp(body(x)), images, "simclr", 128)
+
+
+def test_projection_mlp_in_the_classifier_slot_is_not_dropped(tmp_path, r50, images):
+    _, body = r50
+    # e.g. MoCo-v2's encoder_q saved on its own: fc = Linear-ReLU-Linear in torchvision's classifier slot
+    mlp = _head(nn.Linear(2048, 2048), nn.ReLU(), nn.Linear(2048, 128))
+    path = _save(tmp_path, {**body.state_dict(), **prefixed("fc.", mlp.state_dict())})
+    with pytest.raises(TeacherLoadError, match=r"layers fc\.0, fc\.2 in the classifier slot form a "
+                                               r"projection head.*--teacher-no-head"):
+        load_teacher("resnet50", str(path))
+    _check(load_teacher("resnet50", str(path), use_head=False), body, images, "plain", 2048)
+
+
 def test_plain_torchvision(tmp_path, r50, images):
     model, body = r50
     path = _save(tmp_path, model.state_dict())
