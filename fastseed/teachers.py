@@ -31,6 +31,9 @@ byol       ``online_encoder.net.*``; head               lucidrains/byol-pytorch 
            ``online_encoder.projector`` (Linear-BN-     Linear-BN-ReLU-Linear); solo-learn
            ReLU-Linear); ignores ``net.*``,             ``backbone.``/``projector.``/
            ``target_encoder.*``, ``online_predictor.*`` ``predictor.``/``momentum_*``
+byol-tf    bare torchvision keys + BYOL's online        chigur/byol-convert convert.py of
+           classifier as ``fc``; TF "SAME" padding;     DeepMind byol/utils/networks.py
+           detected by the converter's fingerprint      (haiku, padding='SAME')
 simclr     ``{'state_dict': torchvision keys + fc}``    tonylins/simclr-converter convert.py
            only (TF-converted, inputs in [0, 1], no     (saves ``{'state_dict': …}``, eval
            normalisation); ``backbone.*`` + MLP         uses ToTensor only); sthalles/SimCLR
@@ -65,6 +68,7 @@ from pathlib import Path
 import numpy as np
 import timm
 import torch
+from timm.layers import create_conv2d, create_pool2d
 from torch import nn
 from torchvision.models.resnet import Bottleneck
 
@@ -72,7 +76,8 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 NO_NORM = ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))  # TF SimCLR: raw [0, 1] pixels
 
-SSL_CHOICES = ("auto", "moco", "mocov3", "swav", "dino", "byol", "simclr", "plain", "fastseed", "bundled")
+SSL_CHOICES = ("auto", "moco", "mocov3", "swav", "dino", "byol", "byol-tf", "simclr", "plain", "fastseed",
+               "bundled")
 BUNDLED = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
 _WRAPPERS = ("module.", "_orig_mod.")
 _WIDE_RESNET = re.compile(r"resnet50[wx](\d+)$")
@@ -117,6 +122,8 @@ class _Layout:
     act: type[nn.Module] = nn.ReLU  # between head layers (parameter-free, so not in the keys)
     ignore: tuple[str, ...] = ()  # key prefixes a frozen teacher does not need
     norm: tuple[tuple[float, ...], tuple[float, ...]] = (IMAGENET_MEAN, IMAGENET_STD)
+    tf_same: bool = False  # TensorFlow "SAME" padding in strided convs and the max pool
+    caveat: str = ""  # why this reading of the file may be wrong, and the flag that decides
 
 
 # First match wins, so the more specific layouts come first.
@@ -141,6 +148,18 @@ _LAYOUTS = (
     _Layout("plain", ("backbone.",), "backbone.", None, ignore=("head.", "neck.")),
     _Layout("plain", (), "", None),
 )
+
+
+# Bare torchvision keys name no method; the converter that wrote them may leave a fingerprint.
+_BYOL_CONVERTED = _Layout("byol-tf", (), "", None, tf_same=True, caveat=(
+    "read as DeepMind BYOL converted by chigur/byol-convert (no BN counters, BN statistics stored "
+    "after all weights), so with TensorFlow 'SAME' padding; --teacher-ssl byol-tf says so and "
+    "silences this, --teacher-ssl plain loads it as a PyTorch-trained ResNet"))
+_BYOL_SYMMETRIC = (
+    "declared byol on bare torchvision keys: loaded with PyTorch's symmetric padding, right for a "
+    "network trained in PyTorch; DeepMind's BYOL converted by chigur/byol-convert needs "
+    "--teacher-ssl byol-tf")
+_BACKBONE_ONLY = ("dino", "byol", "byol-tf", "simclr", "swav", "moco", "mocov3")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -222,30 +241,45 @@ def _has_prefix(keys, prefix: str) -> bool:
     return any(k.startswith(prefix) for k in keys)
 
 
+def _written_by_byol_convert(state: dict[str, torch.Tensor]) -> bool:
+    """chigur/byol-convert fills torchvision names from haiku's parameters, then appends the BN
+    moving averages, and writes no BN counters; torch's state_dict() interleaves and counts."""
+    keys = list(state)
+    stats = [i for i, k in enumerate(keys) if k.endswith(("running_mean", "running_var"))]
+    return ("conv1.weight" in state and bool(stats) and not any(k.endswith("num_batches_tracked") for k in keys)
+            and stats == list(range(len(keys) - len(stats), len(keys))))
+
+
 def _match_layout(state: dict[str, torch.Tensor], top: tuple[str, ...], ssl: str) -> _Layout:
+    def matches(layout: _Layout) -> bool:
+        return all(_has_prefix(state, m) for m in layout.markers)
+
     if ssl == "auto":
-        for layout in _LAYOUTS:
-            if all(_has_prefix(state, m) for m in layout.markers):
-                if layout.format == "plain" and top == ("state_dict",) and "conv1.weight" in state:
-                    # tonylins/simclr-converter writes exactly {'state_dict': torchvision keys}
-                    return _Layout("simclr", (), "", None, norm=NO_NORM)
-                return layout
+        layout = next(lay for lay in _LAYOUTS if matches(lay))
+        if layout.format == "plain" and not layout.backbone:
+            if top == ("state_dict",) and "conv1.weight" in state:
+                # tonylins/simclr-converter writes exactly {'state_dict': torchvision keys}
+                return _Layout("simclr", (), "", None, norm=NO_NORM)
+            if _written_by_byol_convert(state):
+                return _BYOL_CONVERTED
+        return layout
     candidates = [layout for layout in _LAYOUTS if layout.format == ssl]
     for layout in candidates:
-        if all(_has_prefix(state, m) for m in layout.markers):
+        if matches(layout):
             return layout
-    if ssl in ("dino", "byol", "simclr", "swav", "moco", "mocov3"):
+    if ssl in _BACKBONE_ONLY and not any(matches(lay) for lay in _LAYOUTS if lay.format != "plain"):
         # Backbone-only releases of these methods are plain state dicts.
         plain = _match_layout(state, top, "plain")
-        if not any(all(_has_prefix(state, m) for m in lay.markers)
-                   for lay in _LAYOUTS if lay.format != "plain"):
-            norm = NO_NORM if ssl == "simclr" and not plain.backbone else plain.norm
-            return _Layout(ssl, (), plain.backbone, None, ignore=plain.ignore, norm=norm)
+        bare = not plain.backbone
+        return _Layout(ssl, (), plain.backbone, None, ignore=plain.ignore,
+                       norm=NO_NORM if ssl == "simclr" and bare else plain.norm, tf_same=ssl == "byol-tf",
+                       caveat=_BYOL_SYMMETRIC if ssl == "byol" and bare else "")
     detected = _match_layout(state, top, "auto")
-    expected = " or ".join(sorted({"+".join(c.markers) for c in candidates if c.markers})) or "-"
+    expected = " or ".join(sorted({"+".join(c.markers) for c in candidates if c.markers}))
+    found = f"has no {expected} keys" if expected else "is not a backbone-only state dict"
     example = next(iter(k for m in detected.markers for k in state if k.startswith(m)), next(iter(state)))
     raise TeacherLoadError(
-        f"declared --teacher-ssl {ssl} but the checkpoint has no {expected} keys; it looks like "
+        f"declared --teacher-ssl {ssl} but the checkpoint {found}; it looks like "
         f"'{detected.format}' (e.g. key '{example}'): pass --teacher-ssl {detected.format} or auto")
 
 
@@ -293,6 +327,25 @@ class WideResNet50(nn.Module):
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         return torch.flatten(x.mean((2, 3)), 1)
+
+
+def _tf_same_padding(model: nn.Module) -> nn.Module:
+    """Pad every strided conv and max pool as TensorFlow's padding='SAME' does (timm's layers).
+
+    SAME pads max((ceil(n/s) − 1)·s + k − n, 0) in all, the odd pixel after: on even sizes (0, 1)
+    for a 3x3/s2 conv or pool and (2, 3) for the 7x7/s2 stem, where PyTorch pads (1, 1) and
+    (3, 3). Stride-1 convs are left alone: with odd kernels SAME is symmetric there.
+    """
+    for name, module in list(model.named_modules()):
+        if isinstance(module, nn.Conv2d) and module.stride != (1, 1) and module.kernel_size != (1, 1):
+            same = create_conv2d(module.in_channels, module.out_channels, module.kernel_size[0],
+                                 stride=module.stride[0], padding="same", bias=module.bias is not None)
+        elif isinstance(module, nn.MaxPool2d):
+            same = create_pool2d("max", module.kernel_size, module.stride, padding="same")
+        else:
+            continue
+        model.set_submodule(name, same)
+    return model
 
 
 def build_backbone(arch: str) -> nn.Module:
@@ -553,9 +606,13 @@ def load_teacher(arch: str | None, checkpoint: str | None = None, ssl: str = "au
             raise TeacherLoadError(f"{source}: pass the teacher arch (e.g. resnet50)")
         state, top = _unwrap(ckpt)
         layout = _match_layout(state, top, ssl)
+        if layout.caveat:
+            warnings.warn(f"{source}: {layout.caveat}", stacklevel=2)
         fmt = layout.format
         with torch.device("meta"):
             backbone = build_backbone(arch)
+            if layout.tf_same:
+                _tf_same_padding(backbone)
         backbone_state, head_state = _split(state, layout, backbone, use_head, source)
         mean, std = layout.norm
         if layout.format == "plain":

@@ -166,6 +166,37 @@ def test_byol_solo_learn(tmp_path, r50, images):
     _check(load_teacher("resnet50", str(path)), lambda x: proj(body(x)), images, "byol", 16)
 
 
+def _byol_convert_file(state: dict) -> dict:
+    """chigur/byol-convert convert.py: torchvision resnet50 names filled from haiku's
+    online_params (convs, BN scale/offset, the online classifier as fc), then the BN moving
+    averages from online_state; no num_batches_tracked; torch.save(state_dict)."""
+    stats = ("running_mean", "running_var")
+    return {**{k: v for k, v in state.items() if not k.endswith((*stats, "num_batches_tracked"))},
+            **{k: v for k, v in state.items() if k.endswith(stats)}}
+
+
+def test_byol_deepmind_converted_pads_like_tensorflow(tmp_path, r50):
+    """DeepMind BYOL (byol/utils/networks.py): haiku convs and max pool with padding='SAME'."""
+    model, body = r50
+    state = model.state_dict()
+    converted = _save(tmp_path, _byol_convert_file(state), "pretrain_res50x1.pth.tar")
+    resaved = _save(tmp_path, state, "resaved.pth")  # torch's own order: no fingerprint left
+    with pytest.warns(UserWarning, match="chigur/byol-convert.*--teacher-ssl byol-tf"):
+        detected = load_teacher("resnet50", str(converted))
+    declared = load_teacher("resnet50", str(resaved), ssl="byol-tf")
+    with pytest.warns(UserWarning, match="--teacher-ssl byol-tf"):
+        load_teacher("resnet50", str(resaved), ssl="byol")  # PyTorch BYOL: symmetric, but say so
+    for bundle in (detected, declared):
+        assert (bundle.format, bundle.dim) == ("byol-tf", 2048)
+        assert bundle.mean == pytest.approx(IMAGENET_MEAN)
+    for size in (32, 33):  # SAME pads an even size asymmetrically, an odd one symmetrically
+        x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(size))
+        expected = resnet50_forward(state, x, padding="tf_same")
+        for bundle in (detected, declared):
+            torch.testing.assert_close(bundle.model(x), expected, rtol=1e-4, atol=1e-5)
+        assert torch.allclose(body(x), expected, rtol=1e-4, atol=1e-5) == (size % 2 == 1)
+
+
 def test_simclr_tf_converted(tmp_path, r50, images):
     model, body = r50
     # tonylins/simclr-converter convert.py: torch.save({'state_dict': model.state_dict()}), with fc
