@@ -151,6 +151,11 @@ _LAYOUTS = (
 
 
 # Bare torchvision keys name no method; the converter that wrote them may leave a fingerprint.
+_SIMCLR_CONVERTED = _Layout("simclr", (), "", None, norm=NO_NORM, caveat=(
+    "read as SimCLR converted from TensorFlow by tonylins/simclr-converter (the file is exactly "
+    "{'state_dict': torchvision keys}), which takes [0, 1] pixels with no mean/std; "
+    "--teacher-ssl simclr says so and silences this, --teacher-ssl plain loads it with ImageNet "
+    "mean/std"))
 _BYOL_CONVERTED = _Layout("byol-tf", (), "", None, tf_same=True, caveat=(
     "read as DeepMind BYOL converted by chigur/byol-convert (no BN counters, BN statistics stored "
     "after all weights), so with TensorFlow 'SAME' padding; --teacher-ssl byol-tf says so and "
@@ -258,8 +263,7 @@ def _match_layout(state: dict[str, torch.Tensor], top: tuple[str, ...], ssl: str
         layout = next(lay for lay in _LAYOUTS if matches(lay))
         if layout.format == "plain" and not layout.backbone:
             if top == ("state_dict",) and "conv1.weight" in state:
-                # tonylins/simclr-converter writes exactly {'state_dict': torchvision keys}
-                return _Layout("simclr", (), "", None, norm=NO_NORM)
+                return _SIMCLR_CONVERTED
             if _written_by_byol_convert(state):
                 return _BYOL_CONVERTED
         return layout

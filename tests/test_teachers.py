@@ -201,9 +201,15 @@ def test_simclr_tf_converted(tmp_path, r50, images):
     model, body = r50
     # tonylins/simclr-converter convert.py: torch.save({'state_dict': model.state_dict()}), with fc
     path = _save(tmp_path, {"state_dict": model.state_dict()})
-    bundle = load_teacher("resnet50", str(path))
+    # Any torchvision ResNet saved the same way looks alike: the guess (no normalisation) is said aloud.
+    with pytest.warns(UserWarning, match=r"simclr-converter.*no mean/std.*--teacher-ssl simclr.*--teacher-ssl plain"):
+        bundle = load_teacher("resnet50", str(path))
     _check(bundle, body, images, "simclr", 2048, mean=(0.0, 0.0, 0.0))
     assert bundle.std == (1.0, 1.0, 1.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # declared: nothing left to guess
+        assert load_teacher("resnet50", str(path), ssl="simclr").std == (1.0, 1.0, 1.0)
+    assert load_teacher("resnet50", str(path), ssl="plain").mean == pytest.approx(IMAGENET_MEAN)
 
 
 def test_simclr_sthalles(tmp_path, r50, images):
