@@ -17,16 +17,18 @@ moco       ``encoder_q.*``; head ``encoder_q.fc``       facebookresearch/moco bu
            (v1: one Linear; v2: ``fc.0``-ReLU-          v2 wraps fc as Linear-ReLU-Linear;
            ``fc.2``); ignores ``encoder_k.*``,          checkpoints hold
            ``queue``, ``queue_ptr``                     ``{'state_dict': {'module.…'}}``
-mocov3     ``base_encoder.*``; head ``base_encoder.fc`` facebookresearch/moco-v3 builder.py
-           (Linear-BN-ReLU-…-BN); ignores
-           ``momentum_encoder.*``, ``predictor.*``
+mocov3     ``base_encoder.*``; head ``base_encoder.fc`` facebookresearch/moco-v3 builder.py,
+           (ViT: ``base_encoder.head``) (Linear-BN-     vits.py (every ViT has 12 heads)
+           ReLU-…-BN); ignores ``momentum_encoder.*``,
+           ``predictor.*``
 swav       torchvision keys; head ``projection_head``   facebookresearch/swav src/resnet50.py
            (0 Linear, 1 BN, 2 ReLU, 3 Linear); ignores  (w2/w4/w5 widen stem and stages;
            ``prototypes*``                              bottleneck base width stays 64)
 dino       ``teacher`` dict, ``backbone.*``; head       facebookresearch/dino main_dino.py,
            ``head.mlp`` (Linear-[BN]-GELU-…-Linear);    vision_transformer.py DINOHead; the
            ignores ``head.last_layer*``; the released   released RN-50 weights are plain
-           RN-50 backbone is plain torchvision keys     torchvision keys without fc
+           RN-50 backbone is plain torchvision keys     torchvision keys without fc; a ViT
+                                                        release without head needs the flag
 byol       ``online_encoder.net.*``; head               lucidrains/byol-pytorch (MLP:
            ``online_encoder.projector`` (Linear-BN-     Linear-BN-ReLU-Linear); solo-learn
            ReLU-Linear); ignores ``net.*``,             ``backbone.``/``projector.``/
@@ -69,6 +71,7 @@ import numpy as np
 import timm
 import torch
 from timm.layers import create_conv2d, create_pool2d
+from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 from torchvision.models.resnet import Bottleneck
 
@@ -129,6 +132,9 @@ class _Layout:
 # First match wins, so the more specific layouts come first.
 _LAYOUTS = (
     _Layout("moco", ("encoder_q.",), "encoder_q.", "encoder_q.fc", ignore=("encoder_k.", "queue")),
+    # moco-v3 builder.py: MoCo_ViT puts its MLP where the ViT's classifier was, MoCo_ResNet at fc
+    _Layout("mocov3", ("base_encoder.cls_token",), "base_encoder.", "base_encoder.head",
+            ignore=("momentum_encoder.", "predictor.")),
     _Layout("mocov3", ("base_encoder.",), "base_encoder.", "base_encoder.fc",
             ignore=("momentum_encoder.", "predictor.")),
     _Layout("byol", ("online_encoder.net.",), "online_encoder.net.", "online_encoder.projector",
@@ -164,6 +170,11 @@ _BYOL_SYMMETRIC = (
     "declared byol on bare torchvision keys: loaded with PyTorch's symmetric padding, right for a "
     "network trained in PyTorch; DeepMind's BYOL converted by chigur/byol-convert needs "
     "--teacher-ssl byol-tf")
+_HEADLESS_VIT = (
+    "a ViT state dict without a head does not say whose it is, and the input normalisation and "
+    "head count depend on it: for DINO's release (ImageNet mean/std) pass --teacher-ssl dino, for "
+    "MoCo-v3's convert_to_deit.py output (ImageNet mean/std, 12 heads) --teacher-ssl mocov3, for "
+    "timm weights (timm's mean/std) --teacher-ssl plain")
 _BACKBONE_ONLY = ("dino", "byol", "byol-tf", "simclr", "swav", "moco", "mocov3")
 
 
@@ -261,6 +272,9 @@ def _match_layout(state: dict[str, torch.Tensor], top: tuple[str, ...], ssl: str
 
     if ssl == "auto":
         layout = next(lay for lay in _LAYOUTS if matches(lay))
+        vit = _has_prefix(state, layout.backbone + "cls_token")
+        if layout.format == "plain" and vit and not _has_prefix(state, layout.backbone + "head."):
+            raise TeacherLoadError(_HEADLESS_VIT)
         if layout.format == "plain" and not layout.backbone:
             if top == ("state_dict",) and "conv1.weight" in state:
                 return _SIMCLR_CONVERTED
@@ -352,16 +366,28 @@ def _tf_same_padding(model: nn.Module) -> nn.Module:
     return model
 
 
-def build_backbone(arch: str) -> nn.Module:
+def build_backbone(arch: str, **timm_args) -> nn.Module:
     """Backbone returning pooled features [B, num_features]; parameters are left uninitialised."""
     wide = _WIDE_RESNET.match(arch)
     if wide and int(wide[1]) > 1:
         return WideResNet50(int(wide[1]))
     name = "resnet50" if wide else ("tf_" + arch if arch in BUNDLED else arch)
     try:
-        return timm.create_model(name, pretrained=False, num_classes=0)
+        return timm.create_model(name, pretrained=False, num_classes=0, **timm_args)
     except RuntimeError as e:
         raise TeacherLoadError(f"unknown teacher arch '{arch}': {e}") from e
+
+
+def _official_backbone(arch: str, layout: _Layout) -> nn.Module:
+    """``arch`` as the method that wrote the checkpoint builds it, on the meta device."""
+    with torch.device("meta"):
+        backbone = build_backbone(arch)
+        if layout.format == "mocov3" and isinstance(backbone, VisionTransformer):
+            # moco-v3 vits.py gives each of its ViTs 12 heads (timm's vit_small has 6); no shape shows it
+            backbone = build_backbone(arch, num_heads=12)
+        if layout.tf_same:
+            _tf_same_padding(backbone)
+    return backbone
 
 
 def _head_from_state(state: dict[str, torch.Tensor], act: type[nn.Module], where: str) -> nn.Module:
@@ -613,10 +639,7 @@ def load_teacher(arch: str | None, checkpoint: str | None = None, ssl: str = "au
         if layout.caveat:
             warnings.warn(f"{source}: {layout.caveat}", stacklevel=2)
         fmt = layout.format
-        with torch.device("meta"):
-            backbone = build_backbone(arch)
-            if layout.tf_same:
-                _tf_same_padding(backbone)
+        backbone = _official_backbone(arch, layout)
         backbone_state, head_state = _split(state, layout, backbone, use_head, source)
         mean, std = layout.norm
         if layout.format == "plain":

@@ -10,16 +10,18 @@ import hashlib
 import fractions
 import random
 import warnings
+from functools import partial
 
 import numpy as np
 import pytest
 import torch
 import torchvision
+from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from fastseed.teachers import (IMAGENET_MEAN, TeacherLoadError, build_backbone, detect_format, load_bundled,
-                               load_teacher)
-from official_layouts import (parameter_count, prefixed, randomize, resnet50_forward,
+from fastseed.teachers import (IMAGENET_MEAN, IMAGENET_STD, TeacherLoadError, build_backbone, detect_format,
+                               load_bundled, load_teacher)
+from official_layouts import (fill_random, parameter_count, prefixed, randomize, resnet50_forward,
                               state_from_spec, swav_resnet50_spec)
 
 
@@ -289,6 +291,65 @@ def test_plain_timm_and_fastseed(tmp_path, images):
     assert torch.equal(bundle.model(images), head(src(images)))
     with pytest.raises(TeacherLoadError, match="resnet18"):
         load_teacher("resnet50", str(path))
+
+
+# --- ViT teachers ------------------------------------------------------------------------------
+
+
+def _vit_small(num_heads: int) -> nn.Module:
+    """ViT-S/16 as moco-v3 vits.py (a timm VisionTransformer subclass, 12 heads) and dino
+    vision_transformer.py (6 heads) define it: patch 16, dim 384, depth 12, MLP ratio 4, qkv
+    bias, LayerNorm eps 1e-6; the feature is the [CLS] token after the final norm."""
+    return VisionTransformer(patch_size=16, embed_dim=384, depth=12, num_heads=num_heads, mlp_ratio=4,
+                             qkv_bias=True, norm_layer=partial(nn.LayerNorm, eps=1e-6), num_classes=0).eval()
+
+
+@pytest.fixture(scope="module")
+def vit_s():
+    """A random ViT-S/16 state dict, its forward with MoCo-v3's 12 heads and with DINO's 6, an image."""
+    with torch.device("meta"):  # timm's own init of 22M parameters is slow and overwritten anyway
+        nets = {heads: _vit_small(heads) for heads in (12, 6)}
+    state = fill_random({k: torch.empty(v.shape) for k, v in nets[12].state_dict().items()}, 11)
+    for net in nets.values():
+        net.load_state_dict(state, assign=True)
+    x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(12))
+    assert not torch.allclose(nets[12](x), nets[6](x), rtol=1e-3, atol=1e-3)  # the head count shows
+    return state, nets, x
+
+
+def test_mocov3_vit_small_has_12_heads_and_keeps_its_head(tmp_path, vit_s):
+    state, nets, x = vit_s
+    # moco-v3 builder.py MoCo_ViT: base_encoder.head = _build_mlp(3, 384, mlp_dim, dim), bias-free
+    # Linears, BN-ReLU between them, BN(affine=False) last; predictor = _build_mlp(2, dim, mlp_dim, dim)
+    mlp = _head(nn.Linear(384, 64, bias=False), nn.BatchNorm1d(64), nn.ReLU(), nn.Linear(64, 64, bias=False),
+                nn.BatchNorm1d(64), nn.ReLU(), nn.Linear(64, 32, bias=False), nn.BatchNorm1d(32, affine=False))
+    pred = _head(nn.Linear(32, 64, bias=False), nn.BatchNorm1d(64), nn.ReLU(), nn.Linear(64, 32, bias=False),
+                 nn.BatchNorm1d(32, affine=False))
+    enc = {**state, **prefixed("head.", mlp.state_dict())}
+    ckpt = {"epoch": 300, "arch": "vit_small", "optimizer": {}, "scaler": {},  # main_moco.py save_checkpoint
+            "state_dict": {**prefixed("module.base_encoder.", enc), **prefixed("module.momentum_encoder.", enc),
+                           **prefixed("module.predictor.", pred.state_dict())}}
+    bundle = load_teacher("vit_small_patch16_224", str(_save(tmp_path, ckpt, "vit-s-300ep.pth.tar")))
+    assert (bundle.format, bundle.dim, bundle.feature_dim) == ("mocov3", 32, 384)
+    assert bundle.mean == pytest.approx(IMAGENET_MEAN) and bundle.std == pytest.approx(IMAGENET_STD)
+    torch.testing.assert_close(bundle.model(x), mlp(nets[12](x)), rtol=1e-4, atol=1e-5)
+
+
+def test_headless_vit_releases_need_the_method_named(tmp_path, vit_s):
+    """DINO's ViT releases (dino_deitsmall16_pretrain.pth) and moco-v3 convert_to_deit.py output
+    ({'model': base_encoder keys without head}) are bare ViT keys. Both methods train on ImageNet
+    mean/std (timm's ViT weights on 0.5), and MoCo-v3's ViT-S has 12 heads: the file cannot say."""
+    state, nets, x = vit_s
+    dino = _save(tmp_path, state, "dino_deitsmall16_pretrain.pth")
+    deit = _save(tmp_path, {"model": state}, "vit-s-300ep-deit.pth.tar")
+    for path in (dino, deit):
+        with pytest.raises(TeacherLoadError, match=r"ViT.*--teacher-ssl dino.*mocov3.*--teacher-ssl plain"):
+            load_teacher("vit_small_patch16_224", str(path))
+    for path, ssl, heads in ((dino, "dino", 6), (deit, "mocov3", 12)):
+        bundle = load_teacher("vit_small_patch16_224", str(path), ssl=ssl)
+        assert (bundle.format, bundle.dim) == (ssl, 384)
+        assert bundle.mean == pytest.approx(IMAGENET_MEAN) and bundle.std == pytest.approx(IMAGENET_STD)
+        torch.testing.assert_close(bundle.model(x), nets[heads](x), rtol=1e-4, atol=1e-5)
 
 
 # --- widened ResNet-50s ------------------------------------------------------------------------
