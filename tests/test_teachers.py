@@ -19,8 +19,8 @@ import torchvision
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from fastseed.teachers import (IMAGENET_MEAN, IMAGENET_STD, TeacherLoadError, build_backbone, detect_format,
-                               load_bundled, load_teacher)
+from fastseed.teachers import (IMAGENET_MEAN, IMAGENET_STD, CheckpointReadError, TeacherLoadError, build_backbone,
+                               detect_format, load_bundled, load_teacher)
 from official_layouts import (fill_random, parameter_count, prefixed, randomize, resnet50_forward,
                               state_from_spec, swav_resnet50_spec)
 
@@ -426,23 +426,23 @@ def test_truncated_and_garbage_files(tmp_path, r50):
     data = good.read_bytes()
     cut = tmp_path / "cut.pth"
     cut.write_bytes(data[: len(data) // 2])
-    with pytest.raises(TeacherLoadError, match="truncated or corrupt"):
+    with pytest.raises(CheckpointReadError, match="truncated or corrupt"):
         load_teacher("resnet50", str(cut))
     junk = tmp_path / "junk.pth"
     junk.write_bytes(b"not a checkpoint at all")
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # a damaged file must never be unpickled in full
-        with pytest.raises(TeacherLoadError, match="truncated or corrupt"):
-            load_teacher("resnet50", str(junk))
+    for trust in (False, True):
+        with pytest.raises(CheckpointReadError, match="truncated or corrupt"):
+            load_teacher("resnet50", str(junk), trust=trust)
     with pytest.raises(TeacherLoadError, match="does not exist"):
         load_teacher("resnet50", str(tmp_path / "absent.pth"))
 
 
-def test_non_tensor_objects_fall_back_with_a_warning(tmp_path, r50, images):
+def test_non_tensor_objects_load_only_when_trusted(tmp_path, r50, images):
     _, body = r50
     path = _save(tmp_path, {"state_dict": body.state_dict(), "ratio": fractions.Fraction(1, 3)})
-    with pytest.warns(UserWarning, match="fractions.Fraction"):
-        bundle = load_teacher("resnet50", str(path), ssl="plain")
+    with pytest.raises(CheckpointReadError, match=r"fractions\.Fraction.*--trust-checkpoint"):
+        load_teacher("resnet50", str(path), ssl="plain")
+    bundle = load_teacher("resnet50", str(path), ssl="plain", trust=True)
     assert torch.equal(bundle.model(images), body(images))
 
 
