@@ -184,13 +184,13 @@ def read_checkpoint_file(path: Path, trust: bool = False) -> object:
         found = re.search(r"unsupported global:? GLOBAL (\S+)", str(e), re.IGNORECASE)
         if found is None:
             raise CheckpointReadError(f"cannot read {path}: the file is truncated or corrupt (unreadable "
-                                      "pickle); use another copy and compare its sha256") from None
+                                      "pickle): use another copy") from None
         raise CheckpointReadError(
             f"{path} refers to '{found[1]}', which only full unpickling can load, and that runs code "
             "from the file: not loaded; if you trust the file, pass --trust-checkpoint") from None
     except Exception as e:  # truncated zip, EOF, not a torch file at all
         raise CheckpointReadError(f"cannot read {path}: {type(e).__name__}: {e}; the file is truncated or "
-                                  "corrupt: use another copy and compare its sha256") from None
+                                  "corrupt: use another copy") from None
 
 
 def _is_state_dict(obj: object) -> bool:

@@ -29,7 +29,7 @@ from fastseed.evaluate import extract_features, knn_classify
 from fastseed.methods import METHODS
 from fastseed.methods._common import FrozenTeacher
 from fastseed.models import ConfigError, create_student, to_channels_last
-from fastseed.teachers import IMAGENET_MEAN, IMAGENET_STD, load_teacher, read_checkpoint_file
+from fastseed.teachers import IMAGENET_MEAN, IMAGENET_STD, CheckpointReadError, load_teacher, read_checkpoint_file
 
 CHECKPOINT_VERSION = 1
 
@@ -250,7 +250,10 @@ def read_checkpoint(path: str | Path, trust: bool = False) -> dict:
     path = Path(path)
     if not path.is_file():
         raise TrainingError(f"checkpoint {path} does not exist")
-    ckpt = read_checkpoint_file(path, trust)
+    try:
+        ckpt = read_checkpoint_file(path, trust)
+    except CheckpointReadError as e:  # to callers, any checkpoint that cannot be resumed is a TrainingError
+        raise TrainingError(str(e)) from None
     if not isinstance(ckpt, dict) or "fastseed" not in ckpt or "student" not in ckpt:
         raise TrainingError(f"{path} is not a fastseed checkpoint (no 'fastseed' entry)")
     return ckpt
@@ -486,8 +489,8 @@ def train(cfg: Config) -> dict:
     step = 0
     resume_path = find_resume(cfg)
     if resume_path is not None:
-        meta = restore(read_checkpoint(resume_path, cfg.trust_checkpoint), cfg, method, optimizer, run.scaler, run.teacher_info,
-                       run.aug_gen, env)
+        meta = restore(read_checkpoint(resume_path, cfg.trust_checkpoint), cfg, method, optimizer, run.scaler,
+                       run.teacher_info, run.aug_gen, env)
         step = meta["step"]
         if env.main:
             print(f"resumed from {resume_path} at step {step} (epoch {meta['epoch']}, "

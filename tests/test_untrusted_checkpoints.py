@@ -15,7 +15,7 @@ from fastseed.cli import config_from_args, eval_main
 from fastseed.config import Config
 from fastseed.evaluate import load_student
 from fastseed.teachers import CheckpointReadError, load_teacher
-from fastseed.train import Env, build_method, build_optimizer, read_checkpoint, save_checkpoint
+from fastseed.train import Env, TrainingError, build_method, build_optimizer, read_checkpoint, save_checkpoint
 from test_cli import assert_one_line_error, beton, run_cli  # noqa: F401 (beton is a fixture)
 
 
@@ -101,9 +101,11 @@ def test_every_reader_of_fastseed_checkpoints_refuses_a_payload(tmp_path, fastse
     ckpt = read_checkpoint(fastseed_ckpt)
     ckpt["rng"][0]["extra"] = Payload(marker)
     torch.save(ckpt, path)
-    for read in (read_checkpoint, load_student, lambda p: load_teacher(None, p)):  # resume, eval, teacher
-        with pytest.raises(CheckpointReadError, match="--trust-checkpoint"):
+    for read in (read_checkpoint, load_student):  # resume; fastseed-eval and --export
+        with pytest.raises(TrainingError, match=r"'exec'.*--trust-checkpoint"):
             read(str(path))
+    with pytest.raises(CheckpointReadError, match=r"'exec'.*--trust-checkpoint"):
+        load_teacher(None, str(path))  # a fastseed checkpoint as a teacher
     export = tmp_path / "student.pth"
     assert eval_main(["--checkpoint", str(path), "--export", str(export)]) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
