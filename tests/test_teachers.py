@@ -1,8 +1,10 @@
 """Teacher loading: every format from a checkpoint written in its official key layout.
 
-Each checkpoint is built from a random-init torchvision ResNet plus heads laid out as the
-method's own code lays them out; the loaded teacher must reproduce the source network's output
-exactly, so a wrong key mapping, head layout or activation fails.
+Each checkpoint is built without fastseed's model classes: a random-init torchvision ResNet-50,
+the widened ResNet-50 spec and functional forwards of official_layouts.py, or timm's
+VisionTransformer (which moco-v3 subclasses), plus heads laid out as the method's own code
+lays them out. The loaded teacher must reproduce that network's output, so a wrong key mapping,
+width, padding, head count, head layout or activation fails.
 """
 import argparse
 import copy
