@@ -285,7 +285,7 @@ def test_plain_timm_and_fastseed(tmp_path, images):
             "rng": [{"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}]}
     path = _save(tmp_path, ckpt, "fastseed.pth")
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # plain data: loads with weights_only, no fallback
+        warnings.simplefilter("error")  # plain data: loads with weights_only, nothing to warn about
         bundle = load_teacher(None, str(path))
     assert bundle.mean == (0.5, 0.5, 0.5)
     assert detect_format(torch.load(path, weights_only=False)) == "fastseed"
