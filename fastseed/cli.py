@@ -39,6 +39,9 @@ def train_parser() -> argparse.ArgumentParser:
     a("--distill", help="teacher checkpoint (MoCo, SwAV, SimCLR, BYOL, DINO, timm, fastseed)")
     a("--teacher-no-head", dest="teacher_use_head", action="store_const", const=False,
       help="distil the teacher's backbone feature instead of its projection")
+    a("--trust-checkpoint", dest="trust_checkpoint", action="store_const", const=True,
+      help="let --distill/--resume files hold arbitrary Python objects; unpickling them runs code "
+           "from the file: only for files you trust")
     a("--data", help="train .beton (from fastseed-prep)")
     a("--val-data", dest="val_data", help="val .beton for k-NN monitoring")
     a("--knn-bank", dest="knn_bank", help="labelled .beton used as the k-NN memory bank (default --data)")
@@ -103,9 +106,10 @@ def _known_errors():
     from fastseed.data import BetonError
     from fastseed.data_prep import PrepError
     from fastseed.models import ConfigError
-    from fastseed.teachers import TeacherLoadError
+    from fastseed.teachers import CheckpointReadError, TeacherLoadError
     from fastseed.train import TrainingError
-    return (ConfigError, TeacherLoadError, TrainingError, PrepError, BetonError, FileNotFoundError)
+    return (ConfigError, TeacherLoadError, CheckpointReadError, TrainingError, PrepError, BetonError,
+            FileNotFoundError)
 
 
 def prepare_demo_data(cfg: Config) -> None:
@@ -188,6 +192,8 @@ def eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--k", type=int, nargs="+", default=[1, 20, 200])
     p.add_argument("--temperature", type=float, default=0.07)
     p.add_argument("--linear", action="store_true", help="also a linear probe on frozen features")
+    p.add_argument("--trust-checkpoint", action="store_true", help="let the checkpoint hold arbitrary Python "
+                   "objects; unpickling them runs code from the file: only for files you trust")
     p.add_argument("--device", default="auto")
     p.add_argument("--batch-size", type=int, default=512)
     p.add_argument("--workers", type=int, default=2)
@@ -202,7 +208,7 @@ def eval_main(argv: list[str] | None = None) -> int:
         if args.export:
             from fastseed.evaluate import load_student
             from fastseed.train import atomic_save
-            model, meta = load_student(args.checkpoint)
+            model, meta = load_student(args.checkpoint, args.trust_checkpoint)
             atomic_save(model.state_dict(), Path(args.export))
             print(f"wrote {args.export}: {meta['arch']} backbone, step {meta['step']}", file=sys.stderr)
             if not (args.train_data and args.val_data):
@@ -210,7 +216,8 @@ def eval_main(argv: list[str] | None = None) -> int:
         from fastseed.evaluate import evaluate_checkpoint
         result = evaluate_checkpoint(args.checkpoint, args.train_data, args.val_data, res=args.res, ks=args.k,
                                      temperature=args.temperature, linear=args.linear, device=args.device,
-                                     batch_size=args.batch_size, workers=args.workers)
+                                     batch_size=args.batch_size, workers=args.workers,
+                                     trust=args.trust_checkpoint)
     except _known_errors() as e:
         return _fail(str(e).strip("'\""))
     print(json.dumps(result, indent=2))

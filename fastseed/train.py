@@ -29,7 +29,7 @@ from fastseed.evaluate import extract_features, knn_classify
 from fastseed.methods import METHODS
 from fastseed.methods._common import FrozenTeacher
 from fastseed.models import ConfigError, create_student, to_channels_last
-from fastseed.teachers import IMAGENET_MEAN, IMAGENET_STD, load_teacher
+from fastseed.teachers import IMAGENET_MEAN, IMAGENET_STD, CheckpointReadError, load_teacher, read_checkpoint_file
 
 CHECKPOINT_VERSION = 1
 
@@ -96,7 +96,8 @@ def build_method(cfg: Config, env: Env):
     mean, std = IMAGENET_MEAN, IMAGENET_STD
     if cfg.method in ("seed", "simreg"):
         use_head = cfg.teacher_use_head and not (cfg.method == "simreg" and cfg.simreg_target == "backbone")
-        bundle = load_teacher(cfg.teacher_arch, cfg.distill, cfg.teacher_ssl, use_head=use_head)
+        bundle = load_teacher(cfg.teacher_arch, cfg.distill, cfg.teacher_ssl, use_head=use_head,
+                              trust=cfg.trust_checkpoint)
         tmodel = to_channels_last(bundle.model.to(env.device), cfg.channels_last)
         if amp_dtype(cfg, env.device) == torch.bfloat16:
             tmodel = tmodel.to(torch.bfloat16)  # frozen: bf16 weights halve its memory traffic
@@ -258,15 +259,15 @@ def save_checkpoint(path: Path, *, cfg: Config, env: Env, method, optimizer, sca
     atomic_save(ckpt, path)
 
 
-def read_checkpoint(path: str | Path) -> dict:
+def read_checkpoint(path: str | Path, trust: bool = False) -> dict:
+    """A fastseed checkpoint, unpickled without running code from it unless ``trust``."""
     path = Path(path)
     if not path.is_file():
         raise TrainingError(f"checkpoint {path} does not exist")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # truncated / not a torch file
-        raise TrainingError(f"checkpoint {path} cannot be read ({type(e).__name__}: {e}); "
-                            "it may be truncated: use an older one or start afresh") from None
+        ckpt = read_checkpoint_file(path, trust)
+    except CheckpointReadError as e:  # to callers, any checkpoint that cannot be resumed is a TrainingError
+        raise TrainingError(str(e)) from None
     if not isinstance(ckpt, dict) or "fastseed" not in ckpt or "student" not in ckpt:
         raise TrainingError(f"{path} is not a fastseed checkpoint (no 'fastseed' entry)")
     return ckpt
@@ -516,8 +517,8 @@ def train(cfg: Config) -> dict:
     step = 0
     resume_path = find_resume(cfg)
     if resume_path is not None:
-        meta = restore(read_checkpoint(resume_path), cfg, method, optimizer, run.scaler, run.teacher_info,
-                       run.aug_gen, env)
+        meta = restore(read_checkpoint(resume_path, cfg.trust_checkpoint), cfg, method, optimizer, run.scaler,
+                       run.teacher_info, run.aug_gen, env)
         step = meta["step"]
         if env.main:
             print(f"resumed from {resume_path} at step {step} (epoch {meta['epoch']}, "

@@ -1,26 +1,30 @@
 """Teacher loading: every format from a checkpoint written in its official key layout.
 
-Each checkpoint is built from a random-init torchvision ResNet plus heads laid out as the
-method's own code lays them out; the loaded teacher must reproduce the source network's output
-exactly, so a wrong key mapping, head layout or activation fails.
+Each checkpoint is built without fastseed's model classes: a random-init torchvision ResNet-50,
+the widened ResNet-50 spec and functional forwards of official_layouts.py, or timm's
+VisionTransformer (which moco-v3 subclasses), plus heads laid out as the method's own code
+lays them out. The loaded teacher must reproduce that network's output, so a wrong key mapping,
+width, padding, head count, head layout or activation fails.
 """
 import argparse
 import copy
 import hashlib
 import fractions
-import math
 import random
 import warnings
+from functools import partial
 
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 import torchvision
+from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from fastseed.teachers import (IMAGENET_MEAN, TeacherLoadError, WideResNet50, build_backbone,
+from fastseed.teachers import (IMAGENET_MEAN, IMAGENET_STD, CheckpointReadError, TeacherLoadError, build_backbone,
                                detect_format, load_bundled, load_teacher)
+from official_layouts import (fill_random, parameter_count, prefixed, randomize, resnet50_forward,
+                              state_from_spec, swav_resnet50_spec)
 
 
 @pytest.fixture(autouse=True)
@@ -29,32 +33,10 @@ def _no_grad():
         yield
 
 
-def _randomize(model: nn.Module, seed: int) -> nn.Module:
-    """Random BN affine and running stats too, so that eval-mode BN depends on every buffer."""
-    g = torch.Generator().manual_seed(seed)
-    for name, t in model.state_dict().items():
-        if name.endswith("num_batches_tracked"):
-            continue
-        if name.endswith("running_var"):
-            t.copy_(torch.rand(t.shape, generator=g) + 0.5)
-        elif name.endswith(("running_mean", "bias")):
-            t.copy_(torch.randn(t.shape, generator=g) * 0.1)
-        elif t.dim() == 1:  # BN weight
-            t.copy_(torch.rand(t.shape, generator=g) + 0.5)
-        else:
-            fan_in = t[0].numel()
-            t.copy_(torch.randn(t.shape, generator=g) * math.sqrt(1.0 / fan_in))
-    return model.eval()
-
-
-def _prefixed(prefix: str, state: dict) -> dict:
-    return {prefix + k: v for k, v in state.items()}
-
-
 @pytest.fixture(scope="module")
 def r50():
     """torchvision ResNet-50 (random) with its 1000-way fc, and its pooled-feature function."""
-    model = _randomize(torchvision.models.resnet50(), 0)
+    model = randomize(torchvision.models.resnet50(), 0)
     body = copy.copy(model)
     body.fc = nn.Identity()
     return model, body
@@ -66,7 +48,7 @@ def images():
 
 
 def _head(*layers, seed=3):
-    return _randomize(nn.Sequential(*layers), seed)
+    return randomize(nn.Sequential(*layers), seed)
 
 
 def _check(bundle, reference, images, fmt, dim, mean=IMAGENET_MEAN):
@@ -90,8 +72,8 @@ def test_moco_v2(tmp_path, r50, images):
     model, body = r50
     mlp = _head(nn.Linear(2048, 2048), nn.ReLU(), nn.Linear(2048, 128))
     # moco/builder.py: encoder_q.fc = Sequential(Linear, ReLU, fc); DDP adds 'module.'
-    q = _prefixed("module.encoder_q.", {**{k: v for k, v in body.state_dict().items()},
-                                       **_prefixed("fc.", mlp.state_dict())})
+    q = prefixed("module.encoder_q.", {**{k: v for k, v in body.state_dict().items()},
+                                       **prefixed("fc.", mlp.state_dict())})
     k = {key.replace("encoder_q", "encoder_k"): v for key, v in q.items()}
     state = {**q, **k, "module.queue": torch.randn(128, 64), "module.queue_ptr": torch.zeros(1, dtype=torch.long)}
     path = _save(tmp_path, {"epoch": 200, "arch": "resnet50", "state_dict": state, "optimizer": {}})
@@ -105,8 +87,8 @@ def test_moco_v2(tmp_path, r50, images):
 
 def test_moco_v1_linear_head(tmp_path, r50, images):
     model, body = r50
-    fc = _randomize(nn.Linear(2048, 128), 4)
-    state = _prefixed("module.encoder_q.", {**body.state_dict(), **_prefixed("fc.", fc.state_dict())})
+    fc = randomize(nn.Linear(2048, 128), 4)
+    state = prefixed("module.encoder_q.", {**body.state_dict(), **prefixed("fc.", fc.state_dict())})
     path = _save(tmp_path, {"state_dict": state})
     _check(load_teacher("resnet50", str(path)), lambda x: fc(body(x)), images, "moco", 128)
 
@@ -117,9 +99,9 @@ def test_mocov3(tmp_path, r50, images):
     mlp = _head(nn.Linear(2048, 64, bias=False), nn.BatchNorm1d(64), nn.ReLU(),
                 nn.Linear(64, 32, bias=False), nn.BatchNorm1d(32, affine=False))
     pred = _head(nn.Linear(32, 64), nn.BatchNorm1d(64), nn.ReLU(), nn.Linear(64, 32))
-    enc = {**body.state_dict(), **_prefixed("fc.", mlp.state_dict())}
-    state = {**_prefixed("module.base_encoder.", enc), **_prefixed("module.momentum_encoder.", enc),
-             **_prefixed("module.predictor.", pred.state_dict())}
+    enc = {**body.state_dict(), **prefixed("fc.", mlp.state_dict())}
+    state = {**prefixed("module.base_encoder.", enc), **prefixed("module.momentum_encoder.", enc),
+             **prefixed("module.predictor.", pred.state_dict())}
     path = _save(tmp_path, {"state_dict": state, "args": argparse.Namespace(arch="resnet50")})
     _check(load_teacher("resnet50", str(path)), lambda x: mlp(body(x)), images, "mocov3", 32)
 
@@ -128,8 +110,8 @@ def test_swav(tmp_path, r50, images):
     _, body = r50
     # swav/src/resnet50.py: projection_head = Linear-BN1d-ReLU-Linear; prototypes Linear(no bias)
     proj = _head(nn.Linear(2048, 64), nn.BatchNorm1d(64), nn.ReLU(), nn.Linear(64, 16))
-    state = {**_prefixed("module.", body.state_dict()),
-             **_prefixed("module.projection_head.", proj.state_dict()),
+    state = {**prefixed("module.", body.state_dict()),
+             **prefixed("module.projection_head.", proj.state_dict()),
              "module.prototypes.weight": torch.randn(30, 16)}
     path = _save(tmp_path, state)
     _check(load_teacher("resnet50", str(path)), lambda x: proj(body(x)), images, "swav", 16)
@@ -143,8 +125,8 @@ def test_dino_full_checkpoint_uses_teacher(tmp_path, r50, images):
                      nn.BatchNorm1d(64), nn.GELU(), nn.Linear(64, 16), seed=seed)
 
     def side(mlp):
-        return {**_prefixed("module.backbone.", body.state_dict()),
-                **_prefixed("module.head.mlp.", mlp.state_dict()),
+        return {**prefixed("module.backbone.", body.state_dict()),
+                **prefixed("module.head.mlp.", mlp.state_dict()),
                 "module.head.last_layer.weight_g": torch.ones(100, 1),
                 "module.head.last_layer.weight_v": torch.randn(100, 16)}
 
@@ -168,9 +150,9 @@ def test_byol_lucidrains(tmp_path, r50, images):
     # (Linear-BN-ReLU-Linear), online_predictor MLP, target_encoder = deepcopy(online_encoder)
     proj = _head(nn.Linear(2048, 64), nn.BatchNorm1d(64), nn.ReLU(), nn.Linear(64, 16))
     pred = _head(nn.Linear(16, 64), nn.BatchNorm1d(64), nn.ReLU(), nn.Linear(64, 16))
-    online = {**_prefixed("net.", model.state_dict()), **_prefixed("projector.", proj.state_dict())}
-    state = {**_prefixed("net.", model.state_dict()), **_prefixed("online_encoder.", online),
-             **_prefixed("target_encoder.", online), **_prefixed("online_predictor.", pred.state_dict())}
+    online = {**prefixed("net.", model.state_dict()), **prefixed("projector.", proj.state_dict())}
+    state = {**prefixed("net.", model.state_dict()), **prefixed("online_encoder.", online),
+             **prefixed("target_encoder.", online), **prefixed("online_predictor.", pred.state_dict())}
     path = _save(tmp_path, state)
     _check(load_teacher("resnet50", str(path)), lambda x: proj(body(x)), images, "byol", 16)
 
@@ -179,29 +161,66 @@ def test_byol_solo_learn(tmp_path, r50, images):
     _, body = r50
     proj = _head(nn.Linear(2048, 64), nn.BatchNorm1d(64), nn.ReLU(), nn.Linear(64, 16))
     pred = _head(nn.Linear(16, 64), nn.BatchNorm1d(64), nn.ReLU(), nn.Linear(64, 16))
-    state = {**_prefixed("backbone.", body.state_dict()), **_prefixed("projector.", proj.state_dict()),
-             **_prefixed("momentum_backbone.", body.state_dict()),
-             **_prefixed("momentum_projector.", proj.state_dict()),
-             **_prefixed("predictor.", pred.state_dict()),
+    state = {**prefixed("backbone.", body.state_dict()), **prefixed("projector.", proj.state_dict()),
+             **prefixed("momentum_backbone.", body.state_dict()),
+             **prefixed("momentum_projector.", proj.state_dict()),
+             **prefixed("predictor.", pred.state_dict()),
              "classifier.weight": torch.randn(10, 2048), "classifier.bias": torch.randn(10)}
     path = _save(tmp_path, {"state_dict": state, "epoch": 1})
     _check(load_teacher("resnet50", str(path)), lambda x: proj(body(x)), images, "byol", 16)
+
+
+def _byol_convert_file(state: dict) -> dict:
+    """chigur/byol-convert convert.py: torchvision resnet50 names filled from haiku's
+    online_params (convs, BN scale/offset, the online classifier as fc), then the BN moving
+    averages from online_state; no num_batches_tracked; torch.save(state_dict)."""
+    stats = ("running_mean", "running_var")
+    return {**{k: v for k, v in state.items() if not k.endswith((*stats, "num_batches_tracked"))},
+            **{k: v for k, v in state.items() if k.endswith(stats)}}
+
+
+def test_byol_deepmind_converted_pads_like_tensorflow(tmp_path, r50):
+    """DeepMind BYOL (byol/utils/networks.py): haiku convs and max pool with padding='SAME'."""
+    model, body = r50
+    state = model.state_dict()
+    converted = _save(tmp_path, _byol_convert_file(state), "pretrain_res50x1.pth.tar")
+    resaved = _save(tmp_path, state, "resaved.pth")  # torch's own order: no fingerprint left
+    with pytest.warns(UserWarning, match="chigur/byol-convert.*--teacher-ssl byol-tf"):
+        detected = load_teacher("resnet50", str(converted))
+    declared = load_teacher("resnet50", str(resaved), ssl="byol-tf")
+    with pytest.warns(UserWarning, match="--teacher-ssl byol-tf"):
+        load_teacher("resnet50", str(resaved), ssl="byol")  # PyTorch BYOL: symmetric, but say so
+    for bundle in (detected, declared):
+        assert (bundle.format, bundle.dim) == ("byol-tf", 2048)
+        assert bundle.mean == pytest.approx(IMAGENET_MEAN)
+    for size in (32, 33):  # SAME pads an even size asymmetrically, an odd one symmetrically
+        x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(size))
+        expected = resnet50_forward(state, x, padding="tf_same")
+        for bundle in (detected, declared):
+            torch.testing.assert_close(bundle.model(x), expected, rtol=1e-4, atol=1e-5)
+        assert torch.allclose(body(x), expected, rtol=1e-4, atol=1e-5) == (size % 2 == 1)
 
 
 def test_simclr_tf_converted(tmp_path, r50, images):
     model, body = r50
     # tonylins/simclr-converter convert.py: torch.save({'state_dict': model.state_dict()}), with fc
     path = _save(tmp_path, {"state_dict": model.state_dict()})
-    bundle = load_teacher("resnet50", str(path))
+    # Any torchvision ResNet saved the same way looks alike: the guess (no normalisation) is said aloud.
+    with pytest.warns(UserWarning, match=r"simclr-converter.*no mean/std.*--teacher-ssl simclr.*--teacher-ssl plain"):
+        bundle = load_teacher("resnet50", str(path))
     _check(bundle, body, images, "simclr", 2048, mean=(0.0, 0.0, 0.0))
     assert bundle.std == (1.0, 1.0, 1.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # declared: nothing left to guess
+        assert load_teacher("resnet50", str(path), ssl="simclr").std == (1.0, 1.0, 1.0)
+    assert load_teacher("resnet50", str(path), ssl="plain").mean == pytest.approx(IMAGENET_MEAN)
 
 
 def test_simclr_sthalles(tmp_path, r50, images):
     _, body = r50
     # sthalles/SimCLR ResNetSimCLR: backbone.fc = Sequential(Linear, ReLU, Linear(out_dim))
     mlp = _head(nn.Linear(2048, 2048), nn.ReLU(), nn.Linear(2048, 128))
-    state = _prefixed("backbone.", {**body.state_dict(), **_prefixed("fc.", mlp.state_dict())})
+    state = prefixed("backbone.", {**body.state_dict(), **prefixed("fc.", mlp.state_dict())})
     path = _save(tmp_path, {"epoch": 100, "arch": "resnet50", "state_dict": state, "optimizer": {}})
     _check(load_teacher("resnet50", str(path)), lambda x: mlp(body(x)), images, "simclr", 128,
            mean=(0.0, 0.0, 0.0))
@@ -211,10 +230,34 @@ def test_simclr_spijkervet(tmp_path, r50, images):
     _, body = r50
     # Spijkervet/SimCLR: encoder (fc=Identity) + projector Linear(no bias)-ReLU-Linear(no bias)
     mlp = _head(nn.Linear(2048, 2048, bias=False), nn.ReLU(), nn.Linear(2048, 64, bias=False))
-    state = {**_prefixed("encoder.", body.state_dict()), **_prefixed("projector.", mlp.state_dict())}
+    state = {**prefixed("encoder.", body.state_dict()), **prefixed("projector.", mlp.state_dict())}
     path = _save(tmp_path, state)
     _check(load_teacher("resnet50", str(path)), lambda x: mlp(body(x)), images, "simclr", 64,
            mean=(0.0, 0.0, 0.0))
+
+
+def test_simclr_seed_release(tmp_path, r50, images):
+    """SEED's SimCLR teacher (simclr_200.pth): SEED tools/utils.py load_simclr_teacher_encoder reads
+    checkpoint['model'], keys 'module.module.module.' + torchvision resnet50 names, where
+    seed/architectures/simclr/simclr_resnet.py made fc Linear(2048, 2048)-BN1d-ReLU-Linear(2048, 128).
+    SEED feeds it ImageNet-normalised images (tools/utils.py simclr_aug) and distils the 128-d output."""
+    _, body = r50
+    mlp = _head(nn.Linear(2048, 2048), nn.BatchNorm1d(2048), nn.ReLU(), nn.Linear(2048, 128))
+    state = prefixed("module.module.module.", {**body.state_dict(), **prefixed("fc.", mlp.state_dict())})
+    path = _save(tmp_path, {"model": state})
+    for ssl in ("auto", "simclr"):
+        _check(load_teacher("resnet50", str(path), ssl=ssl), lambda x: mlp(body(x)), images, "simclr", 128)
+
+
+def test_projection_mlp_in_the_classifier_slot_is_not_dropped(tmp_path, r50, images):
+    _, body = r50
+    # e.g. MoCo-v2's encoder_q saved on its own: fc = Linear-ReLU-Linear in torchvision's classifier slot
+    mlp = _head(nn.Linear(2048, 2048), nn.ReLU(), nn.Linear(2048, 128))
+    path = _save(tmp_path, {**body.state_dict(), **prefixed("fc.", mlp.state_dict())})
+    with pytest.raises(TeacherLoadError, match=r"layers fc\.0, fc\.2 in the classifier slot form a "
+                                               r"projection head.*--teacher-no-head"):
+        load_teacher("resnet50", str(path))
+    _check(load_teacher("resnet50", str(path), use_head=False), body, images, "plain", 2048)
 
 
 def test_plain_torchvision(tmp_path, r50, images):
@@ -226,7 +269,7 @@ def test_plain_torchvision(tmp_path, r50, images):
 
 def test_plain_timm_and_fastseed(tmp_path, images):
     import timm
-    src = _randomize(timm.create_model("resnet18", num_classes=10), 7)
+    src = randomize(timm.create_model("resnet18", num_classes=10), 7)
     path = _save(tmp_path, src.state_dict(), "timm.pth")
     bundle = load_teacher("resnet18", str(path))
     src.reset_classifier(0)
@@ -237,12 +280,12 @@ def test_plain_timm_and_fastseed(tmp_path, images):
     # as fastseed/train.py writes them: meta, config, student, head, buffers, optimizer, RNG states
     ckpt = {"fastseed": {"version": 1, "step": 10, "arch": "resnet18", "mean": [0.5] * 3, "std": [0.5] * 3},
             "config": {"arch": "resnet18", "method": "seed", "mean": [0.5] * 3, "std": [0.5] * 3},
-            "student": _prefixed("_orig_mod.", src.state_dict()), "head": head.state_dict(),
+            "student": prefixed("_orig_mod.", src.state_dict()), "head": head.state_dict(),
             "buffers": {"queue": torch.randn(16, 128)}, "optimizer": {"state": {}, "param_groups": []},
             "rng": [{"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}]}
     path = _save(tmp_path, ckpt, "fastseed.pth")
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # plain data: loads with weights_only, no fallback
+        warnings.simplefilter("error")  # plain data: loads with weights_only, nothing to warn about
         bundle = load_teacher(None, str(path))
     assert bundle.mean == (0.5, 0.5, 0.5)
     assert detect_format(torch.load(path, weights_only=False)) == "fastseed"
@@ -252,75 +295,92 @@ def test_plain_timm_and_fastseed(tmp_path, images):
         load_teacher("resnet50", str(path))
 
 
+# --- ViT teachers ------------------------------------------------------------------------------
+
+
+def _vit_small(num_heads: int) -> nn.Module:
+    """ViT-S/16 as moco-v3 vits.py (a timm VisionTransformer subclass, 12 heads) and dino
+    vision_transformer.py (6 heads) define it: patch 16, dim 384, depth 12, MLP ratio 4, qkv
+    bias, LayerNorm eps 1e-6; the feature is the [CLS] token after the final norm."""
+    return VisionTransformer(patch_size=16, embed_dim=384, depth=12, num_heads=num_heads, mlp_ratio=4,
+                             qkv_bias=True, norm_layer=partial(nn.LayerNorm, eps=1e-6), num_classes=0).eval()
+
+
+@pytest.fixture(scope="module")
+def vit_s():
+    """A random ViT-S/16 state dict, its forward with MoCo-v3's 12 heads and with DINO's 6, an image."""
+    with torch.device("meta"):  # timm's own init of 22M parameters is slow and overwritten anyway
+        nets = {heads: _vit_small(heads) for heads in (12, 6)}
+    state = fill_random({k: torch.empty(v.shape) for k, v in nets[12].state_dict().items()}, 11)
+    for net in nets.values():
+        net.load_state_dict(state, assign=True)
+    x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(12))
+    assert not torch.allclose(nets[12](x), nets[6](x), rtol=1e-3, atol=1e-3)  # the head count shows
+    return state, nets, x
+
+
+def test_mocov3_vit_small_has_12_heads_and_keeps_its_head(tmp_path, vit_s):
+    state, nets, x = vit_s
+    # moco-v3 builder.py MoCo_ViT: base_encoder.head = _build_mlp(3, 384, mlp_dim, dim), bias-free
+    # Linears, BN-ReLU between them, BN(affine=False) last; predictor = _build_mlp(2, dim, mlp_dim, dim)
+    mlp = _head(nn.Linear(384, 64, bias=False), nn.BatchNorm1d(64), nn.ReLU(), nn.Linear(64, 64, bias=False),
+                nn.BatchNorm1d(64), nn.ReLU(), nn.Linear(64, 32, bias=False), nn.BatchNorm1d(32, affine=False))
+    pred = _head(nn.Linear(32, 64, bias=False), nn.BatchNorm1d(64), nn.ReLU(), nn.Linear(64, 32, bias=False),
+                 nn.BatchNorm1d(32, affine=False))
+    enc = {**state, **prefixed("head.", mlp.state_dict())}
+    ckpt = {"epoch": 300, "arch": "vit_small", "optimizer": {}, "scaler": {},  # main_moco.py save_checkpoint
+            "state_dict": {**prefixed("module.base_encoder.", enc), **prefixed("module.momentum_encoder.", enc),
+                           **prefixed("module.predictor.", pred.state_dict())}}
+    bundle = load_teacher("vit_small_patch16_224", str(_save(tmp_path, ckpt, "vit-s-300ep.pth.tar")))
+    assert (bundle.format, bundle.dim, bundle.feature_dim) == ("mocov3", 32, 384)
+    assert bundle.mean == pytest.approx(IMAGENET_MEAN) and bundle.std == pytest.approx(IMAGENET_STD)
+    torch.testing.assert_close(bundle.model(x), mlp(nets[12](x)), rtol=1e-4, atol=1e-5)
+
+
+def test_headless_vit_releases_need_the_method_named(tmp_path, vit_s):
+    """DINO's ViT releases (dino_deitsmall16_pretrain.pth) and moco-v3 convert_to_deit.py output
+    ({'model': base_encoder keys without head}) are bare ViT keys. Both methods train on ImageNet
+    mean/std (timm's ViT weights on 0.5), and MoCo-v3's ViT-S has 12 heads: the file cannot say."""
+    state, nets, x = vit_s
+    dino = _save(tmp_path, state, "dino_deitsmall16_pretrain.pth")
+    deit = _save(tmp_path, {"model": state}, "vit-s-300ep-deit.pth.tar")
+    for path in (dino, deit):
+        with pytest.raises(TeacherLoadError, match=r"ViT.*--teacher-ssl dino.*mocov3.*--teacher-ssl plain"):
+            load_teacher("vit_small_patch16_224", str(path))
+    for path, ssl, heads in ((dino, "dino", 6), (deit, "mocov3", 12)):
+        bundle = load_teacher("vit_small_patch16_224", str(path), ssl=ssl)
+        assert (bundle.format, bundle.dim) == (ssl, 384)
+        assert bundle.mean == pytest.approx(IMAGENET_MEAN) and bundle.std == pytest.approx(IMAGENET_STD)
+        torch.testing.assert_close(bundle.model(x), nets[heads](x), rtol=1e-4, atol=1e-5)
+
+
 # --- widened ResNet-50s ------------------------------------------------------------------------
 
 
-def _swav_shapes(widen: int) -> dict:
-    """Conv shapes from swav/src/resnet50.py: planes = 64w·2^i, bottleneck width = planes·w."""
-    shapes = {"conv1.weight": (64 * widen, 3, 7, 7)}
-    inplanes = 64 * widen
-    for i, blocks in enumerate((3, 4, 6, 3)):
-        planes = 64 * widen * 2 ** i
-        width = planes * widen
-        for b in range(blocks):
-            p = f"layer{i + 1}.{b}"
-            shapes[f"{p}.conv1.weight"] = (width, inplanes, 1, 1)
-            shapes[f"{p}.conv2.weight"] = (width, width, 3, 3)
-            shapes[f"{p}.conv3.weight"] = (planes * 4, width, 1, 1)
-            if b == 0:
-                shapes[f"{p}.downsample.0.weight"] = (planes * 4, inplanes, 1, 1)
-            inplanes = planes * 4
-    return shapes
-
-
-@pytest.mark.parametrize("arch,widen,features", [("resnet50w2", 2, 4096), ("resnet50w4", 4, 8192),
-                                                 ("resnet50w5", 5, 10240)])
-def test_swav_wide_shapes(arch, widen, features):
+# Parameter counts of the backbones: SwAV README (RN50-w2 94M, w4 375M, w5 586M) and SimCLR
+# (R50 2x 94M, 4x 375M). They count the backbone alone: SwAV's RN50-w2 run adds a 4096-8192-128
+# projection head and 3000 prototypes (34.9M) on top of its 93.9M.
+@pytest.mark.parametrize("arch,widen,millions", [("resnet50w2", 2, 94), ("resnet50w4", 4, 375), ("resnet50w5", 5, 586),
+                                                 ("resnet50x2", 2, 94), ("resnet50x4", 4, 375)])
+def test_wide_resnet50_matches_the_official_layout(arch, widen, millions):
+    # swav src/resnet50.py and simclr-converter resnet_wider.py build the same network: stem and
+    # stage planes widened, bottleneck base width 64.
+    spec = swav_resnet50_spec(widen)
+    assert round(parameter_count(spec) / 1e6) == millions
     with torch.device("meta"):
         model = build_backbone(arch)
-    state = model.state_dict()
-    for key, shape in _swav_shapes(widen).items():
-        assert tuple(state[key].shape) == shape, key
-    assert model.num_features == features
-
-
-def test_simclr_wide_shapes():
-    # simclr-converter resnet_wider.py: planes = 64·w·2^i, width_per_group 64 -> width = planes
-    with torch.device("meta"):
-        state = build_backbone("resnet50x4").state_dict()
-    assert tuple(state["conv1.weight"].shape) == (256, 3, 7, 7)
-    assert tuple(state["layer1.0.conv1.weight"].shape) == (256, 256, 1, 1)
-    assert tuple(state["layer4.2.conv3.weight"].shape) == (8192, 2048, 1, 1)
-
-
-def _functional_resnet50(sd, x):
-    """Forward of swav/src/resnet50.py written out: pad 1 + conv1 pad 2, stride on the 3x3."""
-    def bn(t, p):
-        return F.batch_norm(t, sd[p + ".running_mean"], sd[p + ".running_var"], sd[p + ".weight"],
-                            sd[p + ".bias"], False, 0.0, 1e-5)
-
-    x = F.conv2d(F.pad(x, (1, 1, 1, 1)), sd["conv1.weight"], stride=2, padding=2)
-    x = F.max_pool2d(F.relu(bn(x, "bn1")), 3, 2, 1)
-    for i, blocks in enumerate((3, 4, 6, 3)):
-        for b in range(blocks):
-            p, stride = f"layer{i + 1}.{b}", 2 if i > 0 and b == 0 else 1
-            out = F.relu(bn(F.conv2d(x, sd[p + ".conv1.weight"]), p + ".bn1"))
-            out = F.relu(bn(F.conv2d(out, sd[p + ".conv2.weight"], stride=stride, padding=1), p + ".bn2"))
-            out = bn(F.conv2d(out, sd[p + ".conv3.weight"]), p + ".bn3")
-            if b == 0:
-                x = bn(F.conv2d(x, sd[p + ".downsample.0.weight"], stride=stride), p + ".downsample.1")
-            x = F.relu(out + x)
-    return x.mean((2, 3))
+    assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == spec
+    assert model.num_features == 2048 * widen
 
 
 @pytest.fixture(scope="module")
 def swav_w2(tmp_path_factory):
-    model = _randomize(WideResNet50(2, 128), 8)
-    state = {k: v for k, v in model.state_dict().items()}
+    """swav_RN50w2_400ep_pretrain.pth.tar's layout: 'module.' + backbone, projection head, prototypes."""
+    state = state_from_spec(swav_resnet50_spec(2), 8)
     proj = _head(nn.Linear(4096, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 8))
-    ckpt = {**_prefixed("module.", state), **_prefixed("module.projection_head.", proj.state_dict()),
+    ckpt = {**prefixed("module.", state), **prefixed("module.projection_head.", proj.state_dict()),
             "module.prototypes.weight": torch.randn(20, 8)}
-    path = tmp_path_factory.mktemp("w2") / "swav_RN50w2.pth.tar"
+    path = tmp_path_factory.mktemp("w2") / "swav_RN50w2_400ep_pretrain.pth.tar"
     torch.save(ckpt, path)
     return path, state, proj
 
@@ -330,16 +390,30 @@ def test_swav_w2_loads_and_matches_reference_forward(swav_w2):
     x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(2))
     bundle = load_teacher("resnet50w2", str(path))
     assert (bundle.format, bundle.feature_dim, bundle.dim) == ("swav", 4096, 8)
-    torch.testing.assert_close(bundle.model(x), proj(_functional_resnet50(state, x)), rtol=1e-4, atol=1e-5)
+    assert bundle.mean == pytest.approx(IMAGENET_MEAN)
+    expected = proj(resnet50_forward(state, x, padding="swav"))
+    torch.testing.assert_close(bundle.model(x), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_swav_rn50_matches_reference_forward(tmp_path, r50, images):
+    """The SwAV stem (ConstantPad2d(1), then a conv with padding 2) is torchvision's padding 3."""
+    _, body = r50
+    path = _save(tmp_path, {**prefixed("module.", body.state_dict()), "module.prototypes.weight": torch.randn(30, 8)})
+    bundle = load_teacher("resnet50", str(path))
+    expected = resnet50_forward(body.state_dict(), images, padding="swav")
+    torch.testing.assert_close(bundle.model(images), expected, rtol=1e-4, atol=1e-5)
 
 
 # --- bad checkpoints ---------------------------------------------------------------------------
 
 
-def test_wrong_width_names_layer(swav_w2):
+def test_wrong_width_names_layer_and_the_arch_of_the_file(tmp_path, swav_w2, r50):
     path, _, _ = swav_w2
-    with pytest.raises(TeacherLoadError, match=r"conv1\.weight.*\(128, 3, 7, 7\)"):
+    with pytest.raises(TeacherLoadError, match=r"conv1\.weight.*\(128, 3, 7, 7\).*--teacher-arch resnet50w2"):
         load_teacher("resnet50", str(path))
+    narrow = _save(tmp_path, prefixed("module.", r50[1].state_dict()))
+    with pytest.raises(TeacherLoadError, match=r"\(64, 3, 7, 7\).*--teacher-arch resnet50\b"):
+        load_teacher("resnet50w2", str(narrow))
 
 
 def test_swav_declared_as_moco(swav_w2):
@@ -354,23 +428,23 @@ def test_truncated_and_garbage_files(tmp_path, r50):
     data = good.read_bytes()
     cut = tmp_path / "cut.pth"
     cut.write_bytes(data[: len(data) // 2])
-    with pytest.raises(TeacherLoadError, match="truncated or corrupt"):
+    with pytest.raises(CheckpointReadError, match="truncated or corrupt"):
         load_teacher("resnet50", str(cut))
     junk = tmp_path / "junk.pth"
     junk.write_bytes(b"not a checkpoint at all")
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # a damaged file must never be unpickled in full
-        with pytest.raises(TeacherLoadError, match="truncated or corrupt"):
-            load_teacher("resnet50", str(junk))
+    for trust in (False, True):
+        with pytest.raises(CheckpointReadError, match="truncated or corrupt"):
+            load_teacher("resnet50", str(junk), trust=trust)
     with pytest.raises(TeacherLoadError, match="does not exist"):
         load_teacher("resnet50", str(tmp_path / "absent.pth"))
 
 
-def test_non_tensor_objects_fall_back_with_a_warning(tmp_path, r50, images):
+def test_non_tensor_objects_load_only_when_trusted(tmp_path, r50, images):
     _, body = r50
     path = _save(tmp_path, {"state_dict": body.state_dict(), "ratio": fractions.Fraction(1, 3)})
-    with pytest.warns(UserWarning, match="fractions.Fraction"):
-        bundle = load_teacher("resnet50", str(path), ssl="plain")
+    with pytest.raises(CheckpointReadError, match=r"fractions\.Fraction.*--trust-checkpoint"):
+        load_teacher("resnet50", str(path), ssl="plain")
+    bundle = load_teacher("resnet50", str(path), ssl="plain", trust=True)
     assert torch.equal(bundle.model(images), body(images))
 
 
