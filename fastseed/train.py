@@ -346,7 +346,7 @@ def knn_eval(encoder, cfg: Config, env: Env, mean_std, loaders) -> dict:
     if encoder is None:
         encoder, norm, dtype = nn.Flatten(), None, torch.float32  # pixels in [0, 1]
     else:
-        norm, dtype = Normalize(mean_std[0], mean_std[1]), amp_dtype(cfg, env.device) or torch.float32
+        norm, dtype = Normalize(mean_std[0], mean_std[1]).to(env.device), amp_dtype(cfg, env.device) or torch.float32
     (ftr, ytr), (fte, yte) = (extract_features(encoder, loader, device=env.device, transform=norm, dtype=dtype)
                               for loader in loaders)
     return knn_classify(ftr, ytr, fte, yte, ks=sorted({1, cfg.knn_k}), temperature=cfg.knn_t)
