@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from fastseed.config import Config
-from fastseed.train import Env, prepare, train_step
+from fastseed.train import Env, build_method, prepare, train_step
 
 NO_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 META = torch.device("meta")
@@ -43,6 +43,27 @@ def test_evaluate_checkpoint_normalizes_on_the_images_device(monkeypatch, tmp_pa
     monkeypatch.setattr(E, "knn_classify", lambda ftr, ytr, fte, yte, **kw: seen.append(ftr.device) or {})
     E.evaluate_checkpoint(str(tmp_path / "ckpt.pt"), "bank.beton", "val.beton", device="meta")
     assert seen == [META]
+
+
+def test_moco_key_encoder_is_channels_last_and_compiled(monkeypatch):
+    """The key encoder is a copy of the student: the same layout, compiled when the student is."""
+    calls = []
+
+    def fake_compile(model, **kw):  # records what the compiled function runs
+        def compiled(*args):
+            calls.append(model)
+            return model(*args)
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    cfg = Config(method="moco", arch="resnet10t", dim=16, queue_size=64, compile="on", device="cpu", workers=1)
+    method = build_method(cfg, Env())[0]
+    convs = [p for p in method.key_encoder.parameters() if p.dim() == 4]
+    assert convs and all(p.is_contiguous(memory_format=torch.channels_last) for p in convs)
+    x = torch.randn(4, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    method.targets([x, x])
+    assert calls and all(m is method.key_encoder for m in calls)
+    assert not any("_orig_mod" in k or "_encode_key" in k for k in method.state_dict())
 
 
 class SyntheticLoader:
