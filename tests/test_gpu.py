@@ -4,6 +4,9 @@ The CUDA tests are skipped without a device (run them there: `make gpu-check` do
 device bugs are also proven here: the k-NN path runs with its images on the meta device,
 which, like CUDA, is not where a module built on the CPU keeps its buffers.
 """
+import subprocess
+import sys
+
 import pytest
 import timm
 import torch
@@ -64,6 +67,19 @@ def test_moco_key_encoder_is_channels_last_and_compiled(monkeypatch):
     method.targets([x, x])
     assert calls and all(m is method.key_encoder for m in calls)
     assert not any("_orig_mod" in k or "_encode_key" in k for k in method.state_dict())
+
+
+def test_workers_fit_the_cores_numba_may_use():
+    """On one core, the default and a request for 8 threads both give 1 (with a note for the
+    request), and numba accepts it: FFCV's loader passes the number to numba.set_num_threads."""
+    code = ("import os, sys; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); import numba; "
+            "from fastseed.cli import config_from_args; "
+            "n = [config_from_args(['--data', 'x.beton', *a]).workers for a in ([], ['--workers', '8'])]; "
+            "[numba.set_num_threads(w) for w in n]; print(n)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["[1,", "1]"]
+    assert proc.stderr.splitlines() == ["note: --workers 8 is more than the 1 CPU cores this process may use: using 1"]
 
 
 class SyntheticLoader:
