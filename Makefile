@@ -6,7 +6,7 @@ APT    := libturbojpeg0-dev libopencv-dev dataset-fashion-mnist
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PYTEST_ARGS ?=
 
-.PHONY: setup train test bench clean
+.PHONY: setup train test bench clean gpu-check gpu-check-dry gpu-wheels
 
 setup: $(STAMP)
 
@@ -30,3 +30,20 @@ bench: setup
 
 clean:
 	rm -rf output data .pytest_cache .benchmarks
+
+# The GPU machine (its python3 holds torch; no .venv there), one call: benchmarks/README.md,
+# "GPU checklist". STEPS=c,g reruns only those steps.
+GPU_PY ?= python3
+gpu-check:
+	$(GPU_PY) benchmarks/gpu_check.py $(if $(STEPS),--steps $(STEPS))
+
+# The same script here on the CPU at tiny sizes, its offline install of the tree included
+# (tests/test_benchmarks.py runs it in `make test`).
+gpu-check-dry: setup
+	$(PY) benchmarks/gpu_check.py --dry
+
+# .whl/ for the GPU machine: needs PyPI, a Python 3.12 (PY312=/path/to/python3.12), a C++ toolchain.
+GPU_APT := cmake ninja-build pkg-config g++ libturbojpeg0-dev dataset-fashion-mnist
+gpu-wheels: setup
+	@dpkg -s $(GPU_APT) >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq $(GPU_APT); }
+	$(PY) benchmarks/gpu_wheels.py

@@ -8,6 +8,7 @@
   fastseed   the same step fed by fastseed's FFCV loader from a .beton of the same JPEGs
 
     python benchmarks/bench_train.py --out benchmarks/results/train.json          # CUDA: full size
+    python benchmarks/bench_train.py --pairs resnet50:resnet18 --steps 10 --warmup 4   # a subset, a short window
     python benchmarks/bench_train.py --tiny                                       # CPU: seconds
 Also a pytest-benchmark test (tiny on CPU) so that CI exercises every path.
 """
@@ -16,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from bench_data import make_images  # the same synthetic JPEGs as the data benchmark
+from bench_data import jpeg_set  # the same synthetic JPEGs as the data benchmark
 from fastseed.provenance import provenance
 
 PAIRS = [("resnet50", "resnet18"), ("resnet50", "efficientnet_b0"), ("resnet50", "mobilenetv3_large_100")]
@@ -150,25 +150,24 @@ def teacher_checkpoint(arch: str, path: Path) -> Path:
     return path
 
 
-def run_all(tiny: bool, out: str | None = None, steps: int | None = None, workers: int | None = None) -> dict:
-    from fastseed.data_prep import write_beton
+def run_all(tiny: bool, out: str | None = None, steps: int | None = None, workers: int | None = None,
+            pairs: list[tuple[str, str]] | None = None, warmup: int | None = None, data_dir: str | None = None,
+            on_row=None) -> dict:
+    """`pairs` (teacher, student) default to all; `data_dir` keeps the JPEGs and their beton for
+    a later run (bench_data's `jpeg_set`); `on_row(row)` sees each pair's row as it is measured."""
     device = torch.device("cuda" if torch.cuda.is_available() and not tiny else "cpu")
-    pairs = TINY_PAIRS if tiny else PAIRS
+    pairs = pairs or (TINY_PAIRS if tiny else PAIRS)
     batch, res, queue = (16, 32, 256) if tiny else (256, 224, 65536)
     steps = steps or (3 if tiny else 30)
-    warmup = 1 if tiny else 10
-    workers = workers if workers is not None else (2 if tiny else min(16, os.cpu_count() or 1))
-    n_images = batch * (steps + warmup + 1)
+    warmup = warmup if warmup is not None else (1 if tiny else 10)
+    workers = workers if workers is not None else (2 if tiny else min(16, len(os.sched_getaffinity(0))))
+    n_images = batch * (steps + warmup + 1)  # one epoch: no epoch restart inside the timed window
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        images = tmp / "images"
-        make_images(images, n_images, 64 if tiny else 400, classes=4)
-        beton = tmp / "images.beton"
-        write_beton(str(images), str(beton), max_res=None if tiny else 512, jpeg_quality=90,
-                    compress_probability=1.0, workers=workers, progress=False)
+        images, beton = jpeg_set(Path(data_dir or tmp), n_images, 64 if tiny else 400, compress=True,
+                                 workers=workers)
         for teacher_arch, student_arch in pairs:
-            ckpt = teacher_checkpoint(teacher_arch, tmp / f"{teacher_arch}.pth")
+            ckpt = teacher_checkpoint(teacher_arch, Path(tmp) / f"{teacher_arch}.pth")
             official = official_loop(teacher_arch, student_arch, images, batch=batch, res=res, queue=queue,
                                      steps=steps, warmup=warmup, workers=workers, device=device)
             syn, real = fastseed_run(ckpt, teacher_arch, student_arch, beton, batch=batch, res=res, queue=queue,
@@ -177,7 +176,9 @@ def run_all(tiny: bool, out: str | None = None, steps: int | None = None, worker
             rows.append({"pair": f"{teacher_arch}->{student_arch}", "official_img_s": official,
                          "synthetic_img_s": syn, "fastseed_img_s": real, "speedup_vs_official": real / official,
                          "loader_vs_synthetic": real / syn})
-    result = {"env": provenance(), "batch": batch, "res": res, "queue": queue, "steps": steps,
+            if on_row is not None:
+                on_row(rows[-1])
+    result = {"env": provenance(), "batch": batch, "res": res, "queue": queue, "steps": steps, "warmup": warmup,
               "workers": workers, "rows": rows}
     print(table(result))
     if out:
@@ -206,12 +207,23 @@ def test_train_throughput_tiny(benchmark):
         assert r["official_img_s"] > 0 and r["synthetic_img_s"] > 0 and r["fastseed_img_s"] > 0
 
 
-if __name__ == "__main__":
+def _pair(text: str) -> tuple[str, str]:
+    teacher, student = text.split(":")
+    return teacher, student
+
+
+def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tiny", action="store_true", help="CPU-sized run (default when there is no GPU)")
-    ap.add_argument("--steps", type=int)
+    ap.add_argument("--pairs", type=_pair, nargs="+", metavar="TEACHER:STUDENT", help="a subset (default: all)")
+    ap.add_argument("--steps", type=int, help="timed steps per loop")
+    ap.add_argument("--warmup", type=int, help="untimed steps before them (compile, cuDNN autotune)")
     ap.add_argument("--workers", type=int)
+    ap.add_argument("--data-dir", help="keep the JPEGs and the beton here, reused by a later run")
     ap.add_argument("--out")
-    a = ap.parse_args()
-    run_all(a.tiny or not torch.cuda.is_available(), a.out, a.steps, a.workers)
-    sys.exit(0)
+    a = ap.parse_args(argv)
+    return run_all(a.tiny or not torch.cuda.is_available(), a.out, a.steps, a.workers, a.pairs, a.warmup, a.data_dir)
+
+
+if __name__ == "__main__":
+    main()

@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from fastseed.config import Config, demo, official
+from fastseed.config import Config, demo, fit_workers, official
 
 USAGE_ERROR = 2
 
@@ -67,7 +67,7 @@ def train_parser() -> argparse.ArgumentParser:
       help="RandomResizedCrop scale, e.g. 0.2,1 (default: the --aug preset's)")
     a("--small-crops", dest="small_crops", type=int, help="SEED small-patch: number of small crops (6)")
     a("--small-res", dest="small_res", type=int)
-    a("--workers", type=int)
+    a("--workers", type=int, help="FFCV decode threads (default: the CPU cores this process may use)")
     a("--wd", "--weight-decay", dest="weight_decay", type=float)
     a("--momentum", type=float)
     a("--warmup-epochs", dest="warmup_epochs", type=float)
@@ -216,7 +216,7 @@ def eval_main(argv: list[str] | None = None) -> int:
         from fastseed.evaluate import evaluate_checkpoint
         result = evaluate_checkpoint(args.checkpoint, args.train_data, args.val_data, res=args.res, ks=args.k,
                                      temperature=args.temperature, linear=args.linear, device=args.device,
-                                     batch_size=args.batch_size, workers=args.workers,
+                                     batch_size=args.batch_size, workers=fit_workers(args.workers),
                                      trust=args.trust_checkpoint)
     except _known_errors() as e:
         return _fail(str(e).strip("'\""))

@@ -9,8 +9,33 @@ the bundled ImageNet EfficientNet-Lite0 teacher.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+import os
+import sys
+from dataclasses import dataclass, field
 from pathlib import Path
+
+
+def usable_cores() -> int:
+    """The CPU cores this process may run on: its affinity mask, which is what numba counts
+    (and it refuses more threads than that)."""
+    return len(os.sched_getaffinity(0))
+
+
+def default_workers() -> int:
+    """Loader threads per process: the usable cores, shared among the ranks torchrun started
+    on this machine."""
+    return max(1, usable_cores() // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
+def fit_workers(n: int) -> int:
+    """`n`, or the usable cores when there are fewer (with a one-line note): FFCV hands the
+    number to numba, which raises for more threads than cores."""
+    cores = usable_cores()
+    if n <= cores:
+        return n
+    print(f"note: --workers {n} is more than the {cores} CPU cores this process may use: using {cores}",
+          file=sys.stderr)
+    return cores
 
 
 @dataclass
@@ -38,7 +63,7 @@ class Config:
     small_crops: int = 0                 # SEED small-patch variant: 6
     small_res: int = 96
     small_scale: tuple[float, float] = (0.05, 0.14)
-    workers: int = 8
+    workers: int = field(default_factory=default_workers)  # FFCV decode threads
 
     # optimisation (lr None -> 0.03 x batch / 256, as SEED/MoCo)
     epochs: int = 200
@@ -79,6 +104,9 @@ class Config:
     profile: bool = False
     progress: bool = True
     final_table: bool = False            # raw/teacher/init/student k-NN table at the end
+
+    def __post_init__(self):
+        self.workers = fit_workers(self.workers)
 
     def replace(self, **kw) -> "Config":
         return dataclasses.replace(self, **kw)

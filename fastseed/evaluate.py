@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Sequence
+from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -37,7 +38,8 @@ def extract_features(model: nn.Module, loader: Iterable, *, device: torch.device
                 if images.dim() == 4 and images.shape[-1] in (1, 3) and images.shape[1] not in (1, 3):
                     images = images.permute(0, 3, 1, 2)
                 images = images.float().div_(255)
-            with torch.autocast(device.type, dtype=dtype, enabled=autocast):
+            # no autocast context unless asked: it refuses device types it does not know (meta)
+            with torch.autocast(device.type, dtype=dtype) if autocast else nullcontext():
                 out = model(images)
             feats.append(out.float().flatten(1))
             labels.append(torch.as_tensor(target).to(device, torch.long, non_blocking=True))
@@ -200,7 +202,7 @@ def evaluate_checkpoint(checkpoint: str, train_data: str, val_data: str, *, res:
     model = model.to(dev).to(memory_format=torch.channels_last)
     cfg = meta["config"]
     res = res or cfg.get("eval_res") or cfg.get("res", 224)
-    norm = Normalize(meta["mean"], meta["std"])
+    norm = Normalize(meta["mean"], meta["std"]).to(dev)
     feats = [extract_features(model, eval_loader(p, batch_size=batch_size, res=res, device=dev,
                                                  num_workers=workers), device=dev, transform=norm)
              for p in (train_data, val_data)]

@@ -90,7 +90,9 @@ def seed_everything(seed: int) -> None:
 def build_method(cfg: Config, env: Env):
     """Student + head + queue (and the frozen teacher for distillation). Returns
     (method, teacher_info, (mean, std))."""
-    student = create_student(cfg.arch)
+    # channels-last before the method copies it: MoCo's key encoder is a deep copy of the student
+    student = to_channels_last(create_student(cfg.arch), cfg.channels_last)
+    compile_fn = (lambda m: torch.compile(m, mode=cfg.compile_mode)) if use_compile(cfg, env) else None
     teacher_info = None
     teacher = None
     mean, std = IMAGENET_MEAN, IMAGENET_STD
@@ -101,7 +103,6 @@ def build_method(cfg: Config, env: Env):
         tmodel = to_channels_last(bundle.model.to(env.device), cfg.channels_last)
         if amp_dtype(cfg, env.device) == torch.bfloat16:
             tmodel = tmodel.to(torch.bfloat16)  # frozen: bf16 weights halve its memory traffic
-        compile_fn = (lambda m: torch.compile(m, mode=cfg.compile_mode)) if use_compile(cfg, env) else None
         teacher = FrozenTeacher(tmodel, cfg.teacher_res, compile_fn)
         teacher_info = {"arch": bundle.arch, "format": bundle.format, "sha256": bundle.sha256,
                         "dim": bundle.dim, "checkpoint": cfg.distill}
@@ -114,8 +115,7 @@ def build_method(cfg: Config, env: Env):
     queue_dtype = torch.bfloat16 if amp_dtype(cfg, env.device) == torch.bfloat16 else torch.float32
     method = METHODS[cfg.method](
         student, teacher, dim=dim, queue_size=cfg.queue_size, temp=cfg.temp, distill_t=cfg.distill_t,
-        small_crops=cfg.small_crops, moco_m=cfg.moco_m, queue_dtype=queue_dtype)
-    method.student = to_channels_last(method.student, cfg.channels_last)
+        small_crops=cfg.small_crops, moco_m=cfg.moco_m, queue_dtype=queue_dtype, compile_fn=compile_fn)
     return method.to(env.device), teacher_info, (tuple(mean), tuple(std))
 
 
@@ -361,7 +361,7 @@ def knn_eval(encoder, cfg: Config, env: Env, mean_std, loaders) -> dict:
     if encoder is None:
         encoder, norm, dtype = nn.Flatten(), None, torch.float32  # pixels in [0, 1]
     else:
-        norm, dtype = Normalize(mean_std[0], mean_std[1]), amp_dtype(cfg, env.device) or torch.float32
+        norm, dtype = Normalize(mean_std[0], mean_std[1]).to(env.device), amp_dtype(cfg, env.device) or torch.float32
     (ftr, ytr), (fte, yte) = (extract_features(encoder, loader, device=env.device, transform=norm, dtype=dtype)
                               for loader in loaders)
     return knn_classify(ftr, ytr, fte, yte, ks=sorted({1, cfg.knn_k}), temperature=cfg.knn_t)

@@ -1,14 +1,24 @@
-"""Every benchmark script runs end to end at a tiny size on CPU (speed is measured elsewhere:
-these only keep the scripts working; their numbers mean nothing on a shared 2-core CPU)."""
+"""Every benchmark runs end to end at a tiny size on CPU (speed is measured elsewhere: these only
+keep the scripts working; their numbers mean nothing on a shared 2-core CPU).
+
+The GPU check's dry run (`make gpu-check-dry`) runs the data, training, k-NN and kernel
+benchmarks, the demo and the CUDA test files through the very script the GPU machine runs,
+after the same offline install of the tree."""
 import json
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
 pytestmark = pytest.mark.slow
+
+STEPS = ["install", "a-environment", "b-correctness", "c-kernels", "d-no-host-sync", "e-knn", "f-data", "g-train",
+         "h-demo", "i-multi", "j-cache"]
 
 
 def run(*args, timeout=300):
@@ -24,17 +34,52 @@ def test_bench_kernels_tiny(tmp_path):
     assert json.loads((tmp_path / "k.json").read_text())
 
 
-def test_bench_knn_tiny():
-    run("benchmarks/bench_knn.py", "--tiny", "--repeats", "1")
+def test_gpu_check_dry_run(tmp_path):
+    out, scratch = tmp_path / "out", tmp_path / "scratch"
+    proc = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--dry", "--out", str(out),
+                           "--scratch", str(scratch)], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    log = (out / "gpu_check.log").read_text() if (out / "gpu_check.log").exists() else ""
+    assert proc.returncode == 0, proc.stdout[-3000:] + log[-6000:]
+    records = [json.loads(line) for line in (out / "gpu_check.jsonl").read_text().splitlines()]
+    status = {r["step"]: r["status"] for r in records if "status" in r}
+    assert list(status) == STEPS
+    assert all(status[s].startswith("ok") for s in STEPS[:-2]), status
+    assert all(status[s].startswith("skipped: ") for s in STEPS[-2:]), status  # not in the tree, or no CUDA
+    result = {r["step"]: r["result"] for r in records if "result" in r}
+
+    # the installed copy ran, not the tree: its entry points too
+    assert Path(result["a-environment"]["fastseed"]).is_relative_to(scratch / "site")
+    assert (scratch / "site" / "bin" / "fastseed-train").is_file()
+    rows = {s: [r["row"] for r in records if r["step"] == s and "row" in r] for s in STEPS}
+    assert {(r["op"], r["D"]) for r in rows["b-correctness"]} == {
+        (op, d) for op in ("seed_loss", "info_nce_loss", "enqueue_") for d in (128, 1280, 2048)}
+    assert all(r["ok"] for r in rows["b-correctness"])
+    assert {(r["impl"], r["D"]) for r in rows["c-kernels"]} == {(i, d) for i in ("fused", "eager", "sdpa")
+                                                                 for d in (128, 2048)}
+    assert all(r["graph_us"] == "skipped: no CUDA" for r in rows["c-kernels"])
+    assert "skipped" in result["d-no-host-sync"]["table"]  # its CUDA tests, collected from the installed copy
+    assert result["e-knn"]["median_s"] > 0
+    assert result["f-data"]["result"]["fastseed_images_per_s"] > 0
+    assert rows["g-train"] and all(r["official_img_s"] > 0 and r["fastseed_img_s"] > 0 for r in rows["g-train"])
+    assert "| student distilled (seed)" in result["h-demo"]["table"]
+    summary = (out / "summary.md").read_text()
+    assert all(f"| {s} |" in summary for s in STEPS) and "## h-demo" in summary
 
 
-def test_bench_data_tiny(tmp_path):
-    run("benchmarks/bench_data.py", "--res", "32", "--images", "96", "--batch", "32", "--epochs", "1",
-        "--workdir", str(tmp_path))
-
-
-def test_bench_train_tiny(tmp_path):
-    out = run("benchmarks/bench_train.py", "--tiny", "--steps", "2", "--out", str(tmp_path / "t.json"))
-    rows = json.loads((tmp_path / "t.json").read_text())["rows"]
-    assert rows and all(r["official_img_s"] > 0 and r["fastseed_img_s"] > 0 for r in rows)
-    assert "| pair |" in out
+def test_a_capped_step_is_killed_with_its_children(tmp_path):
+    """The cap ends the step's whole process group (DataLoader workers, pytest, fastseed-train),
+    so that nothing from a capped step runs on into the next one."""
+    from gpu_check import run_capped
+    pid_file = tmp_path / "pid"
+    t0 = time.monotonic()
+    rc = run_capped(["bash", "-c", f"sleep 60 & echo $! > {pid_file}; wait"], cap_s=2, env=dict(os.environ),
+                    cwd=tmp_path, log=tmp_path / "log")
+    assert rc is None and time.monotonic() - t0 < 30
+    child = int(pid_file.read_text())
+    for _ in range(100):  # reaped by init once its parent is gone
+        state = Path(f"/proc/{child}/stat")
+        if not state.exists() or state.read_text().split()[2] == "Z":
+            break
+        time.sleep(0.05)
+    else:
+        pytest.fail(f"the step's child {child} outlived the cap")

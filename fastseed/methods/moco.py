@@ -22,13 +22,16 @@ from ._common import Queue
 class MoCo(nn.Module):
     def __init__(self, student: nn.Module, teacher=None, *, dim: int = 128, queue_size: int = 65536,
                  temp: float = 0.2, moco_m: float = 0.999, bn_groups: int = 4,
-                 queue_dtype: torch.dtype = torch.float32, **_):
+                 queue_dtype: torch.dtype = torch.float32, compile_fn=None, **_):
         super().__init__()
         self.student = student
         self.head = projection_head(student.num_features, dim)
         self.key_encoder = nn.Sequential(copy.deepcopy(student), copy.deepcopy(self.head))
         for p in self.key_encoder.parameters():
             p.requires_grad_(False)
+        # compiled like the student; held as a bound method, since a compiled module held here
+        # would enter the state dict a second time (under _orig_mod)
+        self._encode_key = (compile_fn(self.key_encoder) if compile_fn else self.key_encoder).__call__
         self.queue = Queue(queue_size, dim, queue_dtype, seed=1)
         self.temp, self.m, self.bn_groups = temp, moco_m, bn_groups
 
@@ -49,7 +52,7 @@ class MoCo(nn.Module):
         x = views[1]
         perm = torch.randperm(x.shape[0], device=x.device)
         groups = max(1, min(self.bn_groups, x.shape[0] // 2))
-        k = torch.cat([self.key_encoder(c) for c in x[perm].chunk(groups)])
+        k = torch.cat([self._encode_key(c) for c in x[perm].chunk(groups)])
         return (torch.empty_like(k).index_copy_(0, perm, k),)
 
     def forward(self, views: list[torch.Tensor], targets: tuple[torch.Tensor, ...]) -> torch.Tensor:
