@@ -116,7 +116,8 @@ def bench(res: int = 64, images: int = 256, crops: int = 4, teacher: str = "effi
                                scale=cfg.crop_scale)
         size = (tmp / "data.tcache").stat().st_size
     return {"res": res, "teacher_res": cfg.teacher_res, "images": images, "src_side": src_side, "crops": crops,
-            "teacher": teacher, "dim": cache.dim, "dtype": cache.header["dtype"], "precision": cache.header["precision"],
+            "teacher": teacher, "dim": cache.dim, "dtype": cache.header["dtype"],
+            "precision": cache.header["precision"],
             "workers": workers, "batch": batch, "chunk": chunk, "epochs": epochs, **provenance(dev), **build,
             **loaders, "cache_bytes": size, "cache_bytes_per_image": round(size / images, 1),
             "imagenet_bytes_r10_d128": layout(IMAGENET, 10, 128, 2520)["size"]}

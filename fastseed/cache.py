@@ -34,19 +34,20 @@ header, field descriptors, per-sample metadata and allocation table, sample coun
 teacher (arch, checkpoint format and sha256, embedding dim, head or backbone, mean/std), the
 teacher resolution, precision and compile setting, R, seed, crop scale and ratio, D, dtype.
 
-Atomic and resumable. The build writes OUTPUT.part (created complete-headed under a temporary
-name, then renamed). After chunk c's boxes and keys: fsync, write its record, fsync. A rerun after a kill
-continues with the chunks not recorded: its loader batches never straddle a chunk, so the file is
-bit-identical to an uninterrupted build on the same machine. A part file or an OUTPUT of another
-identity is refused (one line naming the field; nothing deleted). All chunks recorded and
-their crc32 verified, the part file is renamed to OUTPUT. Under torchrun every rank takes every world-th chunk still to do and
-writes it in place in the one part file (disjoint byte ranges; rank 0 creates it before and
-renames it after, between barriers): there is no merge step, a part file resumes under any
-number of ranks, and at train time every rank reads the one file (its shard's rows).
+Atomic and resumable. The build writes OUTPUT.part (created with its whole header under a
+temporary name, then renamed). After chunk c's boxes and keys: fsync, write its record, fsync.
+A rerun after a kill continues with the chunks not recorded; its loader batches never straddle
+a chunk, so the file is bit-identical to an uninterrupted build on the same machine. A part
+file or an OUTPUT of another identity is refused (one line naming the field; nothing deleted).
+Once every chunk is recorded and matches its crc32, the part file is renamed to OUTPUT.
+Under torchrun every rank takes every world-th chunk still to do and writes it in place in the
+one part file (disjoint byte ranges; rank 0 creates it before and renames it after, between
+barriers): there is no merge step, a part file resumes under any number of ranks, and at train
+time every rank reads the one file (the rows of its shard).
 
 Reading (the API for the training loop):
     cache = TeacherCache.open(path)            # CacheError: not a cache, truncated, incomplete
-    cache.verify()                             # CacheError: a chunk whose crc32 does not match (reads it all)
+    cache.verify()                             # optional, reads it all: CacheError on a bad crc32
     cache.check(beton=cfg.data, teacher=teacher_record(info, teacher, mean_std),
                 teacher_res=..., crop_scale=cfg.crop_scale, small_crops=cfg.small_crops)
     loader = fastseed.data.replay_loader(cfg.data, cache, batch_size=..., res=cfg.res, ...)
@@ -261,7 +262,8 @@ class TeacherCache:
         if beton is not None:
             self.check_beton(beton)
         if teacher is not None:
-            diff = _difference(self.header["teacher"], teacher, ("sha256", "arch", "format", "dim", "head", "mean", "std"))
+            diff = _difference(self.header["teacher"], teacher,
+                               ("sha256", "arch", "format", "dim", "head", "mean", "std"))
             if diff:
                 raise CacheError(f"{self.path} holds keys of another teacher (teacher.{diff}): pass the teacher it "
                                  "was built with, or rebuild it with fastseed-cache")
@@ -399,8 +401,9 @@ def fill(part: Path, header: dict, beton, teacher, *, device, amp, workers: int,
                 t = teacher(normalize(views.flatten(0, 1)))
             keys = F.normalize(t.float(), dim=1).to(store).view(len(idx), crops, dim).view(torch.int16).cpu().numpy()
             os.pwrite(fd, keys, off["keys"] + first * crops * dim * 2)
-            # batches never straddle chunks, so a chunk's first batch starts its checksum
-            crc = zlib.crc32(keys, _crc(boxes[rows]) if first == rows.start else crc)
+            if first == rows.start:  # batches never straddle chunks: a chunk's first batch starts its crc
+                crc = _crc(boxes[rows])
+            crc = zlib.crc32(keys, crc)
             if end == rows.stop:  # the batch closed chunk c: make it durable, then record it
                 os.pwrite(fd, boxes[rows], off["boxes"] + rows.start * crops * 8)
                 os.fsync(fd)

@@ -238,8 +238,10 @@ def cache_parser() -> argparse.ArgumentParser:
     a("--crops", type=int, default=10, help="R: crops stored per image (default 10)")
     a("--seed", type=int, help="draws the crops (default 0)")
     a("--dtype", choices=["bf16", "fp16"], default="bf16", help="stored key dtype (default bf16)")
-    a("-b", "--batch-size", dest="batch_size", type=int, default=256, help="at most this many crops per teacher forward (256)")
-    a("--chunk", type=int, default=2520, help="images per progress record (2520): a kill loses at most one record's work")
+    a("-b", "--batch-size", dest="batch_size", type=int, default=256,
+      help="at most this many crops per teacher forward (256)")
+    a("--chunk", type=int, default=2520,
+      help="images per progress record (2520): a kill loses at most one record's work")
     a("--workers", type=int)
     a("--device", help="auto, cuda or cpu")
     a("--precision", choices=["auto", "bf16", "fp16", "fp32"])
