@@ -5,8 +5,8 @@
            JIT and the first chunk are start-up, reported apart as build_s)
   loader   `data.ssl_loader` (RandomResizedCrop drawn in the decoder) and `data.replay_loader`
            (the cache's crop of the epoch plus its keys) on the same beton, at the same res,
-           batch and workers: one warm-up epoch each, then alternating timed epochs, so a busy
-           shared machine slows both alike. Reading the cache must not slow the loader.
+           batch and workers: one warm-up epoch each, then timed epochs in the order A B B A ...,
+           so a busy shared machine slows both alike. Reading the cache must not slow the loader.
   size     bytes per image of this cache, and `cache.layout` of ImageNet-1k at R = 10, D = 128
   training the step rate with keys from the cache against the live teacher: round 2, when
            fastseed-train takes a cache (bench_train.py will time both in one run)
@@ -83,8 +83,10 @@ def time_loaders(beton: Path, cache, *, res: int, batch: int, workers: int, epoc
     counts, times = dict.fromkeys(loaders, 0), dict.fromkeys(loaders, 0.0)
     for loader in loaders.values():  # warm-up: JIT, page cache
         epoch(loader)
-    for _ in range(epochs):
-        for name, loader in loaders.items():
+    for k in range(epochs):
+        names = list(loaders)[::1 if k % 2 == 0 else -1]  # A B, B A, ...: neither always runs second
+        for name in names:
+            loader = loaders[name]
             t = time.perf_counter()
             counts[name] += epoch(loader)
             times[name] += time.perf_counter() - t
