@@ -180,7 +180,8 @@ def _read_header(path: Path) -> dict:
             raise CacheError(f"{path} has cache format version {version}, this fastseed reads {VERSION}: "
                              "rebuild it with fastseed-cache")
         if not 0 < length <= HEADER_END - PREFIX or size < PREFIX + length:
-            raise CacheError(f"{path}: header of {length} bytes in a {size}-byte file; the file is damaged: rebuild it")
+            raise CacheError(f"{path}: header of {length} bytes in a {size}-byte file; the file is damaged: "
+                             "rebuild it")
         try:
             header = json.loads(f.read(int(length)).decode())
         except ValueError as e:
@@ -243,7 +244,8 @@ class TeacherCache:
         have, want = self.header["beton"], beton_identity(path)
         if have != want:
             raise CacheError(f"{self.path} was built from another beton than {path} "
-                             f"({_difference(have, want, sorted(have))}): rebuild it with fastseed-cache --data {path}")
+                             f"({_difference(have, want, sorted(have))}): rebuild it with "
+                             f"fastseed-cache --data {path}")
         heights, widths = image_sizes(path)
         y, x, h, w = (self.boxes[..., k].astype(np.int64) for k in range(4))
         w = w & (FLIP_BIT - 1)
@@ -257,8 +259,8 @@ class TeacherCache:
               crop_scale=None, small_crops: int = 0) -> None:
         """Raise CacheError unless the cache fits a run with these settings (None: not checked)."""
         if small_crops:
-            raise CacheError("--small-crops cannot train from a teacher cache: it stores one global crop per "
-                             "view (caching the small crops too would make it 7x larger); drop one or the other")
+            raise CacheError("--small-crops cannot train from a teacher cache: it holds one global crop per image "
+                             "and epoch (the six small crops too would make it 7x larger); drop one or the other")
         if beton is not None:
             self.check_beton(beton)
         if teacher is not None:

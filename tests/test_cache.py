@@ -117,8 +117,8 @@ def test_random_boxes_are_torchvisions_random_resized_crops():
         y, x, h, w = got.T
         assert ((y >= 0) & (x >= 0) & (h >= 1) & (w >= 1) & (y + h <= H) & (x + w <= W)).all()
         if min(H, W) == 1:
-            np.testing.assert_array_equal(got, [RandomResizedCrop.get_params(torch.zeros(1, H, W), (0.2, 1.0), RATIO)]
-                                          * len(got))
+            fallback = RandomResizedCrop.get_params(torch.zeros(1, H, W), (0.2, 1.0), RATIO)
+            np.testing.assert_array_equal(got, [fallback] * len(got))
             continue
         tv = np.array([RandomResizedCrop.get_params(torch.zeros(1, H, W), (0.2, 1.0), RATIO) for _ in range(1500)])
         for stat in (lambda b: b[:, 2] * b[:, 3] / (H * W), lambda b: b[:, 3] / b[:, 2],
@@ -328,8 +328,8 @@ def test_build_killed_mid_way_resumes_to_the_same_file(built, tmp_path):
     d, _ = built
     out = tmp_path / "killed.tcache"
     part = tmp_path / "killed.tcache.part"
-    cmd = [sys.executable, "-c", "import sys; from fastseed.cli import cache_main; sys.exit(cache_main(sys.argv[1:]))",
-           *_cli_args(d / "data.beton", out)]
+    main = "import sys; from fastseed.cli import cache_main; sys.exit(cache_main(sys.argv[1:]))"
+    cmd = [sys.executable, "-c", main, *_cli_args(d / "data.beton", out)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     done, deadline = 0, time.monotonic() + 240
     while time.monotonic() < deadline and proc.poll() is None:

@@ -13,9 +13,10 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.slow
 def test_bench_cache_tiny(tmp_path):
     out = tmp_path / "c.jsonl"
-    proc = subprocess.run([sys.executable, "benchmarks/bench_cache.py", "--res", "32", "--images", "128", "--crops", "2",
-                           "--batch", "32", "--chunk", "32", "--epochs", "1", "--device", "cpu", "--workdir",
-                           str(tmp_path), "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    args = ["--res", "32", "--images", "128", "--crops", "2", "--batch", "32", "--chunk", "32", "--epochs", "1",
+            "--device", "cpu", "--workdir", str(tmp_path), "--out", str(out)]
+    proc = subprocess.run([sys.executable, "benchmarks/bench_cache.py", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     row = json.loads(out.read_text())
     assert row["build_images_per_s"] > 0 and row["chunks_timed"] == 3  # 4 chunks: the first is start-up
