@@ -29,6 +29,7 @@ setup(
             "fastseed-train=fastseed.cli:train_main",
             "fastseed-eval=fastseed.cli:eval_main",
             "fastseed-prep=fastseed.cli:prep_main",
+            "fastseed-cache=fastseed.cli:cache_main",
         ]
     },
 )

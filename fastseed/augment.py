@@ -345,6 +345,13 @@ def preset_name(aug: str, method: str, teacher_format: str | None, small_crops: 
     return "moco_v2"
 
 
+def resolve_preset(cfg, teacher_format: str | None):
+    """`cfg` with `aug` resolved to a preset name (see `preset_name`) and `crop_scale` to the
+    preset's unless given explicitly: what training's loader and the teacher cache both crop with."""
+    aug = preset_name(cfg.aug, cfg.method, teacher_format, cfg.small_crops)
+    return cfg.replace(aug=aug, crop_scale=tuple(cfg.crop_scale or PRESETS[aug].crop_scale))
+
+
 def preset_augment(name: str, mean, std, out_dtype: torch.dtype = torch.float32) -> SSLAugment:
     """The colour ops of preset `name` (its crop scale goes to the loader)."""
     p = PRESETS[name]

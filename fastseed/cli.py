@@ -1,4 +1,4 @@
-"""Entry points: `fastseed-train`, `fastseed-eval`, `fastseed-prep`.
+"""Entry points: `fastseed-train`, `fastseed-eval`, `fastseed-prep`, `fastseed-cache`.
 
 Bad input (missing data, unknown arch, a teacher checkpoint that does not fit) ends with one
 line on stderr naming the problem and what to do, exit code 2, and nothing written over.
@@ -103,13 +103,14 @@ def _fail(msg: str) -> int:
 
 
 def _known_errors():
+    from fastseed.cache import CacheError
     from fastseed.data import BetonError
     from fastseed.data_prep import PrepError
     from fastseed.models import ConfigError
     from fastseed.teachers import CheckpointReadError, TeacherLoadError
     from fastseed.train import TrainingError
     return (ConfigError, TeacherLoadError, CheckpointReadError, TrainingError, PrepError, BetonError,
-            FileNotFoundError)
+            CacheError, FileNotFoundError)
 
 
 def prepare_demo_data(cfg: Config) -> None:
@@ -227,3 +228,69 @@ def eval_main(argv: list[str] | None = None) -> int:
 def prep_main(argv: list[str] | None = None) -> int:
     from fastseed.data_prep import main
     return main(argv)
+
+
+CACHE_ONLY = ("output", "crops", "dtype", "batch_size", "chunk")  # not Config fields: the build's own
+
+
+def cache_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="fastseed-cache",
+        description="Run the frozen teacher once on R stored crops of every image of a beton and write "
+                    "their L2-normalised keys and crop boxes to a cache file, for training without the "
+                    "teacher in the loop. Resumable: rerun the same command after a kill.",
+        argument_default=argparse.SUPPRESS)
+    a = p.add_argument
+    a("--data", required=True, help="train .beton (from fastseed-prep)")
+    a("--output", required=True, help="the cache file to write, e.g. train.tcache")
+    a("-k", "--teacher-arch", dest="teacher_arch", help="teacher arch (resnet50, efficientnet_lite0, ...)")
+    a("--teacher-ssl", dest="teacher_ssl", help="teacher checkpoint format (default auto-detect)")
+    a("--distill", help="teacher checkpoint")
+    a("--teacher-no-head", dest="teacher_use_head", action="store_const", const=False,
+      help="cache the teacher's backbone feature instead of its projection")
+    a("--method", choices=["seed", "simreg"], help="the method the keys are for (simreg: backbone features "
+      "unless --simreg-target projection)")
+    a("--simreg-target", dest="simreg_target", choices=["backbone", "projection"])
+    a("--teacher-res", dest="teacher_res", type=int, help="the teacher's input side (default 224)")
+    from fastseed.augment import PRESETS
+    a("--aug", choices=["auto", *PRESETS],
+      help="the augmentation preset whose crop scale the boxes are drawn with (default auto: as fastseed-train "
+           "picks it from --method and the teacher's format); the colour ops are never applied to the teacher")
+    a("--crop-scale", dest="crop_scale", type=_pair,
+      help="RandomResizedCrop scale, e.g. 0.2,1 (default: the --aug preset's)")
+    a("--crops", type=int, default=10, help="R: crops stored per image (default 10)")
+    a("--seed", type=int, help="draws the crops (default 0)")
+    a("--dtype", choices=["bf16", "fp16"], default="bf16", help="stored key dtype (default bf16)")
+    a("-b", "--batch-size", dest="batch_size", type=int, default=256,
+      help="at most this many crops per teacher forward (256)")
+    a("--chunk", type=int, default=2520,
+      help="images per progress record (2520): a kill loses at most one record's work")
+    a("--workers", type=int)
+    a("--device", help="auto, cuda or cpu")
+    a("--precision", choices=["auto", "bf16", "fp16", "fp32"])
+    a("--compile", choices=["auto", "on", "off"])
+    a("--compile-mode", dest="compile_mode")
+    a("--no-channels-last", dest="channels_last", action="store_const", const=False)
+    a("--no-progress", dest="progress", action="store_const", const=False)
+    return p
+
+
+def cache_main(argv: list[str] | None = None) -> int:
+    args = vars(cache_parser().parse_args(argv))
+    build = {k: args.pop(k) for k in CACHE_ONLY}
+    try:
+        cfg = Config().replace(**args)
+        check_inputs(cfg)
+        from fastseed.cache import build_cache
+        t0 = time.time()
+        cache = build_cache(cfg, build.pop("output"), progress=cfg.progress, **build)
+    except KeyboardInterrupt:
+        return 130
+    except _known_errors() as e:
+        return _fail(str(e).strip("'\""))
+    if cache is not None:
+        h = cache.header
+        print(f"{cache.path}: {cache.num_samples} images x {cache.crops} crops, {cache.dim}-d {h['dtype']} keys of "
+              f"{h['teacher']['arch']} at {h['teacher_res']} px, {cache.path.stat().st_size / 1e6:.1f} MB "
+              f"({time.time() - t0:.0f} s)")
+    return 0

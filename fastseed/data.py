@@ -13,6 +13,12 @@ Randomness: the sample order is `seed + epoch` (FFCV's permutation; DistributedS
 `distributed=True`, each rank its own shard). Crops and flips come from numba's per-thread
 generators and are not reproducible across runs; the GPU augmentation takes a torch generator.
 
+Replayed crops (a teacher cache, `fastseed.cache`): `BoxDecoder` cuts given boxes instead of
+drawing them, from a table of one row per image that it reads by address (`_address_view`), so
+Python can put each epoch's boxes into it between epochs. `replay_loader` yields
+`(views, labels, keys)`: each image's crop of the epoch and the teacher keys stored for it;
+`box_loader` yields every stored crop of chosen images (the cache build).
+
 Mid-epoch resume: `loader.epoch = e` picks the permutation of epoch e for the next `iter()`,
 and `loader.resume(epoch, batch)` additionally skips the first `batch` batches of that epoch
 without reading them. `len(loader)` is always the full epoch.
@@ -77,10 +83,57 @@ def check_beton(path: str | os.PathLike, fields=("image", "label")) -> str:
     return path
 
 
+def image_sizes(path) -> tuple[np.ndarray, np.ndarray]:
+    """(heights, widths) int64 of every image of a beton, from its metadata (nothing decoded)."""
+    from ffcv.reader import Reader
+    reader = Reader(check_beton(path))
+    meta = reader.metadata[f"f{reader.field_names.index('image')}"]  # FFCV names metadata fields by position
+    return meta["height"].astype(np.int64), meta["width"].astype(np.int64)
+
+
+def _image_reader(mem_read):
+    """A compiled `read(field, storage_state, temp) -> (h, w, 3) uint8`: the sample's whole image,
+    decoded into `temp` (JPEG) or viewed in place (raw). Shared by the crop decoders below."""
+    from ffcv.libffcv import imdecode
+    from ffcv.pipeline.compiler import Compiler
+
+    imdecode_c = Compiler.compile(imdecode)
+    jpg = JPEG_MODE
+
+    def read(field, storage_state, temp):
+        data = mem_read(field["data_ptr"], storage_state)
+        height, width = np.uint32(field["height"]), np.uint32(field["width"])
+        if field["mode"] == jpg:
+            image = temp[:3 * height * width]
+            imdecode_c(data, image, height, width, height, width, 0, 0, 1, 1, False, False)
+            return image.reshape(height, width, 3)
+        return data.reshape(height, width, 3)
+
+    return Compiler.compile(read)
+
+
+def _hflip(out):
+    """Mirror an (s, s, 3) crop in place (compiled into the decoders)."""
+    s = out.shape[1]
+    for r in range(out.shape[0]):
+        for c in range(s // 2):
+            for k in range(3):
+                t = out[r, c, k]
+                out[r, c, k] = out[r, s - 1 - c, k]
+                out[r, s - 1 - c, k] = t
+
+
+def _full_image_query(metadata):
+    """FFCV allocation for one decoded full image per sample (the largest in the beton)."""
+    from ffcv.pipeline.allocation_query import AllocationQuery
+    max_pixels = np.uint64(metadata["width"].max()) * np.uint64(metadata["height"].max())
+    return AllocationQuery((max_pixels * np.uint64(3),), np.dtype("<u1"))
+
+
 def _multi_view_decoder():
     """Built lazily: importing ffcv pulls numba and OpenCV."""
     from ffcv.fields.rgb_image import SimpleRGBImageDecoder, get_random_crop
-    from ffcv.libffcv import imdecode, resize_crop
+    from ffcv.libffcv import resize_crop
     from ffcv.pipeline.allocation_query import AllocationQuery
     from ffcv.pipeline.compiler import Compiler
 
@@ -98,44 +151,30 @@ def _multi_view_decoder():
             self.flip = flip
 
         def declare_state_and_memory(self, previous_state):
-            max_pixels = np.uint64(self.metadata["width"].max()) * np.uint64(self.metadata["height"].max())
             shape = (int(self.offsets[-1]),)
             u8 = np.dtype("<u1")
             return (replace(previous_state, jit_mode=True, shape=shape, dtype=u8),
-                    (AllocationQuery(shape, u8), AllocationQuery((max_pixels * np.uint64(3),), u8)))
+                    (AllocationQuery(shape, u8), _full_image_query(self.metadata)))
 
         def generate_code(self):
-            mem_read, my_range = self.memory_read, Compiler.get_iterator()
-            imdecode_c, resize_crop_c = Compiler.compile(imdecode), Compiler.compile(resize_crop)
-            get_crop_c = Compiler.compile(get_random_crop)
+            my_range = Compiler.get_iterator()
+            read_c, resize_crop_c = _image_reader(self.memory_read), Compiler.compile(resize_crop)
+            get_crop_c, hflip_c = Compiler.compile(get_random_crop), Compiler.compile(_hflip)
             sizes, scales, offsets, flip = self.sizes, self.scales, self.offsets, self.flip
             ratio = np.asarray(RATIO)
-            jpg = JPEG_MODE
 
             def decode(batch_indices, my_storage, metadata, storage_state):
                 destination, temp_storage = my_storage
                 for dst_ix in my_range(len(batch_indices)):
-                    field = metadata[batch_indices[dst_ix]]
-                    data = mem_read(field["data_ptr"], storage_state)
-                    height, width = np.uint32(field["height"]), np.uint32(field["width"])
-                    if field["mode"] == jpg:
-                        image = temp_storage[dst_ix][:3 * height * width]
-                        imdecode_c(data, image, height, width, height, width, 0, 0, 1, 1, False, False)
-                        image = image.reshape(height, width, 3)
-                    else:
-                        image = data.reshape(height, width, 3)
+                    image = read_c(metadata[batch_indices[dst_ix]], storage_state, temp_storage[dst_ix])
+                    height, width = image.shape[0], image.shape[1]
                     for v in range(len(sizes)):
                         s = sizes[v]
                         out = destination[dst_ix][offsets[v]:offsets[v + 1]].reshape(s, s, 3)
                         i, j, h, w = get_crop_c(height, width, scales[v], ratio)
                         resize_crop_c(image, i, i + h, j, j + w, out)
                         if flip and np.random.rand() < 0.5:
-                            for r in range(s):
-                                for c in range(s // 2):
-                                    for k in range(3):
-                                        t = out[r, c, k]
-                                        out[r, c, k] = out[r, s - 1 - c, k]
-                                        out[r, s - 1 - c, k] = t
+                            hflip_c(out)
                 return destination[:len(batch_indices)]
 
             decode.is_parallel = True
@@ -144,12 +183,126 @@ def _multi_view_decoder():
     return MultiViewDecoder
 
 
+# Boxes, as the cache stores them and `_box_decoder` replays them: uint16 (y, x, h, w) of a crop of
+# the decoded image, with the horizontal flip in the top bit of w (sides stay below 2**15).
+FLIP_BIT = 1 << 15
+
+
+def random_boxes(heights, widths, count: int, scale, rng: np.random.Generator, ratio=RATIO) -> np.ndarray:
+    """`count` RandomResizedCrop boxes with flips per image, uint16 (n, count, 4) in the FLIP_BIT
+    format. torchvision's get_params, vectorised: 10 tries of area share ~ U(scale) and
+    log-aspect ~ U(log ratio), w = round(sqrt(area * aspect)), h = round(sqrt(area / aspect)),
+    the first that fits at y ~ U{0..H-h}, x ~ U{0..W-w}; else the whole image clamped to the
+    ratio range, centred. Flip with p 1/2. The draws consume `rng` in a fixed pattern per call."""
+    hh = np.asarray(heights, np.int64).reshape(-1, 1, 1)
+    ww = np.asarray(widths, np.int64).reshape(-1, 1, 1)
+    if hh.size and max(hh.max(), ww.max()) >= FLIP_BIT:
+        raise ValueError(f"images up to {FLIP_BIT - 1} px a side can have stored boxes; "
+                         "rewrite the beton with fastseed-prep --max-res")
+    shape = (hh.shape[0], count, 10)
+    area = (hh * ww) * rng.uniform(scale[0], scale[1], shape)
+    aspect = np.exp(rng.uniform(np.log(ratio[0]), np.log(ratio[1]), shape))
+    w = np.rint(np.sqrt(area * aspect)).astype(np.int64)
+    h = np.rint(np.sqrt(area / aspect)).astype(np.int64)
+    fits = (w > 0) & (w <= ww) & (h > 0) & (h <= hh)
+    first = fits.argmax(-1)[..., None]
+    w, h, found = (np.take_along_axis(a, first, -1)[..., 0] for a in (w, h, fits))
+    H, W = hh[..., 0], ww[..., 0]
+    y = (rng.random(found.shape) * (H - h + 1)).astype(np.int64)
+    x = (rng.random(found.shape) * (W - w + 1)).astype(np.int64)
+    # fallback: the largest centred box within the ratio range
+    wide, tall = W / H > ratio[1], W / H < ratio[0]
+    fw = np.where(wide, np.rint(H * ratio[1]), W).astype(np.int64)
+    fh = np.where(tall, np.rint(W / ratio[0]), H).astype(np.int64)
+    w, h = np.where(found, w, fw), np.where(found, h, fh)
+    y, x = np.where(found, y, (H - h) // 2), np.where(found, x, (W - w) // 2)
+    flip = rng.random(found.shape) < 0.5
+    return np.stack([y, x, h, w | np.where(flip, FLIP_BIT, 0)], -1).astype(np.uint16)
+
+
+def _address_view(table: np.ndarray):
+    """A compiled `view() -> ndarray` of `table` that reads it through its address. numba freezes
+    an array captured by compiled code as a constant (a copy taken at compile time), so a table
+    that changes after FFCV compiled its pipeline (the boxes of each epoch) is captured by
+    address and shape instead, and viewed at every call: contents rewritten in place are seen
+    by the next batch. The caller keeps `table` alive and never reallocates it."""
+    import numba
+    from numba import types
+    from numba.core import cgutils
+    from numba.extending import intrinsic
+
+    @intrinsic
+    def pointer(typingctx, address):
+        """integer address -> void* (LLVM inttoptr)"""
+        def codegen(context, builder, signature, args):
+            return builder.inttoptr(args[0], cgutils.voidptr_t)
+        return (types.voidptr(address), codegen) if isinstance(address, types.Integer) else None
+
+    if not table.flags.c_contiguous:
+        raise ValueError("a table read by address must be C-contiguous")
+    address, shape, dtype = table.ctypes.data, table.shape, table.dtype.type
+    return numba.njit(lambda: numba.carray(pointer(address), shape, dtype))
+
+
+def _box_decoder():
+    """Built lazily: importing ffcv pulls numba and OpenCV."""
+    from ffcv.fields.rgb_image import SimpleRGBImageDecoder
+    from ffcv.libffcv import resize_crop
+    from ffcv.pipeline.allocation_query import AllocationQuery
+    from ffcv.pipeline.compiler import Compiler
+
+    class BoxDecoder(SimpleRGBImageDecoder):
+        """Replay stored boxes: sample i gets V = table.shape[1] views, view v the box table[i, v]
+        (FLIP_BIT format) of its decoded image resized to size x size with INTER_AREA (as the
+        RandomResizedCrop decoders), mirrored when flagged. One flat uint8 (V*size*size*3)
+        buffer per sample. The table (one row per sample of the beton) is read by address: the
+        caller may rewrite it between epochs, and must keep that array alive and in place."""
+
+        def __init__(self, table: np.ndarray, size: int):
+            super().__init__()
+            self.table, self.size = table, int(size)
+
+        def declare_state_and_memory(self, previous_state):
+            if self.table.shape[0] != len(self.metadata):
+                raise ValueError(f"box table has {self.table.shape[0]} rows for {len(self.metadata)} images")
+            shape = (self.table.shape[1] * self.size * self.size * 3,)
+            u8 = np.dtype("<u1")
+            return (replace(previous_state, jit_mode=True, shape=shape, dtype=u8),
+                    (AllocationQuery(shape, u8), _full_image_query(self.metadata)))
+
+        def generate_code(self):
+            my_range = Compiler.get_iterator()
+            read_c, resize_crop_c = _image_reader(self.memory_read), Compiler.compile(resize_crop)
+            hflip_c, table_c = Compiler.compile(_hflip), _address_view(self.table)
+            s, views, flip_bit, mask = self.size, self.table.shape[1], FLIP_BIT, FLIP_BIT - 1
+
+            def decode(batch_indices, my_storage, metadata, storage_state):
+                destination, temp_storage = my_storage
+                boxes = table_c()
+                for dst_ix in my_range(len(batch_indices)):
+                    sample = batch_indices[dst_ix]
+                    image = read_c(metadata[sample], storage_state, temp_storage[dst_ix])
+                    out = destination[dst_ix].reshape(views, s, s, 3)
+                    for v in range(views):
+                        y, x = np.int64(boxes[sample, v, 0]), np.int64(boxes[sample, v, 1])
+                        h, w = np.int64(boxes[sample, v, 2]), np.int64(boxes[sample, v, 3])
+                        resize_crop_c(image, y, y + h, x, x + (w & mask), out[v])
+                        if w & flip_bit:
+                            hflip_c(out[v])
+                return destination[:len(batch_indices)]
+
+            decode.is_parallel = True
+            return decode
+
+    return BoxDecoder
+
+
 class BetonLoader:
     """An FFCV `Loader` plus what fastseed needs around it: the (views, labels) split, the
     epoch setter and the mid-epoch skip. Iterate it like a DataLoader."""
 
     def __init__(self, path, *, batch_size, image_pipeline, split, device, num_workers, order,
-                 seed, distributed, drop_last, os_cache, batches_ahead):
+                 seed, distributed, drop_last, os_cache, batches_ahead, indices=None):
         from ffcv.fields.basics import IntDecoder
         from ffcv.loader import Loader
         from ffcv.transforms import ToDevice, ToTensor
@@ -160,7 +313,7 @@ class BetonLoader:
         to_device = [] if self.device.type == "cpu" else [ToDevice(self.device, non_blocking=True)]
         self.loader = Loader(
             path, batch_size=batch_size, num_workers=num_workers, os_cache=os_cache, order=order,
-            distributed=distributed, seed=seed, drop_last=drop_last, batches_ahead=batches_ahead,
+            distributed=distributed, seed=seed, drop_last=drop_last, batches_ahead=batches_ahead, indices=indices,
             pipelines={"image": [*image_pipeline, ToTensor(), *to_device],
                        "label": [IntDecoder(), ToTensor(), *to_device]})
         self.path, self.batch_size, self._split, self._skip = path, batch_size, split, 0
@@ -192,22 +345,59 @@ class BetonLoader:
         from ffcv.loader.epoch_iterator import EpochIterator
         from ffcv.pipeline.compiler import Compiler
 
-        loader = self.loader
+        loader, size = self.loader, self.batch_size
         Compiler.set_num_threads(loader.num_workers)
-        order = loader.next_traversal_order()[:len(loader) * self.batch_size]
-        order = order[self._skip * self.batch_size:]
-        loader.next_epoch += 1
-        self._skip = 0
-        if loader.code is None:
-            loader.generate_code()
-        epoch = EpochIterator(loader, order)
+        self._begin(loader.next_epoch)
         try:
-            for images, labels in epoch:
-                # labels are tiny: copy them, so that a kept label tensor is not overwritten by FFCV's
-                # buffer reuse a few batches later (images are consumed at once by the augmentation)
-                yield self._split(images), labels.view(-1).clone()
+            order = loader.next_traversal_order()[:len(loader) * size]
+            order = order[self._skip * size:]
+            loader.next_epoch += 1
+            self._skip = 0
+            if loader.code is None:
+                loader.generate_code()
+            epoch = EpochIterator(loader, order)
+            try:
+                for b, (images, labels) in enumerate(epoch):
+                    yield self._batch(images, labels, order[b * size:(b + 1) * size])
+            finally:
+                _stop(epoch)
         finally:
-            _stop(epoch)
+            self._end()
+
+    def _begin(self, epoch: int) -> None:
+        """Runs before FFCV's thread starts on `epoch` (nothing is decoding then)."""
+
+    def _end(self) -> None:
+        """Runs once FFCV's thread of the pass has stopped."""
+
+    def _batch(self, images, labels, indices):
+        """What a batch yields; `indices` are its samples' rows in the beton, in batch order."""
+        # labels are tiny: copy them, so that a kept label tensor is not overwritten by FFCV's
+        # buffer reuse a few batches later (images are consumed at once by the augmentation)
+        return self._split(images), labels.view(-1).clone()
+
+
+class ReplayLoader(BetonLoader):
+    """A BetonLoader over a `BoxDecoder` whose table holds, per image, the stored crop that
+    `cache` picks for the epoch; each batch also yields the teacher keys of those crops."""
+
+    def __init__(self, path, cache, table: np.ndarray, **kwargs):
+        super().__init__(path, **kwargs)
+        self.cache, self._table, self._running = cache, table, False
+
+    def _begin(self, epoch: int) -> None:
+        if self._running:  # the table is shared: a second live pass would rewrite its crops
+            raise RuntimeError("a replay loader serves one pass at a time: finish or close() the "
+                               "previous iterator first")
+        self._table[:, 0] = self.cache.epoch_boxes(epoch)
+        self._running, self._epoch = True, epoch
+
+    def _end(self) -> None:
+        self._running = False
+
+    def _batch(self, images, labels, indices):
+        views, labels = super()._batch(images, labels, indices)
+        return views, labels, self.cache.keys(indices, self._epoch).to(self.device, non_blocking=True)
 
 
 def _stop(epoch) -> None:
@@ -259,6 +449,45 @@ def ssl_loader(path, *, batch_size: int, res: int, scale=(0.2, 1.0), num_global:
                          batches_ahead=batches_ahead)
     loader.sizes = sizes
     return loader
+
+
+def replay_loader(path, cache, *, batch_size: int, res: int, device="cpu", num_workers: int = 2,
+                  seed: int = 0, distributed: bool = False, drop_last: bool = True, os_cache: bool = True,
+                  batches_ahead: int = 3) -> ReplayLoader:
+    """Training views replayed from a teacher cache (`fastseed.cache.TeacherCache`): yields
+    `(views, labels, keys)`. `views` is a list of one uint8 (B, res, res, 3) tensor on `device`:
+    for each image, the crop `cache` picks for this epoch (its stored box of the decoded image,
+    resized to `res`, flipped as stored); `keys` (B, D) on `device`, in the cache's dtype, are
+    the teacher's stored L2-normalised embeddings of exactly those crops. Order, epochs,
+    `resume` and sharding as `ssl_loader` (RANDOM, seed + epoch). One pass at a time.
+
+    Per epoch, `cache.epoch_boxes(epoch)` is copied into the decoder's table before FFCV's thread
+    starts (N x 8 bytes: 10 MB for ImageNet) and `cache.keys(indices, epoch)` gathers each
+    batch's keys; the cache must describe this beton (`cache.check_beton`)."""
+    from ffcv.loader import OrderOption
+
+    cache.check_beton(path)
+    table = np.zeros((cache.num_samples, 1, 4), np.uint16)
+    return ReplayLoader(path, cache, table, batch_size=batch_size, image_pipeline=[_box_decoder()(table, res)],
+                        split=lambda flat: [flat.view(-1, res, res, 3)], device=device, num_workers=num_workers,
+                        order=OrderOption.RANDOM, seed=seed, distributed=distributed, drop_last=drop_last,
+                        os_cache=os_cache, batches_ahead=batches_ahead)
+
+
+def box_loader(path, table: np.ndarray, *, size: int, indices, batch_size: int, device="cpu",
+               num_workers: int = 2, os_cache: bool = True, batches_ahead: int = 3) -> BetonLoader:
+    """The images `indices` (ascending) in that order, each as its V = table.shape[1] boxes of
+    `table` (uint16 (N, V, 4), FLIP_BIT format, one row per image of the beton): yields
+    `(crops, labels)`, crops uint8 (B, V, size, size, 3) on `device`. Last batch kept. The table
+    is read by address while a pass runs (see `_address_view`): keep it alive and in place."""
+    from ffcv.loader import OrderOption
+
+    views = table.shape[1]
+    return BetonLoader(path, batch_size=batch_size, image_pipeline=[_box_decoder()(table, size)],
+                       split=lambda flat: flat.view(-1, views, size, size, 3), device=device,
+                       num_workers=num_workers, order=OrderOption.SEQUENTIAL, seed=0, distributed=False,
+                       drop_last=False, os_cache=os_cache, batches_ahead=batches_ahead,
+                       indices=np.asarray(indices, np.uint64))
 
 
 def eval_loader(path, *, batch_size: int, res: int, device="cpu", num_workers: int = 2,

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from fastseed.augment import PRESETS, Normalize, preset_augment, preset_name
+from fastseed.augment import Normalize, preset_augment, resolve_preset
 from fastseed.config import Config
 from fastseed.data import eval_loader, ssl_loader
 from fastseed.evaluate import extract_features, knn_classify
@@ -442,14 +442,13 @@ def prepare(cfg: Config, loader=None) -> Run:
     dtype = amp_dtype(cfg, env.device)
     method, teacher_info, mean_std = build_method(cfg, env)
     # the preset and its crop scale (an explicit one wins), resolved here so checkpoints record them
-    aug = preset_name(cfg.aug, cfg.method, teacher_info and teacher_info["format"], cfg.small_crops)
-    cfg = cfg.replace(aug=aug, crop_scale=tuple(cfg.crop_scale or PRESETS[aug].crop_scale))
+    cfg = resolve_preset(cfg, teacher_info and teacher_info["format"])
     if loader is None:
         loader = ssl_loader(cfg.data, batch_size=cfg.batch_size // env.world, res=cfg.res, scale=cfg.crop_scale,
                             num_global=2 if cfg.method == "moco" else 1, num_small=cfg.small_crops,
                             small_res=cfg.small_res, small_scale=cfg.small_scale, device=env.device,
                             num_workers=cfg.workers, seed=cfg.seed, distributed=env.world > 1)
-    augment = preset_augment(aug, mean_std[0], mean_std[1]).to(env.device)
+    augment = preset_augment(cfg.aug, mean_std[0], mean_std[1]).to(env.device)
     aug_gen = torch.Generator(env.device).manual_seed(cfg.seed * 1000 + env.rank)
     steps_per_epoch = len(loader)
     if steps_per_epoch == 0:
