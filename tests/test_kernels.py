@@ -137,6 +137,26 @@ def test_bf16_partials(monkeypatch):
         assert (s1.grad.double() - s64.grad).abs().max() <= 1e-2 * s64.grad.abs().max()
 
 
+def test_interpreter_bf16_dot():
+    # The interpreter holds bf16 as uint16 bit patterns and its tl.dot multiplied those
+    # integers (a bf16 queue gave a loss of ~4e11 instead of ~5); launches through
+    # Interpreted widen bf16 dot operands to fp32, as the tensor cores compute.
+    import triton.language as tl
+    from fastseed.kernels._interpret import Interpreted
+
+    def dot(A, B, C, N: tl.constexpr):
+        i = tl.arange(0, N)
+        a = tl.load(A + i[:, None] * N + i[None, :])
+        b = tl.load(B + i[:, None] * N + i[None, :])
+        tl.store(C + i[:, None] * N + i[None, :], tl.dot(a, b))
+
+    g = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(16, 16, generator=g).to(torch.bfloat16) for _ in range(2))
+    c = torch.empty(16, 16)
+    Interpreted(dot)[(1,)](a, b, c, 16)
+    torch.testing.assert_close(c, a.float() @ b.float())
+
+
 def test_torch_path_crosses_chunks(monkeypatch):
     # The chunked path with 3 chunks (the last one partial) equals the single-chunk result.
     monkeypatch.setenv("FASTSEED_CPU_KERNELS", "torch")
