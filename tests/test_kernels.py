@@ -363,8 +363,9 @@ def test_enqueue_before_backward_is_caught():
 
 @pytest.mark.gpu
 @NO_CUDA
-@pytest.mark.parametrize("qdtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("shape", [(1, 1, 64), (5, 77, 128), (37, 1000, 256), (256, 65536, 128), (1024, 4097, 128)])
+@pytest.mark.parametrize("qdtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("shape", [(1, 1, 64), (5, 77, 128), (37, 1000, 256), (256, 65536, 128), (1024, 4097, 128),
+                                   (64, 4097, 1280), (256, 65536, 2048)])
 def test_cuda_seed_loss(shape, qdtype):
     b, k, d = shape
     s, t, q = make(b, k, d, torch.bfloat16, device="cuda")
@@ -375,7 +376,7 @@ def test_cuda_seed_loss(shape, qdtype):
         s1 = s.clone().requires_grad_()
         loss = fused_fn(s1, t, q, **temps)
         loss.backward()
-        assert seed_mod._last_path == "triton"
+        assert seed_mod._last_path == seed_mod.path(d, qdtype)
         s64 = s.double().requires_grad_()
         expect = ref_fn(s64, t.double(), q.double(), **temps)
         expect.backward()
@@ -386,11 +387,12 @@ def test_cuda_seed_loss(shape, qdtype):
 
 @pytest.mark.gpu
 @NO_CUDA
-def test_cuda_enqueue_bf16():
-    queue = torch.zeros(1000, 128, device="cuda", dtype=torch.bfloat16)
+@pytest.mark.parametrize("d", [128, 2048])
+def test_cuda_enqueue_bf16(d):
+    queue = torch.zeros(1000, d, device="cuda", dtype=torch.bfloat16)
     want = queue.clone()
     ptr, p_want = torch.tensor([990], device="cuda"), torch.tensor([990], device="cuda")
-    keys = torch.randn(1500, 128, device="cuda")
+    keys = torch.randn(1500, d, device="cuda")
     fk.enqueue_(queue, ptr, keys)
     ref.enqueue_(want, p_want, keys)
     assert enqueue_mod._last_path == "triton" and ptr.item() == p_want.item()
