@@ -3,7 +3,9 @@
 Math (DESIGN.md, "Fused loss: the math"). With ŝ = s/‖s‖, t̂ = t/‖t‖, Q̃_0 = t̂, Q̃_j = Q_j:
     a_j = ŝ·Q̃_j / τS,   b_j = t̂·Q̃_j / τT  (b_0 = 1/τT exactly),   p = softmax(a), r = softmax(b)
     loss_i = LSE(a) − Σ_j r_j a_j = LSE(a) − ŝ·v/τS,   v = Σ_j r_j Q̃_j   (hard target: r = e_0)
-    ∂loss_i/∂ŝ = (Σ_j (p_j − r_j) Q̃_j)/τS = (G − c)/τS,   G = Σ_{j≥1} g_j Q_j,   c = −g_0 t̂
+    g = ∂loss_i/∂ŝ = Σ_j (p_j − r_j) Q̃_j / τS = (G − c)/τS, with G the queue terms:
+        fused path  G = Σ_{j≥1} p_j Q_j,           c = v − p_0 t̂
+        tiled path  G = Σ_{j≥1} (p_j − r_j) Q_j,   c = (r_0 − p_0) t̂
     ∂loss_i/∂s = (g − ŝ(ŝ·g))/‖s‖                                   (normalize backward)
 Exponentials run in base 2 with log2(e) folded into the logit scales.
 
@@ -21,8 +23,8 @@ backward. Per queue tile: 4 MMAs forward (a, b as hi+lo, v), 2 backward (a, Σ p
 Whole rows of ŝ, t̂ and v sit in registers, which is what bounds D: at D=256 the only bf16
 configs without spills (8 warps) need 215-232 registers and up to 229,952 B of the
 232,448 B of shared memory on sm_100 (triton 3.8); at D=1280 ptxas ran ~50 s per config,
-spilled ~58 KB and asked for ~1.25 MB of shared memory. An fp32 queue at D=128 spilled in
-every config (1-2 KB, "tf32x3" triples the operand tiles).
+spilled ~58 KB and asked for ~1.25 MB of shared memory. An fp32 queue at D=128 spilled
+0.9-2.2 KB in each config tried ("tf32x3" splits every operand tile into hi and lo).
 
 "tiled" (every other D and dtype). Logit tiles [BLOCK_B, BLOCK_K] accumulate over chunks of
 BLOCK_D dimensions, so no program holds a whole row and any D launches with the same small
