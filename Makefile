@@ -5,8 +5,11 @@ STAMP  := $(VENV)/.fastseed-setup
 APT    := libturbojpeg0-dev libopencv-dev dataset-fashion-mnist
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PYTEST_ARGS ?=
+CHECK_ARGS ?=
+PY312 ?= python3.12
+TRITON36 := .triton36-cp312
 
-.PHONY: setup train test bench clean gpu-check gpu-check-dry gpu-wheels
+.PHONY: setup train test bench clean kernel-check kernel-check-triton36 gpu-check gpu-check-dry gpu-wheels
 
 setup: $(STAMP)
 
@@ -23,6 +26,20 @@ train: setup
 
 test: setup
 	$(VENV)/bin/pytest tests $(PYTEST_ARGS)
+
+# Compile every Triton kernel ahead of time for sm_90 and sm_100 (no GPU needed); exits
+# non-zero if one would not launch, spills or traps. CHECK_ARGS: e.g. --arch 90 --dims 128.
+kernel-check: setup
+	$(PY) -m fastseed.kernels.check $(CHECK_ARGS)
+
+# The same with the GPU machine's triton 3.6 under its Python 3.12 (PY312): with
+# CHECK_ARGS="--arch 90 --cache-dir .triton-cache" it fills a Triton cache that machine's JIT
+# finds when run from the repository root with TRITON_CACHE_DIR=.triton-cache.
+$(TRITON36)/triton/__init__.py:
+	$(PY) -m pip install -q --no-deps --only-binary :all: --python-version 3.12 --target $(TRITON36) triton==3.6.0
+
+kernel-check-triton36: setup $(TRITON36)/triton/__init__.py
+	$(PY) -m fastseed.kernels.check --python "env PYTHONPATH=$(CURDIR)/$(TRITON36) $(PY312)" $(CHECK_ARGS)
 
 bench: setup
 	$(PY) benchmarks/bench_kernels.py

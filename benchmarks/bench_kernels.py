@@ -7,12 +7,17 @@ Peers, measured in the same run on the same inputs: the eager reference
 (fastseed.kernels.reference.seed_loss), torch.compile of it, and the two-pass attention
 formulation L = LSE(a) − ŝ·v/τS with v = softmax(b)·Q̃ (two scaled_dot_product_attention
 calls; see `sdpa_seed_loss`). On CUDA the grid is B ∈ {128, 256, 1024} × K ∈ {4096, 16384,
-65536}, D=128, bf16 student/teacher/queue, τS=0.2, τT=1e-4; on CPU one tiny size.
+65536}, D=128 (--dim), bf16 student/teacher/queue, τS=0.2, τT=1e-4; on CPU one tiny size.
 
-Roofline floor: the fused algorithm needs at least four B×K×D GEMM passes (student and teacher
-logits forward; student logits and dS backward), 8·B·K·D FLOP at the device's dense bf16
-peak, and must read the queue at least twice (forward, backward) at its memory bandwidth;
-floor = max of the two. "of peak" is floor/time.
+Roofline floors, from the device's dense bf16 peak and memory bandwidth (the queue read at
+least twice, forward and backward; a floor is max(FLOP/peak, bytes/bandwidth)):
+  math       8·B·K·D FLOP: the four B×K×D GEMM passes the loss needs (student and teacher
+             logits forward; student logits and dS backward);
+  algorithm  what the kernels on the dispatched path issue to the tensor cores
+             (fastseed.kernels.seed_loss.algorithm_flops): 12·B·K·D on the fused path (the
+             teacher dot as hi+lo, v accumulated forward), 14·B·K·D on the D-tiled one.
+"of math" / "of alg." are floor/time. On CUDA, --dim above 128 runs the D-tiled path
+(e.g. --dim 2048, a ResNet-50 teacher's width).
 """
 from __future__ import annotations
 
@@ -28,6 +33,7 @@ import torch.nn.functional as F
 
 import fastseed.kernels as fk
 from fastseed.kernels import reference
+from fastseed.kernels.seed_loss import algorithm_flops
 from fastseed.provenance import provenance
 
 D = 128
@@ -57,11 +63,11 @@ def device_peak(device) -> tuple[float, float] | None:
     return None
 
 
-def floor_seconds(b, k, d, queue_bytes, peak) -> float | None:
+def floor_seconds(flops, k, d, queue_bytes, peak) -> float | None:
     if peak is None:
         return None
-    flops, bandwidth = peak
-    return max(8 * b * k * d / flops, 2 * k * d * queue_bytes / bandwidth)
+    peak_flops, bandwidth = peak
+    return max(flops / peak_flops, 2 * k * d * queue_bytes / bandwidth)
 
 
 def sdpa_seed_loss(student, teacher, queue, *, student_temp=0.2, teacher_temp=1e-4):
@@ -167,15 +173,16 @@ def accuracy(fn, s, t, q):
     return abs(loss - want.item()) / abs(want.item()), cos
 
 
-def run(device, grid, names, reps=5):
+def run(device, grid, names, reps=5, d=D):
     on_cuda = torch.device(device).type == "cuda"
     dtype = torch.bfloat16 if on_cuda else torch.float32
     peak = device_peak(device)
     fns = impls(device)
     rows = []
     for b, k in grid:
-        s, t, q = make_inputs(b, k, D, device, dtype)
-        floor = floor_seconds(b, k, D, q.element_size(), peak)
+        s, t, q = make_inputs(b, k, d, device, dtype)
+        flops = {"math": 8 * b * k * d, "algorithm": algorithm_flops(b, k, d, q.dtype)}
+        floors = {name: floor_seconds(f, k, d, q.element_size(), peak) for name, f in flops.items()}
         eager_t = eager_mem = None
         for name in names:
             fn = fns[name]
@@ -184,10 +191,13 @@ def run(device, grid, names, reps=5):
             mem = peak_extra_bytes(fn, s, t, q, device)
             if name == "eager":
                 eager_t, eager_mem = sec, mem
-            rows.append(dict(B=b, K=k, D=D, impl=name, us=sec * 1e6, peak_extra_bytes=mem,
-                             loss_rel_err=err, grad_cos=cos,
-                             floor_us=None if floor is None else floor * 1e6,
-                             of_peak=None if floor is None else floor / sec))
+            rows.append(dict(B=b, K=k, D=d, impl=name, us=sec * 1e6, peak_extra_bytes=mem,
+                             loss_rel_err=err, grad_cos=cos, flops_math=flops["math"],
+                             flops_algorithm=flops["algorithm"],
+                             floor_math_us=None if floors["math"] is None else floors["math"] * 1e6,
+                             floor_algorithm_us=None if floors["algorithm"] is None else floors["algorithm"] * 1e6,
+                             of_math_floor=None if floors["math"] is None else floors["math"] / sec,
+                             of_algorithm_floor=None if floors["algorithm"] is None else floors["algorithm"] / sec))
         for row in rows:
             if row["B"] == b and row["K"] == k:
                 row["x_vs_eager"] = eager_t / (row["us"] * 1e-6) if eager_t else None
@@ -201,15 +211,16 @@ def _fmt(x, spec):
 
 
 def table(rows) -> str:
-    out = ["| B | K | impl | fwd+bwd µs | × vs eager | peak extra MiB | % of eager mem "
-           "| loss rel err | grad cos | floor µs | of peak |",
-           "|---|---|---|---|---|---|---|---|---|---|---|"]
+    out = ["| B | K | D | impl | fwd+bwd µs | × vs eager | peak extra MiB | % of eager mem "
+           "| loss rel err | grad cos | floor µs (math / alg.) | of math / alg. floor |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         mib = None if r["peak_extra_bytes"] is None else r["peak_extra_bytes"] / 2**20
         pct = None if r.get("mem_vs_eager") is None else 100 * r["mem_vs_eager"]
-        out.append(f"| {r['B']} | {r['K']} | {r['impl']} | {r['us']:.1f} | {_fmt(r.get('x_vs_eager'), '.2f')} "
+        out.append(f"| {r['B']} | {r['K']} | {r['D']} | {r['impl']} | {r['us']:.1f} | {_fmt(r.get('x_vs_eager'), '.2f')} "
                    f"| {_fmt(mib, '.2f')} | {_fmt(pct, '.2f')} | {r['loss_rel_err']:.1e} | {r['grad_cos']:.5f} "
-                   f"| {_fmt(r['floor_us'], '.1f')} | {_fmt(r['of_peak'], '.0%')} |")
+                   f"| {_fmt(r['floor_math_us'], '.1f')} / {_fmt(r['floor_algorithm_us'], '.1f')} "
+                   f"| {_fmt(r['of_math_floor'], '.0%')} / {_fmt(r['of_algorithm_floor'], '.0%')} |")
     return "\n".join(out)
 
 
@@ -228,6 +239,7 @@ def main(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--impls", default="fused,eager,compiled,sdpa", help="comma-separated subset")
     p.add_argument("--sizes", help="B:K pairs, e.g. 256:65536,128:4096 (default: grid for the device)")
+    p.add_argument("--dim", type=int, default=D, help="embedding width D (default 128; 2048 runs the tiled path)")
     p.add_argument("--reps", type=int, default=5, help="timed repeats on CPU (CUDA uses do_bench)")
     p.add_argument("--threads", type=int, help="torch CPU threads (a shared CPU times better with 1)")
     p.add_argument("--out", help="write the environment and rows as JSON to this path")
@@ -238,9 +250,9 @@ def main(argv=None):
         grid = [tuple(int(x) for x in pair.split(":")) for pair in args.sizes.split(",")]
     else:
         grid = CUDA_GRID if torch.device(args.device).type == "cuda" else CPU_GRID
-    rows = run(args.device, grid, args.impls.split(","), args.reps)
+    rows = run(args.device, grid, args.impls.split(","), args.reps, args.dim)
     env = environment(args.device)
-    print(f"fused SEED loss fwd+bwd, D={D}, {env['device']}, torch {env['torch']}, "
+    print(f"fused SEED loss fwd+bwd, D={args.dim}, {env['device']}, torch {env['torch']}, "
           f"triton {env['triton']}, commit {env['commit']}\n")
     print(table(rows))
     if args.out:

@@ -4,14 +4,21 @@ was imported for compilation (TRITON_INTERPRET unset).
 TRITON_INTERPRET=1 is read when a function is decorated, so it cannot be switched per call:
 the whole test suite runs in one process, where the training tests want the fast PyTorch
 path and the kernel tests want the interpreter. Wrapping the kernel in InterpretedFunction
-directly is what triton.jit does under TRITON_INTERPRET=1. The one gap is triton.language's
-own @jit helpers (tl.sum, tl.max, …): they were built as compiled JITFunctions, which refuse
-to be called from Python, so for the duration of a launch their call runs their source
-through the interpreter instead, exactly as it would have been built under the variable.
+directly is what triton.jit does under TRITON_INTERPRET=1. For the duration of a launch two
+gaps of the interpreter are patched:
+- triton.language's own @jit helpers (tl.sum, tl.max, …) and ours were built as compiled
+  JITFunctions, which refuse to be called from Python, so their call runs their source
+  through the interpreter instead, exactly as it would have been built under the variable;
+- the interpreter holds bf16 values as their uint16 bit patterns, and its tl.dot multiplies
+  those integers (a bf16 queue gave a finite loss of ~4e11 instead of ~5): bf16 operands
+  are widened to fp32 first, which is exact and is what the tensor cores compute (fp32
+  products and accumulation).
 """
 
-from triton.runtime.interpreter import InterpretedFunction
+import numpy as np
+from triton.runtime.interpreter import InterpretedFunction, InterpreterBuilder, TensorHandle
 from triton.runtime.jit import JITFunction
+import triton.language as tl
 
 _helpers = {}
 
@@ -21,6 +28,19 @@ def _interpreted_helper_call(self, *args, **kwargs):
     if helper is None:
         helper = _helpers[self.fn] = InterpretedFunction(self.fn)
     return helper(*args, **kwargs)
+
+
+def _widen_bf16(x: TensorHandle) -> TensorHandle:
+    if x.dtype.scalar != tl.bfloat16 or x.data.dtype != np.uint16:
+        return x
+    return TensorHandle((x.data.astype(np.uint32) << 16).view(np.float32), tl.float32)
+
+
+_interpreter_dot = InterpreterBuilder.create_dot
+
+
+def _dot_bf16_as_fp32(self, a, b, d, *args):
+    return _interpreter_dot(self, _widen_bf16(a), _widen_bf16(b), d, *args)
 
 
 class Interpreted:
@@ -33,8 +53,10 @@ class Interpreted:
         def launch(*args, **kwargs):
             compiled_call = JITFunction.__call__
             JITFunction.__call__ = _interpreted_helper_call
+            InterpreterBuilder.create_dot = _dot_bf16_as_fp32
             try:
                 self.kernel[grid](*args, **kwargs)
             finally:
                 JITFunction.__call__ = compiled_call
+                InterpreterBuilder.create_dot = _interpreter_dot
         return launch

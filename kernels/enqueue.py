@@ -4,41 +4,39 @@ into the ring buffer at rows ptr … ptr+N−1 (mod K), advancing ptr, without a
 Equivalent to enqueuing the keys one at a time: key i lands in row (ptr+i) mod K. When N > K
 only the last K keys survive, so only they are written (each row exactly once, no write
 race); their first row is (ptr + N − K) mod K. The pointer is read on the device, so the
-call never waits for the GPU.
+call never waits for the GPU. The kernel (bodies.enqueue_rows) walks D in chunks of
+BLOCK_D, so any D launches with the same [16, BLOCK_D] tile.
 """
 
 import torch
 import torch.nn.functional as F
 import triton
-import triton.language as tl
+from . import bodies
 from ._checks import check_enqueue_args
 from ._interpret import Interpreted
 from .seed_loss import cpu_backend
 
-EPS = tl.constexpr(1e-12)  # F.normalize's eps
-
-
-def _enqueue_kernel(Q, PTR, KEYS, n_write, skip, K, D, stride_q, stride_k,
-                    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Rows i of KEYS[skip:skip+n_write] → Q[(ptr + skip + i) mod K]."""
-    i = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    dims = tl.arange(0, BLOCK_D)
-    ok = (i < n_write)[:, None] & (dims < D)[None, :]
-    x = tl.load(KEYS + (skip + i)[:, None] * stride_k + dims[None, :], mask=ok, other=0.0).to(tl.float32)
-    x = x / tl.maximum(tl.sqrt(tl.sum(x * x, 1)), EPS)[:, None]
-    row = (tl.load(PTR) + skip + i) % K
-    tl.store(Q + row[:, None] * stride_q + dims[None, :], x.to(Q.dtype.element_ty), mask=ok)
-
-
-_CUDA_KERNEL = triton.jit(_enqueue_kernel)
-_CPU_KERNEL = Interpreted(_enqueue_kernel)
+BLOCK_N = 16
+_CPU_KERNEL = Interpreted(bodies.enqueue_rows.fn)
 _last_path = None  # "triton" or "torch" (for tests)
+
+
+def block_d(d: int) -> int:
+    # One 128-wide chunk is 16 fp32 values per thread at 4 warps; narrower D needs less.
+    return min(128, max(16, triton.next_power_of_2(d)))
+
+
+def _launch(kernel, queue, ptr, keys, skip, n_write):
+    keys = keys if keys.stride(-1) == 1 else keys.contiguous()
+    k, d = queue.shape
+    kernel[(triton.cdiv(n_write, BLOCK_N),)](queue, ptr, keys, n_write, skip, k, d, queue.stride(0), keys.stride(0),
+                                             BLOCK_N=BLOCK_N, BLOCK_D=block_d(d))
 
 
 @torch.library.custom_op("fastseed::enqueue_", mutates_args=("queue", "ptr"))
 def _enqueue_op(queue: torch.Tensor, ptr: torch.Tensor, keys: torch.Tensor) -> None:
     global _last_path
-    k, d = queue.shape
+    k = queue.shape[0]
     n = keys.shape[0]
     skip = max(0, n - k)
     n_write = n - skip
@@ -47,12 +45,7 @@ def _enqueue_op(queue: torch.Tensor, ptr: torch.Tensor, keys: torch.Tensor) -> N
             queue.is_cuda or cpu_backend() == "triton")
         if n_write > 0 and use_triton and queue.stride(1) == 1:
             _last_path = "triton"
-            keys = keys if keys.stride(-1) == 1 else keys.contiguous()
-            block_n = 16
-            kernel = _CUDA_KERNEL if queue.is_cuda else _CPU_KERNEL
-            kernel[(triton.cdiv(n_write, block_n),)](
-                queue, ptr, keys, n_write, skip, k, d, queue.stride(0), keys.stride(0),
-                BLOCK_N=block_n, BLOCK_D=max(16, triton.next_power_of_2(d)))
+            _launch(bodies.enqueue_rows if queue.is_cuda else _CPU_KERNEL, queue, ptr, keys, skip, n_write)
         elif n_write > 0:
             _last_path = "torch"
             dtype = torch.float64 if keys.dtype == torch.float64 else torch.float32

@@ -3,15 +3,21 @@
 Every loss test runs twice on CPU: `triton` runs the real Triton kernels in the Triton
 interpreter (FASTSEED_CPU_KERNELS=triton, set per test, so the rest of the suite keeps the
 fast PyTorch path) and `torch` runs the chunked PyTorch path; test_triton_path_is_taken
-proves the interpreter really ran the kernels. bf16 `tl.dot` does not run in the
-interpreter, so bf16 queues are covered by the CUDA tests at the end (skipped without CUDA).
+proves the interpreter really ran the kernels of both Triton paths ("fused" for a 16-bit
+queue at D ≤ 128, "tiled" otherwise). Whether the kernels launch on a GPU is the business of
+fastseed.kernels.check (tests/test_kernel_check.py).
 
 Tolerances, per input dtype (never loosened to pass; the worst errors measured over these
-cases were 1.4e-7 / 1.0e-6 for float32 and 1.5e-5 / 9e-4 for float16):
-  float32: loss rel 2e-6; gradient max |err| ≤ 2e-5·max|g|. The kernels compute in fp32
-           (teacher logits near 1/τT = 1e4 carry ~1e-3 absolute rounding).
-  float16: loss rel 2e-4; gradient max |err| ≤ 5e-3·max|g|. ŝ and the softmax weights enter
-           the fp16 dots rounded to 2^-11 (≈4.9e-4), and the gradient is returned in fp16.
+cases, both backends, were 1.1e-7 / 1.1e-6 for float32, 7.3e-5 / 9.0e-4 for float16 and
+1.3e-3 / 1.4e-2 for bfloat16):
+  float32:  loss rel 2e-6; gradient max |err| ≤ 2e-5·max|g|. The kernels compute in fp32
+            (teacher logits near 1/τT = 1e4 carry ~1e-3 absolute rounding).
+  float16:  loss rel 2e-4; gradient max |err| ≤ 5e-3·max|g|. ŝ and the softmax weights enter
+            the fp16 dots rounded to 2^-11 (≈4.9e-4), and the gradient is returned in fp16.
+  bfloat16: loss rel 2e-3; gradient max |err| ≤ 2e-2·max|g|. The same with an 8-bit
+            mantissa, and the interpreter converts fp32 to bf16 by truncation (2^-8, biased;
+            a GPU rounds to nearest); the split partials are stored in bf16. The worst case is
+            a soft teacher (τT = 1), where g = Σ p Q − v is a small difference of two sums.
 """
 
 import importlib
@@ -26,7 +32,8 @@ from fastseed.kernels import reference as ref
 seed_mod = importlib.import_module("fastseed.kernels.seed_loss")
 enqueue_mod = importlib.import_module("fastseed.kernels.enqueue")
 
-TOL = {torch.float32: (2e-6, 2e-5), torch.float16: (2e-4, 5e-3)}
+TOL = {torch.float32: (2e-6, 2e-5), torch.float16: (2e-4, 5e-3), torch.bfloat16: (2e-3, 2e-2)}
+DTYPES = pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
 NO_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
@@ -66,13 +73,13 @@ SHAPES = [(1, 1, 64), (1, 33, 64), (3, 32, 64), (5, 77, 128), (17, 129, 64),
 TEMPS = [(ts, tt) for ts in (0.07, 0.2) for tt in (1e-4, 0.01, 0.07, 1.0)]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@DTYPES
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda x: "B{}K{}D{}".format(*x))
 def test_seed_loss_shapes(backend, shape, dtype):
     check(fk.seed_loss, ref.seed_loss, *make(*shape, dtype), dtype, student_temp=0.2, teacher_temp=1e-4)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@DTYPES
 @pytest.mark.parametrize("ts,tt", TEMPS)
 def test_seed_loss_temperatures(backend, ts, tt, dtype):
     check(fk.seed_loss, ref.seed_loss, *make(19, 150, 64, dtype, seed=1), dtype,
@@ -88,15 +95,38 @@ def test_seed_loss_teacher_near_queue_rows(backend):
     check(fk.seed_loss, ref.seed_loss, s, t, q, torch.float32, student_temp=0.1, teacher_temp=0.01)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@DTYPES
 @pytest.mark.parametrize("shape,temp", [((1, 1, 64), 0.2), ((7, 45, 64), 0.07),
                                         ((33, 300, 128), 0.2), ((20, 64, 64), 1.0)])
 def test_info_nce_loss(backend, shape, temp, dtype):
     check(fk.info_nce_loss, ref.info_nce_loss, *make(*shape, dtype, seed=3), dtype, temp=temp)
 
 
-def test_triton_path_is_taken(monkeypatch):
-    """With FASTSEED_CPU_KERNELS=triton all four Triton kernels run (in the interpreter)."""
+# Wide embeddings (the tiled path: a ResNet-50 teacher's 2048, Lite0's 1280): small B and K
+# keep the interpreter fast; K=45 still crosses tiles (32) and splits (3).
+@DTYPES
+@pytest.mark.parametrize("d", [384, 768, 1280, 2048])
+def test_wide_embeddings(backend, d, dtype):
+    s, t, q = make(3, 45, d, dtype, seed=5)
+    check(fk.seed_loss, ref.seed_loss, s, t, q, dtype, student_temp=0.2, teacher_temp=1e-4)
+    check(fk.seed_loss, ref.seed_loss, s, t, q, dtype, student_temp=0.07, teacher_temp=0.07)
+    check(fk.info_nce_loss, ref.info_nce_loss, s, t, q, dtype, temp=0.2)
+    assert seed_mod._last_path == ("tiled" if backend == "triton" else "torch")
+
+
+def test_path_choice():
+    # A pure function of D and the queue dtype: whole rows on chip only for 16-bit queues at
+    # D ≤ 128 (see seed_loss.py for the measured limits), D-tiled everywhere else.
+    assert seed_mod.path(1, torch.bfloat16) == seed_mod.path(128, torch.float16) == "fused"
+    assert seed_mod.path(129, torch.bfloat16) == seed_mod.path(2048, torch.float16) == "tiled"
+    assert seed_mod.path(64, torch.float32) == seed_mod.path(4096, torch.float32) == "tiled"
+
+
+@pytest.mark.parametrize("qdtype,kernels", [
+    (torch.bfloat16, ["fused_fwd_split", "fused_fwd_merge", "fused_bwd_split", "fused_bwd_reduce"]),
+    (torch.float32, ["tiled_stats", "tiled_probs"])], ids=["fused", "tiled"])
+def test_triton_path_is_taken(monkeypatch, qdtype, kernels):
+    """With FASTSEED_CPU_KERNELS=triton the path's Triton kernels run (in the interpreter)."""
     monkeypatch.setenv("FASTSEED_CPU_KERNELS", "triton")
     launches = []
 
@@ -111,30 +141,52 @@ def test_triton_path_is_taken(monkeypatch):
         monkeypatch.setitem(seed_mod._CPU, name, counting(name, kernel))
     s, t, q = make(5, 70, 64, torch.float32)
     s.requires_grad_()
-    fk.seed_loss(s, t, q).backward()
-    assert launches == ["fwd_split", "fwd_merge", "bwd_split", "bwd_reduce"]
+    fk.seed_loss(s, t, q.to(qdtype)).backward()
+    assert launches == kernels
     monkeypatch.setenv("FASTSEED_CPU_KERNELS", "torch")
     launches.clear()
-    fk.seed_loss(s, t, q).backward()
+    fk.seed_loss(s, t, q.to(qdtype)).backward()
     assert launches == [] and seed_mod._last_path == "torch"
 
 
-def test_bf16_partials(monkeypatch):
-    # A bf16 queue stores the split partials in bf16 (the dots themselves need a GPU): check
-    # that storage path in the interpreter with an fp32 queue. Tolerance: 2^-9 per partial
-    # bounds the loss at rel 1e-3 and the gradient at 1e-2·max|g|.
+def test_interpreter_bf16_dot():
+    # The interpreter holds bf16 as uint16 bit patterns and its tl.dot multiplied those
+    # integers (a bf16 queue gave a loss of ~4e11 instead of ~5); launches through
+    # Interpreted widen bf16 dot operands to fp32, as the tensor cores compute.
+    import triton.language as tl
+    from fastseed.kernels._interpret import Interpreted
+
+    def dot(A, B, C, N: tl.constexpr):
+        i = tl.arange(0, N)
+        a = tl.load(A + i[:, None] * N + i[None, :])
+        b = tl.load(B + i[:, None] * N + i[None, :])
+        tl.store(C + i[:, None] * N + i[None, :], tl.dot(a, b))
+
+    g = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(16, 16, generator=g).to(torch.bfloat16) for _ in range(2))
+    c = torch.empty(16, 16)
+    Interpreted(dot)[(1,)](a, b, c, 16)
+    torch.testing.assert_close(c, a.float() @ b.float())
+
+
+def test_tiled_backward_crosses_chunks(monkeypatch):
+    # The tiled backward materialises p − r for _P_ELEMS values at a time: with 3 rows and
+    # 384 values that is 128 columns, so K=300 takes 3 chunks, the last one partial.
     monkeypatch.setenv("FASTSEED_CPU_KERNELS", "triton")
-    monkeypatch.setattr(seed_mod, "_partial_dtype", lambda queue: torch.bfloat16)
-    s, t, q = make(21, 200, 64, torch.float32, seed=4)
-    for temps in (dict(student_temp=0.2, teacher_temp=1.0), dict(student_temp=0.07, teacher_temp=0.07)):
-        s1 = s.clone().requires_grad_()
-        loss = fk.seed_loss(s1, t, q, **temps)
-        loss.backward()
-        s64 = s.double().requires_grad_()
-        expect = ref.seed_loss(s64, t.double(), q.double(), **temps)
-        expect.backward()
-        assert abs(loss.item() - expect.item()) <= 1e-3 * expect.item()
-        assert (s1.grad.double() - s64.grad).abs().max() <= 1e-2 * s64.grad.abs().max()
+    monkeypatch.setattr(seed_mod, "_P_ELEMS", 3 * 128)
+    for dtype in (torch.float32, torch.bfloat16):
+        check(fk.seed_loss, ref.seed_loss, *make(3, 300, 256, dtype, seed=6), dtype,
+              student_temp=0.1, teacher_temp=0.05)
+    assert seed_mod._last_path == "tiled"
+
+
+@pytest.mark.parametrize("b,k", [(1, 1), (3, 100), (256, 65536), (4096, 4097), (256, 127)])
+def test_cuda_plan_covers_queue(b, k):
+    # The split plan on a 132-SM GPU: row blocks of 64, splits of whole 128-column multiples,
+    # each split non-empty and together exactly covering the K queue columns.
+    block_b, n_splits, cols = seed_mod._plan(b, k, seed_mod.Launcher(seed_mod._CUDA, 90, 264))
+    assert block_b == 64 and cols % 128 == 0
+    assert (n_splits - 1) * cols < k <= n_splits * cols
 
 
 def test_torch_path_crosses_chunks(monkeypatch):
@@ -159,8 +211,9 @@ def test_default_cpu_backend_is_torch(monkeypatch):
 @pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")  # numpy, in the interpreter
 @pytest.mark.parametrize("where", ["student", "teacher", "queue"])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-def test_non_finite_inputs_give_nan(backend, where, bad):
-    s, t, q = make(5, 40, 64, torch.float32)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["tiled", "fused"])
+def test_non_finite_inputs_give_nan(backend, where, bad, dtype):
+    s, t, q = make(5, 40, 64, dtype)
     {"student": s, "teacher": t, "queue": q}[where][2, 3] = bad
     assert torch.isnan(fk.seed_loss(s, t, q))
     if where != "teacher":
@@ -255,9 +308,10 @@ def test_opcheck(backend):
     s, t, q = make(5, 70, 64, torch.float32)
     s.requires_grad_()
     for hard in (False, True):
-        torch.library.opcheck(seed_mod._fused_ce, (s, t, q, 0.2, 0.07, hard))
-        _, lse, c = seed_mod._fused_ce(s.detach(), t, q, 0.2, 0.07, hard)
-        torch.library.opcheck(seed_mod._fused_ce_backward, (torch.tensor(1.0), s.detach(), q, lse, c, 0.2))
+        torch.library.opcheck(seed_mod._seed_ce, (s, t, q, 0.2, 0.07, hard))
+        _, lse, c = seed_mod._seed_ce(s.detach(), t, q, 0.2, 0.07, hard)
+        torch.library.opcheck(seed_mod._seed_ce_backward,
+                              (torch.tensor(1.0), s.detach(), t, q, lse, c, 0.2, 0.07, hard))
     torch.library.opcheck(enqueue_mod._enqueue_op, (q.clone(), torch.tensor([65]), t))
 
 
@@ -309,8 +363,9 @@ def test_enqueue_before_backward_is_caught():
 
 @pytest.mark.gpu
 @NO_CUDA
-@pytest.mark.parametrize("qdtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("shape", [(1, 1, 64), (5, 77, 128), (37, 1000, 256), (256, 65536, 128), (1024, 4097, 128)])
+@pytest.mark.parametrize("qdtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("shape", [(1, 1, 64), (5, 77, 128), (37, 1000, 256), (256, 65536, 128), (1024, 4097, 128),
+                                   (64, 4097, 1280), (256, 65536, 2048)])
 def test_cuda_seed_loss(shape, qdtype):
     b, k, d = shape
     s, t, q = make(b, k, d, torch.bfloat16, device="cuda")
@@ -321,7 +376,7 @@ def test_cuda_seed_loss(shape, qdtype):
         s1 = s.clone().requires_grad_()
         loss = fused_fn(s1, t, q, **temps)
         loss.backward()
-        assert seed_mod._last_path == "triton"
+        assert seed_mod._last_path == seed_mod.path(d, qdtype)
         s64 = s.double().requires_grad_()
         expect = ref_fn(s64, t.double(), q.double(), **temps)
         expect.backward()
@@ -332,11 +387,12 @@ def test_cuda_seed_loss(shape, qdtype):
 
 @pytest.mark.gpu
 @NO_CUDA
-def test_cuda_enqueue_bf16():
-    queue = torch.zeros(1000, 128, device="cuda", dtype=torch.bfloat16)
+@pytest.mark.parametrize("d", [128, 2048])
+def test_cuda_enqueue_bf16(d):
+    queue = torch.zeros(1000, d, device="cuda", dtype=torch.bfloat16)
     want = queue.clone()
     ptr, p_want = torch.tensor([990], device="cuda"), torch.tensor([990], device="cuda")
-    keys = torch.randn(1500, 128, device="cuda")
+    keys = torch.randn(1500, d, device="cuda")
     fk.enqueue_(queue, ptr, keys)
     ref.enqueue_(want, p_want, keys)
     assert enqueue_mod._last_path == "triton" and ptr.item() == p_want.item()
