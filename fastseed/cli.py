@@ -56,6 +56,9 @@ def train_parser() -> argparse.ArgumentParser:
     a("--crop-scale", dest="crop_scale", type=_pair, help="RandomResizedCrop scale, e.g. 0.2,1")
     a("--small-crops", dest="small_crops", type=int, help="SEED small-patch: number of small crops (6)")
     a("--small-res", dest="small_res", type=int)
+    a("--small-enqueue", dest="small_enqueue", choices=["first", "all"],
+      help="keys entering the small-crop queue: first (official: crop 0 of each image, at the large "
+           "queue's pointer) or all (every small crop)")
     a("--workers", type=int)
     a("--wd", "--weight-decay", dest="weight_decay", type=float)
     a("--momentum", type=float)

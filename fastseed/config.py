@@ -32,6 +32,7 @@ class Config:
     small_crops: int = 0                 # SEED small-patch variant: 6
     small_res: int = 96
     small_scale: tuple[float, float] = (0.05, 0.14)
+    small_enqueue: str = "first"         # small queue gets: first (official: crop 0 of each image) | all
     workers: int = 8
 
     # optimisation (lr None -> 0.03 x batch / 256, as SEED/MoCo)

@@ -113,7 +113,7 @@ def build_method(cfg: Config, env: Env):
     queue_dtype = torch.bfloat16 if amp_dtype(cfg, env.device) == torch.bfloat16 else torch.float32
     method = METHODS[cfg.method](
         student, teacher, dim=dim, queue_size=cfg.queue_size, temp=cfg.temp, distill_t=cfg.distill_t,
-        small_crops=cfg.small_crops, moco_m=cfg.moco_m, queue_dtype=queue_dtype)
+        small_crops=cfg.small_crops, small_enqueue=cfg.small_enqueue, moco_m=cfg.moco_m, queue_dtype=queue_dtype)
     method.student = to_channels_last(method.student, cfg.channels_last)
     return method.to(env.device), teacher_info, (tuple(mean), tuple(std))
 

@@ -86,7 +86,49 @@ def test_seed_small_patches_use_a_second_queue():
     one = SEED.forward(m, views[:1], targets[:1])
     assert loss.item() > one.item()  # CE224 + CE96
     m.update(targets)
-    assert int(m.queue.ptr) == 3 and int(m.small_queue.ptr) == 6
+    assert int(m.queue.ptr) == int(m.small_queue.ptr) == 3  # crop 0's keys only (official)
+    every = SEED(TinyNet(), teacher(), dim=6, queue_size=32, small_crops=2, small_enqueue="all")
+    every.update(targets)
+    assert int(every.queue.ptr) == 3 and int(every.small_queue.ptr) == 6
+    torch.testing.assert_close(every.small_queue.keys[:6], F.normalize(targets[1], dim=1))
+
+
+def test_small_patch_queue_takes_crop_0_at_the_shared_pointer_as_official_seed():
+    """The official rule, jacobswan1/SEED seed/small_patch_builder.py (SEED.forward and
+    SEED._dequeue_and_enqueue), written out here on its own layout:
+
+        B, N, C, W, H = small_image.shape                      # image-major: B x N crops
+        t_small_emb = self.teacher(small_image.view(-1, C, W, H))
+        t_small_emb = t_small_emb.view(B, N, self.dim)
+        self._dequeue_and_enqueue(t_emb, t_small_emb[:, 0].contiguous())
+            ptr = int(self.queue_ptr)
+            self.queue[:, ptr:ptr + batch_size] = keys.transpose(0, 1)
+            self.small_queue[:, ptr:ptr + batch_size] = small_keys.transpose(0, 1)
+            ptr = (ptr + batch_size) % self.K
+            self.queue_ptr[0] = ptr
+
+    (its teacher normalises its output; its queues are [dim, K], ours [K, dim]). Three
+    batches of B=4 images with N=2 small crops each into K=8 rows: the ring wraps."""
+    B, N, K, D = 4, 2, 8, 6
+    tnet = teacher(D)
+    m = SEED(TinyNet(), tnet, dim=D, queue_size=K, small_crops=N)
+    queue, small_queue = m.queue.keys.T.clone(), m.small_queue.keys.T.clone()  # the same random start
+    ptr = 0
+    g = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        image = torch.randn(B, 3, 8, 8, generator=g)
+        small_image = torch.randn(B, N, 3, 4, 4, generator=g)
+        # official
+        t_emb = F.normalize(tnet(image), dim=1)
+        t_small_emb = F.normalize(tnet(small_image.view(-1, 3, 4, 4)), dim=1).view(B, N, D)
+        queue[:, ptr:ptr + B] = t_emb.T
+        small_queue[:, ptr:ptr + B] = t_small_emb[:, 0].T
+        ptr = (ptr + B) % K
+        # fastseed: view 0, then one view per small crop
+        m.update(m.targets([image, *small_image.unbind(1)]))
+    torch.testing.assert_close(m.queue.keys, queue.T)
+    torch.testing.assert_close(m.small_queue.keys, small_queue.T)
+    assert int(m.queue.ptr) == int(m.small_queue.ptr) == ptr
 
 
 def test_simreg_loss_is_two_minus_two_cos():
