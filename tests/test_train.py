@@ -125,10 +125,10 @@ def test_out_of_memory_at_start_suggests_largest_batch(data, teacher_ckpt, tmp_p
     import fastseed.train as T
     real_step = T.train_step
 
-    def small_memory_step(run, views, step):
+    def small_memory_step(run, views, step, batch=None):
         if views[0].shape[0] > 8:
             raise torch.OutOfMemoryError("simulated")
-        return real_step(run, views, step)
+        return real_step(run, views, step, batch)
 
     monkeypatch.setattr(T, "train_step", small_memory_step)
     out = tmp_path / "oom"
