@@ -1,5 +1,6 @@
 """Several students in one run (`-a a,b`): each matches its solo run step for step, one going
-NaN stops alone, out-of-memory advice per student, multi-file checkpoint commits.
+NaN stops alone, out-of-memory advice per student, multi-file checkpoint commits, and the
+benchmark of a joint run against the solo runs (tiny).
 
 The runs here feed `train()` fixed uint8 batches (FFCV's random crops differ from run to run,
 so they could not be compared) and use timm's tiny test models as students and teacher.
@@ -9,6 +10,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import timm
@@ -184,3 +188,17 @@ def test_commit_of_several_files_is_finished_after_a_kill_between_renames(tmp_pa
     finish_commit(journal)
     assert [torch.load(p) for p in paths] == ["new", "new"] and not journal.exists()
     assert sorted(f.name for f in tmp_path.rglob("*") if f.is_file()) == ["ck.pt", "ck.pt"]
+
+
+def test_bench_multi_runs_tiny(tmp_path):
+    """benchmarks/bench_multi.py end to end at a tiny size (its numbers mean nothing here)."""
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "m.jsonl"
+    p = subprocess.run([sys.executable, "benchmarks/bench_multi.py", "--tiny", "--res", "32", "--batch", "16",
+                        "--steps", "1", "--rounds", "1", "--images", "64", "--phase-steps", "1", "--out", str(out)],
+                       cwd=root, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-4000:]
+    (r,) = map(json.loads, out.read_text().splitlines())
+    assert r["joint_images_per_s"] > 0 and r["solo_sequence_images_per_s"] > 0 and r["commit"]
+    assert set(r["phase_ms_per_step"]) == {"joint", *r["students"]}
+    assert r["phase_ms_per_step"]["joint"]["teacher"] > 0 and r["phase_ms_per_step"]["joint"]["students"] > 0
