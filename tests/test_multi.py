@@ -162,6 +162,19 @@ def test_student_configs_split_arch_and_lr_and_refuse_what_cannot_work():
             student_configs(Config(**bad))
 
 
+def test_cli_refuses_moco_with_several_students_in_one_line(tmp_path, capsys):
+    from fastseed.cli import train_main
+    from fastseed.data_prep import write_beton
+    beton = tmp_path / "d.beton"
+    write_beton("fashion-mnist:test", str(beton), subset=64, compress_probability=0.0, progress=False)
+    capsys.readouterr()
+    assert train_main(["--data", str(beton), "--method", "moco", "-a", "resnet18,efficientnet_b0",
+                       "--output", str(tmp_path / "out"), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --method moco trains one student"), err
+    assert not (tmp_path / "out").exists()
+
+
 def test_commit_of_several_files_is_finished_after_a_kill_between_renames(tmp_path, monkeypatch):
     """A kill between two renames leaves the journal; the next start finishes the renames."""
     paths = [tmp_path / "a" / "ck.pt", tmp_path / "b" / "ck.pt"]
