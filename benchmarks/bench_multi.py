@@ -113,7 +113,7 @@ def bench(res: int = 64, batch: int = 32, steps: int = 2, rounds: int = 5, image
                 times[name].append(_window(run, batches, steps, 1 + r * steps))
         batches.close()
         ratios = [sum(times[a][r] for a in archs) / times["joint"][r] for r in range(rounds)]
-        phases = {name: _summarise(time_phases(run, warmup=0, steps=phase_steps)) for name, run in runs.items()}
+        phases = {name: time_phases(run, warmup=0, steps=phase_steps) for name, run in runs.items()}
     joint_s, solo_s = sum(times["joint"]), sum(sum(times[a]) for a in archs)
     n = rounds * steps * batch
     return {
@@ -124,7 +124,8 @@ def bench(res: int = 64, batch: int = 32, steps: int = 2, rounds: int = 5, image
         "ratio_median": round(statistics.median(ratios), 3), "ratio_min": round(min(ratios), 3),
         "ratio_max": round(max(ratios), 3), "ratios": [round(x, 3) for x in ratios],
         "window_s": {k: [round(t, 2) for t in v] for k, v in times.items()},
-        "phase_ms_per_step": phases,
+        "phase_ms_per_step": {name: _summarise(p) for name, p in phases.items()},
+        "phase_ms_detail": {name: {k: round(v, 1) for k, v in p.items()} for name, p in phases.items()},
     }
 
 
