@@ -65,9 +65,9 @@ def student_configs(cfg: Config) -> list[Config]:
         raise ConfigError(f"--method moco trains one student (its keys come from its own momentum encoder): "
                           f"pass one -a, not {cfg.arch}")
     lrs = lrs * len(archs) if len(lrs) == 1 else lrs
-    resume = cfg.resume
     return [cfg.replace(arch=a, lr=lr, output=str(cfg.out_dir / a),
-                        resume=resume if resume in (None, "auto") else str(Path(resume) / a / "checkpoint_last.pt"))
+                        resume=cfg.resume if cfg.resume in (None, "auto")
+                        else str(Path(cfg.resume) / a / "checkpoint_last.pt"))
             for a, lr in zip(archs, lrs)]
 
 
@@ -187,7 +187,7 @@ class Students:
                 s.failed = (f"{self._who(s)}weights became NaN/inf by step {step} (the loss was still finite); "
                             f"stopped. The last good checkpoint {s.checkpoint_path} is untouched: "
                             f"{self._fix(s, 'lower --lr')}")
-            if s.failed and self.live:
+            if s.failed and self.live and _main_rank():
                 print(f"{s.failed} (the other students go on)", file=sys.stderr)
 
     def _who(self, s: Student) -> str:
@@ -203,7 +203,8 @@ class Students:
         s.failed = (f"{self._who(s)}stopped at step {step} in an earlier run (the others resumed at step "
                     f"{run_step}); its checkpoint {s.checkpoint_path} is untouched: "
                     f"{self._fix(s, 'fix what stopped it')}")
-        print(s.failed, file=sys.stderr)
+        if _main_rank():
+            print(s.failed, file=sys.stderr)
 
     def failures(self) -> list[str]:
         return [s.failed for s in self.members if s.failed]
@@ -226,6 +227,10 @@ class Students:
         def show(name, fmt):
             return "/".join(format(record[s.key(name)], fmt) if s.key(name) in record else "×" for s in self.members)
         return {"loss": show("loss", ".3f"), "lr": show("lr", ".3g"), "img_s": f"{record['img_per_s']:.0f}"}
+
+
+def _main_rank() -> bool:
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
 def _non_finite(params) -> torch.Tensor:
