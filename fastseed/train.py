@@ -1,5 +1,9 @@
 """The training loop: one screen of `train()`, the pieces it calls above it.
 
+A run has one target source (`fastseed.targets`: the frozen teacher, asked once per batch) and
+one or more students (`fastseed.students`: `-a` takes a comma list), which share the loader,
+the augmentation, the targets and the queues, and own the rest.
+
 Speed choices (each measured or explained where it is made): teacher frozen in eval +
 inference_mode and never in the optimizer/DDP/checkpoint; student channels-last under bf16
 autocast and torch.compile; fused/foreach optimizer; no host sync inside a step (loss and the
@@ -27,9 +31,10 @@ from fastseed.config import Config
 from fastseed.data import eval_loader, ssl_loader
 from fastseed.evaluate import extract_features, knn_classify
 from fastseed.methods import METHODS
-from fastseed.methods._common import FrozenTeacher
 from fastseed.models import ConfigError, create_student, to_channels_last
-from fastseed.teachers import IMAGENET_MEAN, IMAGENET_STD, CheckpointReadError, load_teacher, read_checkpoint_file
+from fastseed.students import NO_PHASES, Phases, Student, Students, student_configs
+from fastseed.targets import build_targets
+from fastseed.teachers import IMAGENET_MEAN, IMAGENET_STD, CheckpointReadError, read_checkpoint_file
 
 CHECKPOINT_VERSION = 1
 
@@ -87,36 +92,28 @@ def seed_everything(seed: int) -> None:
 
 
 # ---------------------------------------------------------------- building
-def build_method(cfg: Config, env: Env):
-    """Student + head + queue (and the frozen teacher for distillation). Returns
-    (method, teacher_info, (mean, std))."""
-    # channels-last before the method copies it: MoCo's key encoder is a deep copy of the student
-    student = to_channels_last(create_student(cfg.arch), cfg.channels_last)
-    compile_fn = (lambda m: torch.compile(m, mode=cfg.compile_mode)) if use_compile(cfg, env) else None
-    teacher_info = None
-    teacher = None
-    mean, std = IMAGENET_MEAN, IMAGENET_STD
-    if cfg.method in ("seed", "simreg"):
-        use_head = cfg.teacher_use_head and not (cfg.method == "simreg" and cfg.simreg_target == "backbone")
-        bundle = load_teacher(cfg.teacher_arch, cfg.distill, cfg.teacher_ssl, use_head=use_head,
-                              trust=cfg.trust_checkpoint)
-        tmodel = to_channels_last(bundle.model.to(env.device), cfg.channels_last)
-        if amp_dtype(cfg, env.device) == torch.bfloat16:
-            tmodel = tmodel.to(torch.bfloat16)  # frozen: bf16 weights halve its memory traffic
-        teacher = FrozenTeacher(tmodel, cfg.teacher_res, compile_fn)
-        teacher_info = {"arch": bundle.arch, "format": bundle.format, "sha256": bundle.sha256,
-                        "dim": bundle.dim, "checkpoint": cfg.distill}
-        mean, std = bundle.mean, bundle.std
-        dim = bundle.dim
-    else:
-        dim = cfg.dim or 128
-    if cfg.dim is not None and cfg.method != "moco" and cfg.dim != dim:
-        raise ConfigError(f"--dim {cfg.dim} does not match the teacher's embedding dim {dim}")
-    queue_dtype = torch.bfloat16 if amp_dtype(cfg, env.device) == torch.bfloat16 else torch.float32
-    method = METHODS[cfg.method](
-        student, teacher, dim=dim, queue_size=cfg.queue_size, temp=cfg.temp, distill_t=cfg.distill_t,
-        small_crops=cfg.small_crops, moco_m=cfg.moco_m, queue_dtype=queue_dtype, compile_fn=compile_fn)
-    return method.to(env.device), teacher_info, (tuple(mean), tuple(std))
+def build_method(cfg: Config, env: Env, dim: int, queues) -> nn.Module:
+    """One student's backbone + head around the run's shared `queues`. Its init depends only on
+    `cfg.seed` (the global generator is forked and seeded with it, the same on every rank), not
+    on what was built before it: a student of a joint run starts as its solo run does."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        # channels-last before the method copies it: MoCo's key encoder is a deep copy of the student
+        student = to_channels_last(create_student(cfg.arch), cfg.channels_last)
+        method = METHODS[cfg.method](student, queues, dim=dim, temp=cfg.temp, distill_t=cfg.distill_t,
+                                     moco_m=cfg.moco_m, compile_fn=compiler(cfg, env))
+    return method.to(env.device)
+
+
+def build_student(cfg: Config, env: Env, dim: int, queues, dtype: torch.dtype | None) -> Student:
+    """`cfg` is the student's solo config (`student_configs`): its method, wrapper, optimizer."""
+    method = build_method(cfg, env, dim, queues)
+    model = wrap_model(method, cfg, env)
+    # after wrapping: fully_shard swaps the parameters for DTensor shards
+    lr = cfg.lr if cfg.lr is not None else cfg.base_lr * cfg.batch_size / 256
+    optimizer = build_optimizer(cfg, method, lr, env.device)
+    scaler = torch.amp.GradScaler(env.device.type) if dtype == torch.float16 else None
+    return Student(cfg, method, model, optimizer, scaler, lr)
 
 
 def use_compile(cfg: Config, env: Env) -> bool:
@@ -124,6 +121,11 @@ def use_compile(cfg: Config, env: Env) -> bool:
         # compiling a ResNet takes minutes on a 2-core CPU: more than a CPU run gains
         return env.device.type == "cuda"
     return cfg.compile == "on"
+
+
+def compiler(cfg: Config, env: Env):
+    """torch.compile with the run's mode when compiling is on, else None."""
+    return (lambda m: torch.compile(m, mode=cfg.compile_mode)) if use_compile(cfg, env) else None
 
 
 def build_optimizer(cfg: Config, method: nn.Module, lr: float, device: torch.device):
@@ -164,6 +166,11 @@ def epoch_lr(epoch: int, epochs: int, warmup_epochs: float, peak: float, start: 
 # ---------------------------------------------------------------- checkpoints
 def atomic_save(obj, path: Path) -> None:
     """Write to a temp file beside the target, fsync, rename: a kill leaves the old file."""
+    os.replace(_write_temp(obj, path), path)
+
+
+def _write_temp(obj, path: Path) -> Path:
+    """`obj` in a temp file beside `path`, fsynced, for the caller to rename into place."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
@@ -171,7 +178,6 @@ def atomic_save(obj, path: Path) -> None:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
     except BaseException as e:
         tmp.unlink(missing_ok=True)
         aliases = _dtype_aliases(obj) if isinstance(e, RuntimeError) else []
@@ -179,6 +185,28 @@ def atomic_save(obj, path: Path) -> None:
             raise TrainingError(f"cannot write {path}: tensors share memory under different dtypes: "
                                 f"{'; '.join(aliases)}. {path.name} is untouched") from e
         raise
+    return tmp
+
+
+def commit_all(temps: list[tuple[Path, Path]], journal: Path) -> None:
+    """Rename written temp files (temp, target) into place as one step. With several, a journal
+    naming them is saved first (atomically): a kill between two renames leaves it, and
+    `finish_commit` completes the renames at the next start, so the targets never mix steps."""
+    if len(temps) > 1:
+        atomic_save([[str(t), str(p)] for t, p in temps], journal)
+    for tmp, path in temps:
+        os.replace(tmp, path)
+    journal.unlink(missing_ok=True)
+
+
+def finish_commit(journal: Path) -> None:
+    """Complete the renames of a commit a kill interrupted (every temp it names was whole)."""
+    if not journal.is_file():
+        return
+    for tmp, path in torch.load(journal, weights_only=True):
+        if Path(tmp).is_file():
+            os.replace(tmp, path)
+    journal.unlink()
 
 
 def _dtype_aliases(obj) -> list[str]:
@@ -232,9 +260,17 @@ def _full_state(method, optimizer, cfg: Config, env: Env) -> tuple[dict, dict]:
     return get_state_dict(method, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def save_checkpoint(path: Path, *, cfg: Config, env: Env, method, optimizer, scaler, step: int,
-                    epoch: int, batch_in_epoch: int, teacher_info, aug_gen, mean_std) -> None:
-    """Student, head, queue + pointer, optimizer, step, data position, every rank's RNG."""
+def save_checkpoint(path: Path, **state) -> None:
+    """One student's checkpoint (`checkpoint_state`), written atomically by the main rank."""
+    ckpt = checkpoint_state(**state)
+    if ckpt is not None:
+        atomic_save(ckpt, path)
+
+
+def checkpoint_state(*, cfg: Config, env: Env, method, optimizer, scaler, step: int, epoch: int,
+                     batch_in_epoch: int, teacher_info, aug_gen, mean_std) -> dict | None:
+    """Student, head, queue + pointer, optimizer, step, data position, every rank's RNG. Every
+    rank calls it (it gathers); the main rank gets the dict, the others None."""
     rngs = [None] * env.world
     if env.world > 1:
         dist.all_gather_object(rngs, _rng_state(aug_gen))
@@ -242,8 +278,8 @@ def save_checkpoint(path: Path, *, cfg: Config, env: Env, method, optimizer, sca
         rngs = [_rng_state(aug_gen)]
     state, optim_state = _full_state(method, optimizer, cfg, env)  # collective under FSDP
     if not env.main:
-        return
-    ckpt = {
+        return None
+    return {
         "fastseed": {"version": CHECKPOINT_VERSION, "step": step, "epoch": epoch,
                      "batch_in_epoch": batch_in_epoch, "teacher": teacher_info,
                      "mean": mean_std[0], "std": mean_std[1], "arch": cfg.arch, "method": cfg.method,
@@ -256,7 +292,27 @@ def save_checkpoint(path: Path, *, cfg: Config, env: Env, method, optimizer, sca
         "scaler": scaler.state_dict() if scaler is not None else None,
         "rng": rngs,
     }
-    atomic_save(ckpt, path)
+
+
+COMMIT_JOURNAL = "checkpoint_commit.pt"
+
+
+def save_checkpoints(run: "Run", step: int, epoch: int, batch_in_epoch: int) -> None:
+    """Every live student's checkpoint (its solo run's file), committed together."""
+    temps = []
+    try:
+        for s in run.students.live:
+            ckpt = checkpoint_state(cfg=s.cfg, env=run.env, method=s.method, optimizer=s.optimizer,
+                                    scaler=s.scaler, step=step, epoch=epoch, batch_in_epoch=batch_in_epoch,
+                                    teacher_info=run.teacher_info, aug_gen=run.aug_gen, mean_std=run.mean_std)
+            if ckpt is not None:
+                temps.append((_write_temp(ckpt, s.checkpoint_path), s.checkpoint_path))
+        if run.env.main:
+            commit_all(temps, run.cfg.out_dir / COMMIT_JOURNAL)
+    except BaseException:
+        for tmp, _ in temps:
+            tmp.unlink(missing_ok=True)
+        raise
 
 
 def read_checkpoint(path: str | Path, trust: bool = False) -> dict:
@@ -302,11 +358,6 @@ def restore(ckpt: dict, cfg: Config, method, optimizer, scaler, teacher_info, au
     return meta
 
 
-def all_finite(params) -> bool:
-    flags = [torch.isfinite(p.detach()).all() for p in params]
-    return bool(torch.stack(flags).all()) if flags else True
-
-
 def find_resume(cfg: Config) -> Path | None:
     if cfg.resume is None:
         return None
@@ -314,6 +365,34 @@ def find_resume(cfg: Config) -> Path | None:
         p = cfg.out_dir / "checkpoint_last.pt"
         return p if p.is_file() else None
     return Path(cfg.resume)
+
+
+def resume(run: "Run") -> int:
+    """Restore every student from its checkpoint and return their step (0: nothing to resume).
+    A student whose checkpoint is behind the others' stopped in an earlier run: it stays stopped."""
+    if run.env.main:
+        finish_commit(run.cfg.out_dir / COMMIT_JOURNAL)
+    if run.env.world > 1:
+        dist.barrier()
+    paths = {s: find_resume(s.cfg) for s in run.students}
+    if not any(paths.values()):
+        return 0
+    missing = [s.name for s, p in paths.items() if p is None]
+    if missing:
+        raise TrainingError(f"no checkpoint of {', '.join(missing)} under {run.cfg.out_dir}, but of the other "
+                            "students: resume with that run's -a list, or start these in another --output")
+    ckpts = {s: read_checkpoint(p, run.cfg.trust_checkpoint) for s, p in paths.items()}
+    step = max(c["fastseed"]["step"] for c in ckpts.values())
+    for s, ckpt in ckpts.items():
+        meta = ckpt["fastseed"]
+        if meta["step"] < step:
+            run.students.stale(s, meta["step"], step)
+            continue
+        restore(ckpt, s.cfg, s.method, s.optimizer, s.scaler, run.teacher_info, run.aug_gen, run.env)
+        if run.env.main:
+            print(f"resumed from {paths[s]} at step {step} (epoch {meta['epoch']}, "
+                  f"batch {meta['batch_in_epoch']})", file=sys.stderr)
+    return step
 
 
 # ---------------------------------------------------------------- logging
@@ -383,17 +462,15 @@ class Run:
     """Everything a step needs, built once by `prepare`."""
     cfg: Config
     env: Env
-    method: nn.Module
-    model: nn.Module          # what the step calls: method, DDP(method), compiled
+    students: Students
+    targets: object            # the target source: targets(views, batch) -> keys (fastseed.targets)
+    queues: nn.Module | None   # the keys every student compares against; None for SimReg
     teacher_info: dict | None
     mean_std: tuple
     loader: object
     augment: nn.Module
     aug_gen: torch.Generator
-    optimizer: torch.optim.Optimizer
-    scaler: object
     dtype: torch.dtype | None
-    lr: float
     warmup: int
     total: int
     steps_per_epoch: int
@@ -401,14 +478,15 @@ class Run:
     def autocast(self):
         return torch.autocast(self.env.device.type, dtype=self.dtype) if self.dtype else nullcontext()
 
-    def schedule(self, step: int) -> float:
-        """The learning rate of `step`: fastseed's per-step schedule, or the official per-epoch one
-        warming up from the lr of batch 256 (SEED's lr) to `lr` (its lr x batch/256)."""
+    def schedule(self, step: int, lr: float) -> float:
+        """The learning rate of `step` for a student of peak `lr`: fastseed's per-step schedule, or
+        the official per-epoch one warming up from the lr of batch 256 (SEED's lr) to `lr` (its
+        lr x batch/256)."""
         if self.cfg.lr_schedule == "epoch":
-            return epoch_lr(step // self.steps_per_epoch, self.cfg.epochs, self.cfg.warmup_epochs, self.lr,
-                            self.lr * 256 / self.cfg.batch_size)
+            return epoch_lr(step // self.steps_per_epoch, self.cfg.epochs, self.cfg.warmup_epochs, lr,
+                            lr * 256 / self.cfg.batch_size)
         if self.cfg.lr_schedule == "step":
-            return lr_at(step, self.total, self.warmup, self.lr)
+            return lr_at(step, self.total, self.warmup, lr)
         raise ConfigError(f"unknown lr_schedule {self.cfg.lr_schedule!r}: step or epoch")
 
 
@@ -434,15 +512,25 @@ def wrap_model(method: nn.Module, cfg: Config, env: Env) -> nn.Module:
 
 def prepare(cfg: Config, loader=None) -> Run:
     """Build everything a run needs. `loader` replaces the FFCV loader of `cfg.data` (tests,
-    synthetic-data benchmarks): any sized iterable of `(views, labels)`."""
+    synthetic-data benchmarks): any sized iterable of `(views, labels)` with `resume(epoch, batch)`."""
     env = setup_env(cfg)
+    configs = student_configs(cfg)  # validates -a / --lr before anything is written
     if env.main:
-        cfg.out_dir.mkdir(parents=True, exist_ok=True)
+        for c in (cfg, *configs):
+            c.out_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.seed + env.rank)
     dtype = amp_dtype(cfg, env.device)
-    method, teacher_info, mean_std = build_method(cfg, env)
+    source = build_targets(cfg, env.device, dtype=dtype, compile_fn=compiler(cfg, env))
+    dim = source.dim if source is not None else cfg.dim or 128
+    if cfg.dim is not None and cfg.method != "moco" and cfg.dim != dim:
+        raise ConfigError(f"--dim {cfg.dim} does not match the teacher's embedding dim {dim}")
+    mean_std = source.mean_std if source is not None else (tuple(IMAGENET_MEAN), tuple(IMAGENET_STD))
     # the preset and its crop scale (an explicit one wins), resolved here so checkpoints record them
-    cfg = resolve_preset(cfg, teacher_info and teacher_info["format"])
+    cfg = resolve_preset(cfg, source and source.info["format"])
+    configs = student_configs(cfg)
+    queue_dtype = torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
+    queues = METHODS[cfg.method].make_queues(dim=dim, queue_size=cfg.queue_size, queue_dtype=queue_dtype,
+                                             small_crops=cfg.small_crops, small_enqueue=cfg.small_enqueue)
     if loader is None:
         loader = ssl_loader(cfg.data, batch_size=cfg.batch_size // env.world, res=cfg.res, scale=cfg.crop_scale,
                             num_global=2 if cfg.method == "moco" else 1, num_small=cfg.small_crops,
@@ -457,72 +545,74 @@ def prepare(cfg: Config, loader=None) -> Run:
     total = cfg.epochs * steps_per_epoch
     if cfg.max_steps is not None:
         total = min(total, cfg.max_steps)
-    lr = cfg.lr if cfg.lr is not None else cfg.base_lr * cfg.batch_size / 256
-    scaler = torch.amp.GradScaler(env.device.type) if dtype == torch.float16 else None
-
-    model = wrap_model(method, cfg, env)
-    # after wrapping: fully_shard swaps the parameters for DTensor shards
-    optimizer = build_optimizer(cfg, method, lr, env.device)
-    return Run(cfg, env, method, model, teacher_info, mean_std, loader, augment, aug_gen, optimizer, scaler,
-               dtype, lr, int(cfg.warmup_epochs * steps_per_epoch), total, steps_per_epoch)
+    students = Students([build_student(c, env, dim, queues, dtype) for c in configs])
+    targets = source if source is not None else students.members[0].method  # MoCo: its own key encoder
+    return Run(cfg, env, students, targets, queues, source.info if source is not None else None, mean_std,
+               loader, augment, aug_gen, dtype, int(cfg.warmup_epochs * steps_per_epoch), total, steps_per_epoch)
 
 
-def train_step(run: Run, views: list[torch.Tensor], step: int) -> torch.Tensor:
-    """One optimisation step; returns the loss on the device (no host sync)."""
-    for g in run.optimizer.param_groups:
-        g["lr"] = run.schedule(step)
+def train_step(run: Run, views: list[torch.Tensor], step: int, batch=None,
+               phases: Phases = NO_PHASES) -> list[torch.Tensor]:
+    """One optimisation step of every live student on one augmentation of `views` and one ask
+    of the target source; returns their losses on the device (no host sync). `batch` is what
+    the loader yielded beside the views; `phases` marks the step's phases (`fastseed.profile`)."""
+    for s in run.students.live:
+        for g in s.optimizer.param_groups:
+            g["lr"] = run.schedule(step, s.lr)
+    phases.phase("augment")
     views = [run.augment(v, generator=run.aug_gen) for v in views]
+    phases.phase("teacher")
     with run.autocast():
-        targets = run.method.targets(views)
-        loss = run.model(views, targets)
-    if run.scaler is not None:
-        run.scaler.scale(loss).backward()
-        run.scaler.step(run.optimizer)
-        run.scaler.update()
-    else:
-        loss.backward()
-        run.optimizer.step()
-    run.optimizer.zero_grad(set_to_none=True)
-    run.method.update(targets)  # after backward: the loss's backward re-reads the queue
-    return loss.detach()
+        targets = run.targets.targets(views, batch)
+    losses = run.students.step(views, targets, step, run.autocast, phases)
+    phases.phase("enqueue")
+    if run.queues is not None:
+        run.queues.update(targets)  # after every backward: the losses' backward re-reads the queue
+    return losses
 
 
-def oom_advice(run: Run, views: list[torch.Tensor]) -> str:
-    """The first step ran out of memory: find the largest per-rank batch that fits by halving,
-    on copies of this batch's views, and say what to pass."""
+def oom_advice(run: Run, views: list[torch.Tensor], batch) -> str:
+    """The first step ran out of memory: for each student, beside the others, find the largest
+    per-rank batch that fits by halving, on copies of this batch's views, and say what to pass."""
     per_rank = views[0].shape[0]
-    b = per_rank // 2
-    while b >= 1:
-        run.optimizer.zero_grad(set_to_none=True)
-        if run.env.device.type == "cuda":
-            torch.cuda.empty_cache()
-        try:
-            train_step(run, [v[:b].clone() for v in views], 0)
-            break
-        except torch.OutOfMemoryError:
-            b //= 2
-    fits = b * run.env.world
+    fits = {}
+    for s in run.students.live:
+        b = per_rank // 2
+        while b >= 1:
+            for other in run.students:
+                other.optimizer.zero_grad(set_to_none=True)
+            if run.env.device.type == "cuda":
+                torch.cuda.empty_cache()
+            try:
+                with run.students.only(s):
+                    train_step(run, [v[:b].clone() for v in views], 0, None if batch is None else batch[:b])
+                break
+            except torch.OutOfMemoryError:
+                b //= 2
+        fits[s.name] = b * run.env.world
+    asked = per_rank * run.env.world
     lr_hint = "" if run.cfg.lr is None else " (and scale --lr with it)"
-    if b < 1:
-        return "out of memory at the first step even with 1 image per rank: use a smaller --arch or --res"
-    return (f"out of memory at the first step with --batch-size {per_rank * run.env.world}; the largest batch "
-            f"that fits is {fits}: rerun with --batch-size {fits}{lr_hint}")
+    if len(fits) == 1:
+        (fit,) = fits.values()
+        if fit < 1:
+            return "out of memory at the first step even with 1 image per rank: use a smaller --arch or --res"
+        return (f"out of memory at the first step with --batch-size {asked}; the largest batch "
+                f"that fits is {fit}: rerun with --batch-size {fit}{lr_hint}")
+    none = [n for n, f in fits.items() if f < 1]
+    advice = (f"leave out {', '.join(none)} (not even 1 image per rank fits) or use a smaller --res" if none
+              else f"rerun with --batch-size {min(fits.values())}{lr_hint}")
+    return (f"out of memory at the first step with --batch-size {asked}; the largest batch each student fits "
+            f"beside the others: {', '.join(f'{n} {f}' for n, f in fits.items())}: {advice}")
 
 
-def train(cfg: Config) -> dict:
-    run = prepare(cfg)
+def train(cfg: Config, loader=None) -> dict:
+    """Run `cfg` to its end (`loader`: as `prepare`). Returns {"step", "results" (k-NN), "failed"
+    (one line per student stopped on NaN/inf while others went on)}; raises TrainingError when
+    no student is left."""
+    run = prepare(cfg, loader)
     cfg = run.cfg  # with the augmentation preset resolved
-    env, method, optimizer, out = run.env, run.method, run.optimizer, cfg.out_dir
-    step = 0
-    resume_path = find_resume(cfg)
-    if resume_path is not None:
-        meta = restore(read_checkpoint(resume_path, cfg.trust_checkpoint), cfg, method, optimizer, run.scaler,
-                       run.teacher_info, run.aug_gen, env)
-        step = meta["step"]
-        if env.main:
-            print(f"resumed from {resume_path} at step {step} (epoch {meta['epoch']}, "
-                  f"batch {meta['batch_in_epoch']})", file=sys.stderr)
-
+    env, students, out = run.env, run.students, cfg.out_dir
+    step = resume(run)
     logger = Logger(out, env.main)
     results: dict = {}
     eval_res = cfg.eval_res or cfg.res
@@ -536,31 +626,17 @@ def train(cfg: Config) -> dict:
         return knn_eval(encoder, cfg, env, run.mean_std, loaders)
 
     if cfg.final_table and cfg.val_data and env.main and step == 0:
-        results["student_init"] = knn(method.encoder)
+        results |= {s.key("student_init"): knn(s.method.encoder) for s in students}
+    students.train()
 
-    first_bad = torch.full((), -1, dtype=torch.long, device=env.device)  # first non-finite step
-    step_t = torch.full((), step, dtype=torch.long, device=env.device)
-    loss_sum = torch.zeros((), device=env.device)
-    method.train()
-
-    def check_finite() -> None:
-        bad = int(first_bad.item())
-        if bad >= 0:
-            raise TrainingError(f"loss became NaN/inf at step {bad}; stopped. The last good checkpoint "
-                                f"{out / 'checkpoint_last.pt'} is untouched: lower --lr or check the data, "
-                                "then --resume auto")
+    def guard(weights: bool = False) -> None:
+        students.stop_non_finite(step, weights)
+        if not students.live:
+            raise TrainingError(" | ".join(students.failures()))
 
     def checkpoint(epoch: int, batch_in_epoch: int) -> None:
-        # never write NaN weights over a good checkpoint: a bad update shows in the weights one
-        # step before it shows in a loss, so look at both
-        check_finite()
-        if not all_finite(method.parameters()):
-            raise TrainingError(f"weights became NaN/inf by step {step} (the loss was still finite); stopped. "
-                                f"The last good checkpoint {out / 'checkpoint_last.pt'} is untouched: lower --lr, "
-                                "then --resume auto")
-        save_checkpoint(out / "checkpoint_last.pt", cfg=cfg, env=env, method=method, optimizer=optimizer,
-                        scaler=run.scaler, step=step, epoch=epoch, batch_in_epoch=batch_in_epoch,
-                        teacher_info=run.teacher_info, aug_gen=run.aug_gen, mean_std=run.mean_std)
+        guard(weights=True)  # never write NaN weights over a good checkpoint
+        save_checkpoints(run, step, epoch, batch_in_epoch)
 
     spe = run.steps_per_epoch
     start_step = step
@@ -572,31 +648,25 @@ def train(cfg: Config) -> dict:
                 break
             run.loader.resume(epoch, skip)
             bar = _progress(cfg, env, spe, epoch, skip)
-            for i, (views, _) in enumerate(run.loader, start=skip):
+            for i, (views, batch) in enumerate(run.loader, start=skip):
                 try:
-                    loss = train_step(run, views, step)
+                    train_step(run, views, step, batch)
                 except torch.OutOfMemoryError:
                     if n_log or step > start_step:
                         raise
-                    raise TrainingError(oom_advice(run, views)) from None
-                # NaN guard without a host sync: the first bad step is remembered on the device
-                first_bad.copy_(torch.where((first_bad < 0) & ~torch.isfinite(loss), step_t, first_bad))
-                loss_sum += loss.float()
+                    raise TrainingError(oom_advice(run, views, batch)) from None
                 step += 1
-                step_t += 1
                 n_log += 1
                 n_img += views[0].shape[0] * env.world
                 if bar is not None:
                     bar.update(1)
                 if step % cfg.log_every == 0 or step == run.total:
-                    check_finite()
-                    rec = {"step": step, "epoch": epoch, "loss": loss_sum.item() / n_log,
-                           "lr": optimizer.param_groups[0]["lr"], "img_per_s": n_img / (time.perf_counter() - t_log)}
+                    guard()
+                    rec = {"step": step, "epoch": epoch, **students.log_fields(n_log),
+                           "img_per_s": n_img / (time.perf_counter() - t_log)}
                     logger.log(rec)
                     if bar is not None:
-                        bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{rec['lr']:.3g}",
-                                        img_s=f"{rec['img_per_s']:.0f}")
-                    loss_sum.zero_()
+                        bar.set_postfix(students.postfix(rec))
                     t_log, n_img, n_log = time.perf_counter(), 0, 0
                 if step % cfg.ckpt_every == 0:
                     checkpoint(epoch, i + 1)
@@ -609,24 +679,25 @@ def train(cfg: Config) -> dict:
                 checkpoint(epoch + 1, 0)
                 if (cfg.val_data and cfg.knn_every and (epoch + 1) % cfg.knn_every == 0 and env.main
                         and step < run.total):
-                    logger.log({"step": step, "epoch": epoch + 1, **knn(method.encoder)})
-                    method.train()
+                    logger.log({"step": step, "epoch": epoch + 1, **{s.key(k): v for s in students.live
+                                                                     for k, v in knn(s.method.encoder).items()}})
+                    students.train()
         if step % spe:  # stopped mid-epoch (max_steps): epoch ends were saved above
             checkpoint(step // spe, step % spe)
-        check_finite()
+        guard()
 
         if cfg.val_data and env.main:
-            results["student"] = knn(method.encoder)
+            results |= {s.key("student"): knn(s.method.encoder) for s in students.live}
             if cfg.final_table:
                 results["raw_pixels"] = knn(None)
-                t = getattr(method, "teacher", None)
+                t = getattr(run.targets, "teacher", None)
                 if t is not None:
                     results["teacher"] = knn(_Resized(t.model, t.res))
             logger.log({"step": step, "final": True, **{f"{k}/{m}": v for k, r in results.items()
                                                         for m, v in r.items()}})
     finally:
         logger.close()
-    return {"step": step, "results": results}
+    return {"step": step, "results": results, "failed": students.failures()}
 
 
 def _progress(cfg: Config, env: Env, total: int, epoch: int, initial: int):

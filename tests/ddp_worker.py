@@ -2,10 +2,11 @@
 
 Run under `python -m torch.distributed.run --nproc_per_node N tests/ddp_worker.py OUT METHOD`
 (or plain `python` for one rank). Builds the run with the real pieces (setup_env, METHODS,
-build_optimizer, wrap_model, train_step) around a batch-split-invariant student (GroupNorm, no
+build_optimizer, wrap_model, Students, TeacherTargets, train_step) around a batch-split-invariant student (GroupNorm, no
 BatchNorm) and a frozen LayerNorm/GroupNorm teacher, feeds every run the same fixed global
 uint8 batches (rank r takes rows r*B/W:(r+1)*B/W) and writes its losses, queue and weights to
-OUT/rank{r}.pt.
+OUT/rank{r}.pt. SEED runs two students (widths 16 and 12) on the shared teacher and queue, each
+DDP-wrapped (or sharded) on its own, as `-a a,b` does.
 """
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ from fastseed.augment import Normalize
 from fastseed.config import Config
 from fastseed.methods import METHODS
 from fastseed.methods._common import FrozenTeacher
+from fastseed.students import Student, Students
+from fastseed.targets import TeacherTargets
 from fastseed.train import Run, build_optimizer, setup_env, train_step, wrap_model
 
 STEPS = 8
@@ -27,6 +30,7 @@ GLOBAL_BATCH = 16
 RES = 16
 DIM = 32
 QUEUE = 48  # 3 global batches: the ring wraps twice in 8 steps
+WIDTHS = {"seed": (16, 12)}  # the students' widths (default: one of 16)
 
 
 class TinyNet(nn.Module):
@@ -67,19 +71,25 @@ def main(out_dir: str, method_name: str, mode: str = "ddp") -> None:
     cfg = Config(method=method_name, device="cpu", compile="off", precision="fp32", batch_size=GLOBAL_BATCH,
                  optimizer="sgd", momentum=0.9, weight_decay=1e-4, queue_size=QUEUE, fsdp=mode == "fsdp")
     env = setup_env(cfg)  # reads torchrun's RANK/WORLD_SIZE/LOCAL_RANK, inits gloo when WORLD_SIZE > 1
-    torch.manual_seed(0)  # same init on every rank and in the 1-rank run
-    student = TinyNet()
-    teacher = None
+    cls = METHODS[method_name]
+    queues = cls.make_queues(dim=DIM, queue_size=QUEUE)
+    lr = 0.5
+    members = []
+    for width in WIDTHS.get(method_name, (16,)):
+        torch.manual_seed(0)  # same init on every rank and in the 1-rank run
+        method = cls(TinyNet(width), queues, dim=DIM, temp=0.2, distill_t=0.05, moco_m=0.99,
+                     bn_groups=2).to(env.device)
+        model = wrap_model(method, cfg, env)
+        optimizer = build_optimizer(cfg, method, lr, env.device)  # after fully_shard replaced the params
+        members.append(Student(cfg.replace(arch=f"tiny{width}"), method, model, optimizer, None, lr))
+    method, model, optimizer = members[0].method, members[0].model, members[0].optimizer
+    targets = method  # MoCo: its own key encoder
     if method_name in ("seed", "simreg"):
         tnet = TinyNet(width=24, out=DIM).eval()
         for p in tnet.parameters():
             p.requires_grad_(False)
-        teacher = FrozenTeacher(tnet, res=RES)
-    method = METHODS[method_name](student, teacher, dim=DIM, queue_size=QUEUE, temp=0.2, distill_t=0.05,
-                                  moco_m=0.99, bn_groups=2).to(env.device)
-    lr = 0.5
-    model = wrap_model(method, cfg, env)
-    optimizer = build_optimizer(cfg, method, lr, env.device)  # after fully_shard replaced the params
+        targets = TeacherTargets(FrozenTeacher(tnet, res=RES), cls.teacher_inputs, DIM,
+                                 ((0.5,) * 3, (0.25,) * 3), {})
     ddp = None
     if env.world > 1 and mode == "ddp":
         ddp = {"is_ddp": isinstance(model, nn.parallel.DistributedDataParallel),
@@ -88,25 +98,27 @@ def main(out_dir: str, method_name: str, mode: str = "ddp") -> None:
                "find_unused_parameters": bool(getattr(model, "find_unused_parameters", True)),
                "backend": dist.get_backend()}
     augment = FixedAugment((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
-    run = Run(cfg, env, method, model, None, ((0.5,) * 3, (0.25,) * 3), None, augment,
-              torch.Generator().manual_seed(0), optimizer, None, None, lr, warmup=2, total=STEPS,
-              steps_per_epoch=STEPS)
+    students = Students(members)
+    run = Run(cfg, env, students, targets, queues, None, ((0.5,) * 3, (0.25,) * 3), None, augment,
+              torch.Generator().manual_seed(0), None, warmup=2, total=STEPS, steps_per_epoch=STEPS)
 
     per_rank = GLOBAL_BATCH // env.world
     batches = global_batches()[:, env.rank * per_rank:(env.rank + 1) * per_rank]
     local, mean = [], []
-    method.train()
+    students.train()
     for step in range(STEPS):
         x = batches[step]
         # MoCo's second view: a fixed flip of the first (deterministic, per sample)
         views = [x, x.flip(2)] if method_name == "moco" else [x]
-        loss = train_step(run, views, step)
-        local.append(loss.item())
+        loss = torch.stack(train_step(run, views, step))  # one per student
+        local.append(loss.tolist())
         g = loss.clone()
         if env.world > 1:
             dist.all_reduce(g)  # equal per-rank batches: the global mean is the mean of rank means
             g /= env.world
-        mean.append(g.item())
+        mean.append(g.tolist())
+    students.stop_non_finite(STEPS, weights=True)  # the NaN guard's collective: every rank agrees
+    assert not students.failures()
     restored = None
     if mode == "fsdp":  # checkpoint round trip: gather the shards, write, load into a fresh sharded run
         from fastseed.train import read_checkpoint, restore, save_checkpoint
@@ -116,16 +128,18 @@ def main(out_dir: str, method_name: str, mode: str = "ddp") -> None:
                         mean_std=run.mean_std)
         dist.barrier()
         torch.manual_seed(1)  # a different init: everything must come from the file
-        fresh = METHODS[method_name](TinyNet(), teacher, dim=DIM, queue_size=QUEUE, temp=0.2, distill_t=0.05)
+        fresh = cls(TinyNet(WIDTHS.get(method_name, (16,))[0]), cls.make_queues(dim=DIM, queue_size=QUEUE),
+                    dim=DIM, temp=0.2, distill_t=0.05)
         wrap_model(fresh, cfg, env)
         fresh_opt = build_optimizer(cfg, fresh, lr, env.device)
         restore(read_checkpoint(path), cfg, fresh, fresh_opt, None, None,
                 torch.Generator(), env)
         restored = all(torch.equal(full(a), full(b)) for a, b in
                        zip(method.state_dict().values(), fresh.state_dict().values()))
-    torch.save({"rank": env.rank, "restored_equal": restored, "world": env.world, "local_loss": local, "mean_loss": mean, "ddp": ddp,
-                "queue": method.queue.keys.clone(), "ptr": method.queue.ptr.clone(),
-                "student": {k: full(v).clone() for k, v in method.student.state_dict().items()}},
+    torch.save({"rank": env.rank, "restored_equal": restored, "world": env.world, "local_loss": local,
+                "mean_loss": mean, "ddp": ddp, "queue": method.queue.keys.clone(), "ptr": method.queue.ptr.clone(),
+                "students": [{k: full(v).clone() for k, v in s.method.student.state_dict().items()}
+                             for s in members]},
                Path(out_dir) / f"rank{env.rank}.pt")
     if env.world > 1:
         dist.barrier()

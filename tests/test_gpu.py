@@ -60,7 +60,8 @@ def test_moco_key_encoder_is_channels_last_and_compiled(monkeypatch):
 
     monkeypatch.setattr(torch, "compile", fake_compile)
     cfg = Config(method="moco", arch="resnet10t", dim=16, queue_size=64, compile="on", device="cpu", workers=1)
-    method = build_method(cfg, Env())[0]
+    from fastseed.methods import MoCo
+    method = build_method(cfg, Env(), 16, MoCo.make_queues(dim=16, queue_size=64))
     convs = [p for p in method.key_encoder.parameters() if p.dim() == 4]
     assert convs and all(p.is_contiguous(memory_format=torch.channels_last) for p in convs)
     x = torch.randn(4, 3, 32, 32).contiguous(memory_format=torch.channels_last)
@@ -108,14 +109,15 @@ def teacher_ckpt(tmp_path_factory):
 
 @pytest.mark.gpu
 @NO_CUDA
-@pytest.mark.parametrize("method", ["seed", "moco", "simreg"])
+@pytest.mark.parametrize("method,arch", [("seed", "resnet10t"), ("moco", "resnet10t"), ("simreg", "resnet10t"),
+                                         ("seed", "resnet10t,mobilenetv3_small_050")])
 @pytest.mark.parametrize("compile_", ["off", "on"])
-def test_step_has_no_host_sync(method, compile_, teacher_ckpt, tmp_path):
-    cfg = Config(method=method, arch="resnet10t", teacher_arch="resnet10t", distill=str(teacher_ckpt), res=64,
+def test_step_has_no_host_sync(method, arch, compile_, teacher_ckpt, tmp_path):
+    cfg = Config(method=method, arch=arch, teacher_arch="resnet10t", distill=str(teacher_ckpt), res=64,
                  batch_size=64, queue_size=1024, device="cuda", compile=compile_, output=str(tmp_path),
                  progress=False)
     run = prepare(cfg, loader=SyntheticLoader(64, 64, 2 if method == "moco" else 1))
-    run.method.train()
+    run.students.train()
     batches = list(run.loader)
     for i, (views, _) in enumerate(batches[:2]):  # warm-up: compile, cuDNN autotune, lazy inits
         train_step(run, views, i)
@@ -123,9 +125,9 @@ def test_step_has_no_host_sync(method, compile_, teacher_ckpt, tmp_path):
     torch.cuda.set_sync_debug_mode("error")
     try:
         for i, (views, _) in enumerate(batches[2:], start=2):
-            loss = train_step(run, views, i)
+            losses = train_step(run, views, i)
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    assert torch.isfinite(loss).item()
+    assert len(losses) == len(arch.split(",")) and all(torch.isfinite(v).item() for v in losses)
     if method != "simreg":
-        assert run.method.queue.ptr.item() == 4 * 64 % 1024
+        assert run.queues.queue.ptr.item() == 4 * 64 % 1024

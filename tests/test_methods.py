@@ -9,6 +9,7 @@ from torch import nn
 from fastseed.kernels import reference, seed_loss
 from fastseed.methods import METHODS, MoCo, SEED, SimReg
 from fastseed.methods._common import FrozenTeacher
+from fastseed.targets import TeacherTargets
 
 
 def test_seed_loss_hand_computed():
@@ -53,23 +54,34 @@ def teacher(dim=6):
     return FrozenTeacher(t)
 
 
+def build(cls, dim=6, queue_size=10, small_crops=0, small_enqueue="first", **kw):
+    """A method around fresh queues (None for SimReg), and the queues."""
+    queues = cls.make_queues(dim=dim, queue_size=queue_size, small_crops=small_crops, small_enqueue=small_enqueue)
+    return cls(TinyNet(), queues, dim=dim, **kw), queues
+
+
+def targets_of(cls, views, tnet=None):
+    """The live-teacher target source of `cls`, asked once."""
+    return TeacherTargets(tnet or teacher(), cls.teacher_inputs, 6, ((0.5,) * 3, (0.5,) * 3), {}).targets(views)
+
+
 def test_seed_queue_gets_normalised_teacher_keys_after_update():
-    m = SEED(TinyNet(), teacher(), dim=6, queue_size=10, temp=0.2, distill_t=1e-4)
+    m, queues = build(SEED, temp=0.2, distill_t=1e-4)
     x = [torch.randn(4, 3, 8, 8)]
-    targets = m.targets(x)
+    targets = targets_of(SEED, x)
     before = m.queue.keys.clone()
     loss = m(x, targets)
     loss.backward()
     assert m.student.conv.weight.grad is not None and m.head[0].weight.grad is not None
     assert torch.equal(m.queue.keys, before)  # nothing enqueued before update
-    m.update(targets)
+    queues.update(targets)
     torch.testing.assert_close(m.queue.keys[:4], F.normalize(targets[0], dim=1))
     torch.testing.assert_close(m.queue.keys[4:], before[4:])
     assert int(m.queue.ptr) == 4
 
 
 def test_teacher_is_not_state_nor_parameter():
-    m = SEED(TinyNet(), teacher(), dim=6, queue_size=10)
+    m, _ = build(SEED)
     names = list(m.state_dict())
     assert not any("teacher" in n for n in names)
     assert {n.split(".")[0] for n in names} == {"student", "head", "queue"}
@@ -78,21 +90,64 @@ def test_teacher_is_not_state_nor_parameter():
 
 
 def test_seed_small_patches_use_a_second_queue():
-    m = SEED(TinyNet(), teacher(), dim=6, queue_size=32, small_crops=2)
+    m, queues = build(SEED, queue_size=32, small_crops=2)
     views = [torch.randn(3, 3, 8, 8), torch.randn(3, 3, 4, 4), torch.randn(3, 3, 4, 4)]
-    targets = m.targets(views)
+    targets = targets_of(SEED, views)
     assert targets[1].shape == (6, 6)
     loss = m(views, targets)
     one = SEED.forward(m, views[:1], targets[:1])
     assert loss.item() > one.item()  # CE224 + CE96
-    m.update(targets)
-    assert int(m.queue.ptr) == 3 and int(m.small_queue.ptr) == 6
+    queues.update(targets)
+    assert int(m.queue.ptr) == int(m.small_queue.ptr) == 3  # crop 0's keys only (official)
+    every, queues = build(SEED, queue_size=32, small_crops=2, small_enqueue="all")
+    queues.update(targets)
+    assert int(every.queue.ptr) == 3 and int(every.small_queue.ptr) == 6
+    torch.testing.assert_close(every.small_queue.keys[:6], F.normalize(targets[1], dim=1))
+
+
+def test_small_patch_queue_takes_crop_0_at_the_shared_pointer_as_official_seed():
+    """The official rule, jacobswan1/SEED seed/small_patch_builder.py (SEED.forward and
+    SEED._dequeue_and_enqueue), written out here on its own layout:
+
+        B, N, C, W, H = small_image.shape                      # image-major: B x N crops
+        t_small_emb = self.teacher(small_image.view(-1, C, W, H))
+        t_small_emb = t_small_emb.view(B, N, self.dim)
+        self._dequeue_and_enqueue(t_emb, t_small_emb[:, 0].contiguous())
+            ptr = int(self.queue_ptr)
+            self.queue[:, ptr:ptr + batch_size] = keys.transpose(0, 1)
+            self.small_queue[:, ptr:ptr + batch_size] = small_keys.transpose(0, 1)
+            ptr = (ptr + batch_size) % self.K
+            self.queue_ptr[0] = ptr
+
+    (its teacher normalises its output; its queues are [dim, K], ours [K, dim]). Three
+    batches of B=4 images with N=2 small crops each into K=8 rows: the ring wraps."""
+    B, N, K, D = 4, 2, 8, 6
+    tnet = teacher(D)
+    m, queues = build(SEED, dim=D, queue_size=K, small_crops=N)
+    queue, small_queue = m.queue.keys.T.clone(), m.small_queue.keys.T.clone()  # the same random start
+    ptr = 0
+    g = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        image = torch.randn(B, 3, 8, 8, generator=g)
+        small_image = torch.randn(B, N, 3, 4, 4, generator=g)
+        # official
+        t_emb = F.normalize(tnet(image), dim=1)
+        t_small_emb = F.normalize(tnet(small_image.view(-1, 3, 4, 4)), dim=1).view(B, N, D)
+        queue[:, ptr:ptr + B] = t_emb.T
+        small_queue[:, ptr:ptr + B] = t_small_emb[:, 0].T
+        ptr = (ptr + B) % K
+        # fastseed: view 0, then one view per small crop
+        queues.update(targets_of(SEED, [image, *small_image.unbind(1)], tnet))
+    torch.testing.assert_close(m.queue.keys, queue.T)
+    torch.testing.assert_close(m.small_queue.keys, small_queue.T)
+    assert int(m.queue.ptr) == int(m.small_queue.ptr) == ptr
 
 
 def test_simreg_loss_is_two_minus_two_cos():
-    m = SimReg(TinyNet(), teacher(), dim=6)
+    m, queues = build(SimReg)
+    assert queues is None
     x = [torch.randn(4, 3, 8, 8)]
-    (t,) = m.targets(x)
+    (t,) = targets_of(SimReg, x)
     m.eval()
     pred = m.head(m.student(x[0]))
     want = (2 - 2 * F.cosine_similarity(pred, t, dim=1)).mean()
@@ -101,7 +156,7 @@ def test_simreg_loss_is_two_minus_two_cos():
 
 
 def test_moco_momentum_update_and_keys():
-    m = MoCo(TinyNet(), dim=6, queue_size=16, temp=0.2, moco_m=0.9)
+    m, queues = build(MoCo, queue_size=16, temp=0.2, moco_m=0.9)
     with torch.no_grad():
         for p in m.student.parameters():
             p.add_(1.0)
@@ -115,7 +170,7 @@ def test_moco_momentum_update_and_keys():
     loss = m(views, targets)
     want = reference.info_nce_loss(m.head(m.student(views[0])), targets[0], m.queue.keys, temp=0.2)
     torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-6)
-    m.update(targets)
+    queues.update(targets)
     assert int(m.queue.ptr) == 8
 
 

@@ -180,7 +180,7 @@ def test_official_schedule_matches_the_official_formula(method, batch_size, plai
             want = moco_official_lr(epoch)
         else:
             want = simreg_official_lr(epoch + 1)
-        assert run.schedule(step) == pytest.approx(want, rel=1e-12, abs=0), (method, step)
+        assert run.schedule(step, run.students.members[0].lr) == pytest.approx(want, rel=1e-12, abs=0), (method, step)
 
 
 # ------------------------------------------------------------------ end to end: preset, loader, checkpoint

@@ -125,10 +125,10 @@ def test_out_of_memory_at_start_suggests_largest_batch(data, teacher_ckpt, tmp_p
     import fastseed.train as T
     real_step = T.train_step
 
-    def small_memory_step(run, views, step):
+    def small_memory_step(run, views, step, batch=None):
         if views[0].shape[0] > 8:
             raise torch.OutOfMemoryError("simulated")
-        return real_step(run, views, step)
+        return real_step(run, views, step, batch)
 
     monkeypatch.setattr(T, "train_step", small_memory_step)
     out = tmp_path / "oom"
@@ -147,7 +147,7 @@ def test_every_method_runs_through_the_loop(data, teacher_ckpt, tmp_path, method
     ckpt = read_checkpoint(out / "checkpoint_last.pt")
     buffers = ckpt["buffers"]
     if method == "seed-small-patch":
-        assert int(buffers["queue.ptr"]) == 3 * 32 % 256 and int(buffers["small_queue.ptr"]) == 3 * 64 % 256
+        assert int(buffers["queue.ptr"]) == int(buffers["small_queue.ptr"]) == 3 * 32 % 256
     if method == "moco":
         assert any(k.startswith("key_encoder.") for k in buffers) and buffers["queue.keys"].shape == (256, 32)
     losses = [r["loss"] for r in read_metrics(out) if "loss" in r]

@@ -15,6 +15,9 @@ from fastseed.cli import config_from_args, eval_main
 from fastseed.config import Config
 from fastseed.evaluate import load_student
 from fastseed.teachers import CheckpointReadError, load_teacher
+from fastseed.methods import MoCo
+from fastseed.targets import build_targets
+from fastseed.teachers import IMAGENET_MEAN, IMAGENET_STD
 from fastseed.train import Env, TrainingError, build_method, build_optimizer, read_checkpoint, save_checkpoint
 from test_cli import assert_one_line_error, beton, run_cli  # noqa: F401 (beton is a fixture)
 
@@ -62,11 +65,12 @@ def test_trust_checkpoint_loads_a_legitimate_old_pickle(tmp_path, r10_state):
     torch.save({"state_dict": r10_state, "lr_ratio": fractions.Fraction(1, 3)}, path)
     argv = ["--data", "x.beton", "-a", "resnet10t", "-k", "resnet10t", "--distill", str(path), "--queue-size", "64",
             "--device", "cpu"]
+    cpu = torch.device("cpu")
     with pytest.raises(CheckpointReadError, match=r"fractions\.Fraction.*--trust-checkpoint"):
-        build_method(config_from_args(argv), Env())
+        build_targets(config_from_args(argv), cpu, dtype=None, compile_fn=None)
     cfg = config_from_args(argv + ["--trust-checkpoint"])
     assert cfg.trust_checkpoint
-    _, info, _ = build_method(cfg, Env())
+    info = build_targets(cfg, cpu, dtype=None, compile_fn=None).info
     assert (info["format"], info["dim"]) == ("plain", 512)
 
 
@@ -74,7 +78,8 @@ def test_trust_checkpoint_loads_a_legitimate_old_pickle(tmp_path, r10_state):
 def fastseed_ckpt(tmp_path_factory):
     """A checkpoint as train.save_checkpoint writes it, optimizer state and RNG states included."""
     cfg = Config(method="moco", arch="resnet10t", queue_size=64, device="cpu", dim=32)
-    method, info, mean_std = build_method(cfg, Env())
+    method = build_method(cfg, Env(), 32, MoCo.make_queues(dim=32, queue_size=64))
+    info, mean_std = None, (IMAGENET_MEAN, IMAGENET_STD)
     optimizer = build_optimizer(cfg, method, 0.1, torch.device("cpu"))
     for p in method.parameters():
         p.grad = torch.zeros_like(p) if p.requires_grad else None

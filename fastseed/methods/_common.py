@@ -1,4 +1,4 @@
-"""Pieces the three methods share: teacher calls, the queue, cross-rank gathering."""
+"""Pieces the three methods share: teacher calls, the queues, cross-rank gathering."""
 from __future__ import annotations
 
 import torch
@@ -38,6 +38,36 @@ class Queue(nn.Module):
     @torch.no_grad()
     def push(self, keys: torch.Tensor) -> None:
         enqueue_(self.keys, self.ptr, gather_keys(keys.detach()))
+
+
+class Queues(nn.Module):
+    """The keys every student of a run compares against, one set for all of them: the queue
+    and, for SEED's small crops, the small-crop queue. Each student's method holds the same
+    `Queue` modules (so each student's checkpoint carries them, as a solo run's does); `update`
+    runs once per step, after every student's backward (their fused losses re-read the rows).
+
+    Small crops (`targets[1]`, crop-major: crop c of image b is row c*B + b): as the official
+    SEED code (jacobswan1/SEED, seed/small_patch_builder.py), only crop 0's key of each image
+    enters the small queue, at the rows the image's key takes in the large queue: one pointer
+    for both, so both turn over once per K images. `small_enqueue="all"` pushes every small
+    crop's key with the small queue's own pointer instead (N times as fast)."""
+
+    def __init__(self, size: int, dim: int, dtype: torch.dtype = torch.float32, small_crops: int = 0,
+                 small_enqueue: str = "first"):
+        super().__init__()
+        self.queue = Queue(size, dim, dtype, seed=1)
+        self.small_queue = Queue(size, dim, dtype, seed=2) if small_crops else None
+        self.small_enqueue = small_enqueue
+
+    @torch.no_grad()
+    def update(self, targets: tuple[torch.Tensor, ...]) -> None:
+        if self.small_queue is not None:
+            small = targets[1]
+            if self.small_enqueue == "first":
+                self.small_queue.ptr.copy_(self.queue.ptr)  # the large queue's pointer, before it moves
+                small = small[:targets[0].shape[0]]
+            self.small_queue.push(small)
+        self.queue.push(targets[0])
 
 
 class FrozenTeacher:

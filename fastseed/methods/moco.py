@@ -2,7 +2,9 @@
 
 Query encoder = student + MLP head; key encoder = its momentum copy (m = 0.999);
 L = CE([q̂·k̂, q̂·Q]/τ, 0), q from one view and k from the other (asymmetric, as the
-official code); the keys then enter the queue.
+official code); the keys then enter the queue. The keys come from this student's own momentum
+encoder, so a MoCo run has one student, and that student is its own target source
+(`targets(views, batch)`, the call `fastseed.targets` describes).
 Shuffling BN: on one device the key batch is shuffled and normalised in groups, so that
 batch statistics cannot leak which key is the positive (the multi-GPU shuffle, emulated).
 """
@@ -16,13 +18,12 @@ from torch import nn
 from fastseed.kernels import info_nce_loss
 from fastseed.models import projection_head
 
-from ._common import Queue
+from ._common import Queues
 
 
 class MoCo(nn.Module):
-    def __init__(self, student: nn.Module, teacher=None, *, dim: int = 128, queue_size: int = 65536,
-                 temp: float = 0.2, moco_m: float = 0.999, bn_groups: int = 4,
-                 queue_dtype: torch.dtype = torch.float32, compile_fn=None, **_):
+    def __init__(self, student: nn.Module, queues: Queues, *, dim: int = 128, temp: float = 0.2,
+                 moco_m: float = 0.999, bn_groups: int = 4, compile_fn=None, **_):
         super().__init__()
         self.student = student
         self.head = projection_head(student.num_features, dim)
@@ -32,8 +33,12 @@ class MoCo(nn.Module):
         # compiled like the student; held as a bound method, since a compiled module held here
         # would enter the state dict a second time (under _orig_mod)
         self._encode_key = (compile_fn(self.key_encoder) if compile_fn else self.key_encoder).__call__
-        self.queue = Queue(queue_size, dim, queue_dtype, seed=1)
+        self.queue = queues.queue
         self.temp, self.m, self.bn_groups = temp, moco_m, bn_groups
+
+    @staticmethod
+    def make_queues(*, dim: int, queue_size: int, queue_dtype: torch.dtype = torch.float32, **_) -> Queues:
+        return Queues(queue_size, dim, queue_dtype)
 
     @property
     def encoder(self) -> nn.Module:
@@ -46,7 +51,7 @@ class MoCo(nn.Module):
         torch._foreach_lerp_(k, q, 1.0 - self.m)
 
     @torch.no_grad()
-    def targets(self, views: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    def targets(self, views: list[torch.Tensor], batch=None) -> tuple[torch.Tensor, ...]:
         """Keys of the second view, key encoder in train mode with shuffled BN groups."""
         self._momentum_update()
         x = views[1]
@@ -58,7 +63,3 @@ class MoCo(nn.Module):
     def forward(self, views: list[torch.Tensor], targets: tuple[torch.Tensor, ...]) -> torch.Tensor:
         q = self.head(self.student(views[0]))
         return info_nce_loss(q, targets[0], self.queue.keys, temp=self.temp)
-
-    @torch.no_grad()
-    def update(self, targets: tuple[torch.Tensor, ...]) -> None:
-        self.queue.push(targets[0])

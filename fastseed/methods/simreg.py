@@ -11,28 +11,26 @@ from torch import nn
 
 from fastseed.models import simreg_predictor
 
-from ._common import FrozenTeacher
-
 
 class SimReg(nn.Module):
-    def __init__(self, student: nn.Module, teacher: FrozenTeacher, *, dim: int, **_):
+    def __init__(self, student: nn.Module, queues=None, *, dim: int, **_):
         super().__init__()
         self.student = student
         self.head = simreg_predictor(student.num_features, dim)
-        self.teacher = teacher
+
+    @staticmethod
+    def make_queues(**_) -> None:
+        return None  # no queue: nothing is shared but the teacher's targets
+
+    @staticmethod
+    def teacher_inputs(views: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [torch.cat(views) if len(views) > 1 else views[0]]
 
     @property
     def encoder(self) -> nn.Module:
         return self.student
 
-    @torch.no_grad()
-    def targets(self, views: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
-        return (self.teacher(torch.cat(views) if len(views) > 1 else views[0]),)
-
     def forward(self, views: list[torch.Tensor], targets: tuple[torch.Tensor, ...]) -> torch.Tensor:
         x = torch.cat(views) if len(views) > 1 else views[0]
         pred = self.head(self.student(x)).float()
         return (2 - 2 * F.cosine_similarity(pred, targets[0].float(), dim=1)).mean()
-
-    def update(self, targets) -> None:
-        pass

@@ -1,0 +1,240 @@
+"""The students of a run: `-a resnet18,efficientnet_b0,mobilenetv3_large_100` distils them all
+from one loader, one augmentation of each view, one teacher forward and one queue per step.
+
+Each `Student` has what a solo run of it has: backbone and head, optimizer, base lr (`--lr`
+takes one value per student, or one for all), DDP/FSDP wrapper and compile, NaN guard, k-NN
+monitor and checkpoint directory. A step (`fastseed.train.train_step`) augments the views and
+asks the target source (`fastseed.targets`) once, then steps each live student in turn
+(forward, backward, optimizer), then updates the shared queues once; those hold teacher keys
+only, the same for every student.
+
+Sharing changes nothing but the cost: a student's init depends only on the seed
+(`fastseed.train.build_student`), and its views, targets and queue are those of its solo run,
+so it matches its solo run step for step (tests/test_multi.py). A student that draws random
+numbers in its forward (dropout, drop-path) would draw from the one global generator after the
+students before it; the timm students here (ResNet, EfficientNet, MobileNetV3) draw none.
+
+A student whose loss or weights go NaN/inf stops alone: it is no longer stepped or saved, so
+its last good checkpoint stays as it was; the others go on, and the run names it at the end.
+
+Files: one student keeps the solo layout (OUTPUT/checkpoint_last.pt, metrics keys `loss`,
+`lr`); with several, each student's files are its solo run's, under OUTPUT/<arch>/ (loadable
+by fastseed-eval, --export, and --resume of that student alone), and OUTPUT/metrics.jsonl keys
+its numbers `loss/<arch>`, `lr/<arch>`, `knn_top1@20/<arch>`.
+"""
+from __future__ import annotations
+
+import sys
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from fastseed.config import Config
+from fastseed.models import ConfigError
+
+
+class Phases:
+    """Where a step is: `phase(name)` says that what runs from now on belongs to `name`. This
+    one does nothing (a call costs ~0.1 µs); `fastseed.profile.PhaseTimer` times them."""
+
+    def phase(self, name: str) -> None:
+        pass
+
+
+NO_PHASES = Phases()
+
+
+def student_configs(cfg: Config) -> list[Config]:
+    """One solo run's config per student of `cfg` (`arch` a comma list, `lr` one value or one
+    per student). One student: `cfg` as it is. Several: each writes under OUTPUT/<arch>/, and
+    `--resume PATH` names the earlier run's OUTPUT."""
+    archs = [a.strip() for a in cfg.arch.split(",")]
+    lrs = list(cfg.lr) if isinstance(cfg.lr, (list, tuple)) else [cfg.lr]
+    if len(lrs) not in (1, len(archs)):
+        raise ConfigError(f"--lr has {len(lrs)} values for {len(archs)} student(s) ({','.join(archs)}): "
+                          "give one for all, or one per student")
+    if len(archs) == 1:
+        return [cfg.replace(arch=archs[0], lr=lrs[0])]
+    if "" in archs or len(set(archs)) < len(archs):
+        raise ConfigError(f"-a {cfg.arch}: name each student once, comma-separated (e.g. -a resnet18,efficientnet_b0)")
+    if cfg.method == "moco":
+        raise ConfigError(f"--method moco trains one student (its keys come from its own momentum encoder): "
+                          f"pass one -a, not {cfg.arch}")
+    lrs = lrs * len(archs) if len(lrs) == 1 else lrs
+    return [cfg.replace(arch=a, lr=lr, output=str(cfg.out_dir / a),
+                        resume=cfg.resume if cfg.resume in (None, "auto")
+                        else str(Path(cfg.resume) / a / "checkpoint_last.pt"))
+            for a, lr in zip(archs, lrs)]
+
+
+@dataclass(eq=False)  # compared and hashed by identity
+class Student:
+    """One student and everything its solo run would own."""
+    cfg: Config                   # its solo run's config: arch, lr, output
+    method: nn.Module             # backbone + head (+ the shared queues)
+    model: nn.Module              # what the step calls: method, DDP(method), compiled
+    optimizer: torch.optim.Optimizer
+    scaler: object                # GradScaler (fp16) or None
+    lr: float                     # base lr of the schedule
+    tag: str = ""                 # "" alone; its arch beside others (metrics keys, phases, messages)
+    failed: str | None = None     # why it stopped (one line)
+    first_bad: torch.Tensor = field(init=False)  # first step with a non-finite loss, -1: none
+    loss_sum: torch.Tensor = field(init=False)   # since the last log
+
+    def __post_init__(self):
+        device = next(self.method.parameters()).device
+        self.first_bad = torch.full((), -1, dtype=torch.long, device=device)
+        self.loss_sum = torch.zeros((), device=device)
+
+    @property
+    def name(self) -> str:
+        return self.cfg.arch
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.cfg.out_dir / "checkpoint_last.pt"
+
+    def key(self, name: str) -> str:
+        return f"{name}/{self.tag}" if self.tag else name
+
+    def phase(self, name: str) -> str:
+        return f"{self.tag}: {name}" if self.tag else name
+
+
+class Students:
+    """The run's students, stepped in `-a` order on the same views and targets."""
+
+    def __init__(self, members: list[Student]):
+        if len(members) > 1:
+            for s in members:
+                s.tag = s.name
+        self.members = members
+        self._only = None
+
+    def __iter__(self):
+        return iter(self.members)
+
+    def __len__(self) -> int:
+        return len(self.members)
+
+    @property
+    def live(self) -> list[Student]:
+        if self._only is not None:
+            return [self._only]
+        return [s for s in self.members if s.failed is None]
+
+    @contextmanager
+    def only(self, student: Student):
+        """Step `student` alone (the out-of-memory search tries each student beside the others)."""
+        self._only = student
+        try:
+            yield
+        finally:
+            self._only = None
+
+    def train(self) -> None:
+        for s in self.members:
+            s.method.train()
+
+    def step(self, views, targets, step: int, autocast, phases: Phases = NO_PHASES) -> list[torch.Tensor]:
+        """Forward, backward and optimizer step of each live student; their losses on the device."""
+        losses = []
+        for s in self.live:
+            phases.phase(s.phase("loss"))
+            with autocast():
+                loss = s.model(views, targets)
+            phases.phase(s.phase("backward"))
+            if s.scaler is not None:
+                s.scaler.scale(loss).backward()
+                phases.phase(s.phase("optimizer"))
+                s.scaler.step(s.optimizer)
+                s.scaler.update()
+            else:
+                loss.backward()
+                phases.phase(s.phase("optimizer"))
+                s.optimizer.step()
+            s.optimizer.zero_grad(set_to_none=True)
+            loss = loss.detach()
+            # NaN guard without a host sync: the first bad step is remembered on the device
+            s.first_bad.copy_(torch.where((s.first_bad < 0) & ~torch.isfinite(loss), step, s.first_bad))
+            s.loss_sum += loss.float()
+            losses.append(loss)
+        return losses
+
+    def stop_non_finite(self, step: int, weights: bool = False) -> None:
+        """Stop each live student whose loss went NaN/inf (and, with `weights`, whose weights did:
+        a bad update shows in the weights one step before it shows in a loss). One host sync;
+        ranks agree (a min over ranks), so every rank stops the same students."""
+        live = self.live
+        if not live:
+            return
+        never = torch.iinfo(torch.long).max
+        flags = torch.stack([torch.stack([torch.where(s.first_bad < 0, never, s.first_bad),
+                                          -_non_finite(s.method.parameters()).long() if weights
+                                          else torch.zeros((), dtype=torch.long, device=s.first_bad.device)])
+                             for s in live])
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(flags, op=dist.ReduceOp.MIN)
+        for s, (bad, w) in zip(live, flags.tolist()):
+            if bad != never:
+                s.failed = (f"{self._who(s)}loss became NaN/inf at step {bad}; stopped. The last good checkpoint "
+                            f"{s.checkpoint_path} is untouched: {self._fix(s, 'lower --lr or check the data')}")
+            elif w:
+                s.failed = (f"{self._who(s)}weights became NaN/inf by step {step} (the loss was still finite); "
+                            f"stopped. The last good checkpoint {s.checkpoint_path} is untouched: "
+                            f"{self._fix(s, 'lower --lr')}")
+            if s.failed and self.live and _main_rank():
+                print(f"{s.failed} (the other students go on)", file=sys.stderr)
+
+    def _who(self, s: Student) -> str:
+        return f"student {s.name}: " if s.tag else ""
+
+    def _fix(self, s: Student, what: str) -> str:
+        if not s.tag:
+            return f"{what}, then --resume auto"
+        return f"{what}, then resume it alone: -a {s.name} --output {s.cfg.out_dir} --resume auto"
+
+    def stale(self, s: Student, step: int, run_step: int) -> None:
+        """Resuming: `s`'s checkpoint is behind the others', so it stopped in an earlier run."""
+        s.failed = (f"{self._who(s)}stopped at step {step} in an earlier run (the others resumed at step "
+                    f"{run_step}); its checkpoint {s.checkpoint_path} is untouched: "
+                    f"{self._fix(s, 'fix what stopped it')}")
+        if _main_rank():
+            print(s.failed, file=sys.stderr)
+
+    def failures(self) -> list[str]:
+        return [s.failed for s in self.members if s.failed]
+
+    def log_fields(self, n_steps: int) -> dict:
+        """Mean loss since the last call and current lr of each live student (one host sync)."""
+        live = self.live
+        if not live:
+            return {}
+        losses = (torch.stack([s.loss_sum for s in live]) / n_steps).tolist()
+        out = {}
+        for s, loss in zip(live, losses):
+            out[s.key("loss")] = loss
+            out[s.key("lr")] = s.optimizer.param_groups[0]["lr"]
+            s.loss_sum.zero_()
+        return out
+
+    def postfix(self, record: dict) -> dict:
+        """The progress bar's: loss and lr of each student in `-a` order (× once stopped)."""
+        def show(name, fmt):
+            return "/".join(format(record[s.key(name)], fmt) if s.key(name) in record else "×" for s in self.members)
+        return {"loss": show("loss", ".3f"), "lr": show("lr", ".3g"), "img_s": f"{record['img_per_s']:.0f}"}
+
+
+def _main_rank() -> bool:
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def _non_finite(params) -> torch.Tensor:
+    """True (on the device) when any element of `params` (this rank's shards under FSDP) is NaN/inf."""
+    flags = [~torch.isfinite(p.detach().to_local() if hasattr(p, "to_local") else p.detach()).all()
+             for p in params]
+    return torch.stack(flags).any() if flags else torch.zeros((), dtype=torch.bool)
