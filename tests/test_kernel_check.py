@@ -75,13 +75,27 @@ def test_problems_names_each_limit():
 
 
 @pytest.mark.parametrize("args,needle", [(["--arch", "80"], "--arch"), (["--dims", "0"], "--dims"),
-                                         (["--dtypes", "fp8"], "--dtypes"), (["--batch", "x"], "--batch"),
+                                         (["--dtypes", "fp8"], "--dtypes"), (["--dtypes", "fp16/fp8"], "--dtypes"),
+                                         (["--dtypes", "fp16/bf16/fp32"], "--dtypes"), (["--batch", "x"], "--batch"),
                                          (["--python", "no-such-python"], "--python")])
 def test_bad_arguments_one_line(capsys, args, needle):
     with pytest.raises(SystemExit) as exit_:
         check.main(args)
     err = capsys.readouterr().err.strip().splitlines()
     assert exit_.value.code == 2 and len(err) == 1 and needle in err[0], err
+
+
+def test_queue_and_embedding_dtypes_are_compiled_as_named():
+    """A QUEUE/EMBEDDINGS entry compiles the launches of bf16 embeddings against an fp16 queue
+    (the fused kernels take both pointers); a plain entry has embeddings of the queue's dtype."""
+    def pointers(entry):
+        jobs, _ = check.build_jobs([90], [entry], [256], [128])
+        split = next(j for j in jobs if j["kernel"] == "fused_fwd_split")
+        enqueue = next(j for j in jobs if j["kernel"] == "enqueue_rows")
+        return [a["tensor"] for a in split["args"][:3]], [a["tensor"] for a in enqueue["args"][:3]]
+
+    assert pointers("fp16") == (["fp16", "fp16", "fp16"], ["fp16", "int64", "fp16"])
+    assert pointers("fp16/bf16") == (["bf16", "bf16", "fp16"], ["fp16", "int64", "bf16"])
 
 
 @pytest.mark.slow
