@@ -199,9 +199,8 @@ def step_kernels(ctx: Ctx) -> dict:
     impls = "fused,eager,sdpa" if ctx.dry else "fused,eager,compiled,sdpa"
     rows, errors = [], []
     for d in (128, 2048):
-        bk.D = d  # the module's embedding width; its command line has no option for it
         try:
-            measured = bk.main(["--sizes", "8:96" if ctx.dry else "256:65536", "--impls", impls,
+            measured = bk.main(["--sizes", "8:96" if ctx.dry else "256:65536", "--impls", impls, "--dim", str(d),
                                 "--reps", "1" if ctx.dry else "5"])
         except Exception as e:  # one width that cannot run must not hide the other
             errors.append(f"D={d}: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
