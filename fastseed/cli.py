@@ -124,12 +124,17 @@ def _known_errors():
             CacheError, FileNotFoundError)
 
 
+def demo_data_jobs(cfg: Config) -> list[tuple[str, str | None, int | None]]:
+    """(source, beton, --subset) of each beton the demo writes (benchmarks/gpu_wheels.py carries
+    only the Fashion-MNIST images these read)."""
+    return [("fashion-mnist:train", cfg.data, 32_000), ("fashion-mnist:test", cfg.val_data, None),
+            ("fashion-mnist:train", cfg.knn_bank, 10_000)]
+
+
 def prepare_demo_data(cfg: Config) -> None:
     """Write the demo's Fashion-MNIST betons once; later runs reuse them."""
     from fastseed.data_prep import write_beton
-    jobs = [("fashion-mnist:train", cfg.data, 32_000), ("fashion-mnist:test", cfg.val_data, None),
-            ("fashion-mnist:train", cfg.knn_bank, 10_000)]
-    for source, path, subset in jobs:
+    for source, path, subset in demo_data_jobs(cfg):
         if path and not Path(path).exists():
             Path(path).parent.mkdir(parents=True, exist_ok=True)
             print(f"fastseed-prep {source} {path}" + (f" --subset {subset}" if subset else ""), file=sys.stderr)

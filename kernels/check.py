@@ -17,17 +17,19 @@ registers than an SM holds for its warps, spills registers, or holds a `trap`.
 
 --cache-dir DIR: the compilations also fill DIR as a Triton cache. A GPU run finds them when
 its JIT computes the same keys, i.e. with
-- the same kernel source (same commit) and launch specialisation: the queue dtype and
-  embeddings of that dtype, D (by divisibility by 16) and contiguous rows, all as
-  enumerated here (B and K are not specialised, so any B and K of a listed D hit);
+- the same kernel source (same commit) and launch specialisation: the queue dtype and the
+  embeddings' dtype (the queue's, or as named by a QUEUE/EMBEDDINGS entry of --dtypes), D
+  (by divisibility by 16) and contiguous rows, all as enumerated here (B and K are not
+  specialised, so any B and K of a listed D hit);
 - the same triton wheel for the same Python version: the key hashes libtriton.so, which
   differs between the cp311 and cp312 builds of one release, so for the GPU machine
   (Python 3.12, triton 3.6) run `make kernel-check-triton36`, which compiles with that
   Python and wheel through --python;
 - the same ptxas (the wheel's), no TRITON_* variable that changes the key;
-- TRITON_CACHE_DIR set to DIR as written here, from the same working directory: the cache
+- TRITON_CACHE_DIR set to DIR as written here, from the same working directory: each entry
   records the paths of its files as given, so a relative DIR survives a copy of the
-  repository to another machine.
+  repository to another machine, and a cache unpacked elsewhere needs those paths rewritten
+  (benchmarks/gpu_check.py does, for the GPU check's steps, which run from a scratch folder).
 Not covered: launches outside the grid (another D, dtype pair or stride), and the kernels
 torch.compile generates for the rest of the model (Inductor's own cache).
 """
@@ -85,13 +87,14 @@ class _Recording:
         return lambda *args, **kwargs: self.calls.append((self.name, args, kwargs))
 
 
-def run_step(kernels, arch: int, dtype: torch.dtype, b: int, d: int, k: int = K) -> None:
+def run_step(kernels, arch: int, dtype: torch.dtype, b: int, d: int, k: int = K,
+             embed_dtype: torch.dtype | None = None) -> None:
     """Run the launch code of a training step on meta tensors, with `kernels` as the kernel
     table: the loss forward and backward (SEED and InfoNCE) and the enqueue of the B keys,
-    embeddings in the queue's dtype."""
+    with a queue of `dtype` and embeddings of `embed_dtype` (default: the queue's)."""
     launcher = Launcher(kernels, arch, 2 * SMS[arch])
-    meta = dict(dtype=dtype, device="meta")
-    s, t, queue = torch.empty(b, d, **meta), torch.empty(b, d, **meta), torch.empty(k, d, **meta)
+    emb = dict(dtype=embed_dtype or dtype, device="meta")
+    s, t, queue = torch.empty(b, d, **emb), torch.empty(b, d, **emb), torch.empty(k, d, dtype=dtype, device="meta")
     grad = torch.empty((), device="meta")
     for hard in (False, True):
         teacher_temp = 1.0 if hard else 1e-4
@@ -125,16 +128,24 @@ def _label(kernel: str, kwargs: dict) -> tuple[str, str]:
     return name, tiles + options
 
 
+def dtype_pair(name: str) -> tuple[torch.dtype, torch.dtype]:
+    """(queue, embeddings) of a --dtypes entry: 'bf16' for both, 'fp16/bf16' for an fp16
+    queue with bf16 embeddings (the fused kernels specialise on both pointer types)."""
+    queue, _, embeddings = name.partition("/")
+    return DTYPES[queue], DTYPES[embeddings or queue]
+
+
 def build_jobs(archs, dtypes, batches, dims):
     """Unique compile jobs and the rows (shape → job) they serve."""
     jobs, rows, seen = [], [], {}
     for arch in archs:
         backend = make_backend(GPUTarget("cuda", arch, 32))
         for dtype_name in dtypes:
+            queue_dtype, embed_dtype = dtype_pair(dtype_name)
             for b in batches:
                 for d in dims:
                     calls = Recorder()
-                    run_step(calls, arch, DTYPES[dtype_name], b, d)
+                    run_step(calls, arch, queue_dtype, b, d, embed_dtype=embed_dtype)
                     for name, args, kwargs in calls.calls:
                         fn = getattr(bodies, name)
                         binder = create_function_from_signature(fn.signature, fn.params, backend)
@@ -252,8 +263,9 @@ def _int_list(allowed=None, low=1, high=4096):
 
 def _dtype_list(text):
     values = [v.strip() for v in text.split(",") if v.strip()]
-    if not values or any(v not in DTYPES for v in values):
-        raise argparse.ArgumentTypeError(f"{text!r}: each dtype must be one of {', '.join(DTYPES)}")
+    if not values or any(not 1 <= len(v.split("/")) <= 2 or not set(v.split("/")) <= set(DTYPES) for v in values):
+        raise argparse.ArgumentTypeError(f"{text!r}: each entry must be a queue dtype ({', '.join(DTYPES)}), "
+                                         "optionally /the embeddings' dtype, e.g. fp16/bf16")
     return values
 
 
@@ -267,7 +279,9 @@ def main(argv=None) -> int:
     p.add_argument("--arch", type=_int_list(allowed=SMS), default=sorted(SMS), help="compute capabilities (90,100)")
     p.add_argument("--dims", type=_int_list(), default=list(DIMS), help="embedding widths D (1..4096)")
     p.add_argument("--batch", type=_int_list(), default=list(BATCHES), help="batch sizes B (1..4096)")
-    p.add_argument("--dtypes", type=_dtype_list, default=list(DTYPES), help="queue dtypes (bf16,fp16,fp32)")
+    p.add_argument("--dtypes", type=_dtype_list, default=list(DTYPES),
+                   help="queue dtypes (bf16,fp16,fp32); QUEUE/EMBEDDINGS (e.g. fp16/bf16) for embeddings of "
+                        "another dtype (default: the queue's)")
     p.add_argument("--cache-dir", help="also fill this Triton cache for a GPU run (see the module doc)")
     p.add_argument("--json", help="write the environment, limits and every compiled kernel to this file")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compile processes (default: CPU count)")

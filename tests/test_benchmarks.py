@@ -4,6 +4,7 @@ keep the scripts working; their numbers mean nothing on a shared 2-core CPU).
 The GPU check's dry run (`make gpu-check-dry`) runs the data, training, k-NN and kernel
 benchmarks, the demo and the CUDA test files through the very script the GPU machine runs,
 after the same offline install of the tree."""
+import gzip
 import json
 import os
 import subprocess
@@ -11,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,6 +51,8 @@ def test_gpu_check_dry_run(tmp_path):
 
     # the installed copy ran, not the tree: its entry points too
     assert Path(result["a-environment"]["fastseed"]).is_relative_to(scratch / "site")
+    # every Triton compile of the steps loads this cache manager, which logs the cache's hits
+    assert result["a-environment"]["triton_cache_manager"] == "triton_lookups.LoggedCache"
     assert (scratch / "site" / "bin" / "fastseed-train").is_file()
     rows = {s: [r["row"] for r in records if r["step"] == s and "row" in r] for s in STEPS}
     assert {(r["op"], r["D"]) for r in rows["b-correctness"]} == {
@@ -83,3 +87,36 @@ def test_a_capped_step_is_killed_with_its_children(tmp_path):
         time.sleep(0.05)
     else:
         pytest.fail(f"the step's child {child} outlived the cap")
+
+
+def test_trimmed_fashion_mnist_writes_the_betons_the_full_files_write(tmp_path, monkeypatch):
+    """gpu_wheels.demo_fashion_mnist zeroes the images no job writes; every job's beton from the
+    trimmed files is the full files' byte for byte (small files and subsets here; make
+    gpu-wheels passes the demo's jobs). One writer worker: with two, FFCV lays out its pages
+    in the order the workers finish, so two writes of the same images differ."""
+    from fastseed.data_prep import sources, write_beton
+    from gpu_wheels import demo_fashion_mnist
+
+    full, trimmed = tmp_path / "full", tmp_path / "trimmed"
+    full.mkdir()
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 300), ("test", 40)):
+        arrays = rng.integers(1, 256, (n, 28, 28), dtype=np.uint8), rng.integers(0, 10, n, dtype=np.uint8)
+        for name, array in zip(sources.FASHION_MNIST_FILES[split], arrays):
+            header = bytes([0, 0, 8, array.ndim]) + np.array(array.shape, ">u4").tobytes()
+            (full / f"{name}.gz").write_bytes(gzip.compress(header + array.tobytes()))
+    jobs = [("fashion-mnist:train", "a.beton", 100), ("fashion-mnist:test", "t.beton", None),
+            ("fashion-mnist:train", "b.beton", 30)]
+    assert demo_fashion_mnist(full, trimmed, jobs).startswith("images kept: train ")
+    images = sources.read_idx(str(trimmed / "train-images-idx3-ubyte.gz"))
+    read = np.union1d(sources.subset_indices(300, 100), sources.subset_indices(300, 30))
+    assert np.array_equal(np.flatnonzero(images.reshape(300, -1).max(1)), read)  # only those were kept
+
+    betons = {}
+    for folder in (full, trimmed):
+        monkeypatch.setattr(sources, "FASHION_MNIST_DIRS", (str(folder),))
+        for source, name, subset in jobs:
+            out = tmp_path / f"{folder.name}-{name}"
+            write_beton(source, str(out), subset=subset, compress_probability=0.0, workers=1, progress=False)
+            betons.setdefault(name, []).append(out.read_bytes())
+    assert all(a == b for a, b in betons.values())
