@@ -50,6 +50,8 @@ class Config:
     teacher_use_head: bool = True        # SEED distils in the teacher's projection space
     trust_checkpoint: bool = False       # unpickle --distill/--resume in full: runs code from the file
     dim: int | None = None               # embedding dim (SEED: the teacher's; MoCo: 128)
+    teacher_cache: str | None = None     # fastseed-cache file: the teacher's keys of stored crops,
+                                         # replayed instead of a teacher forward (fastseed/cache.py)
 
     # data
     data: str | None = None              # train .beton
