@@ -355,7 +355,8 @@ STEPS = [
     # late, optional: run when their benchmark is in the tree and time is left
     Step("i-multi", run_optional("bench_multi.py", ["--res", "224", "--device", "cuda"]), 60, 120,
          needs="benchmarks/bench_multi.py", cuda_only=True),
-    Step("j-cache", run_optional("bench_cache.py", ["--device", "cuda"]), 45, 90,
+    Step("j-cache", run_optional("bench_cache.py", ["--res", "224", "--device", "cuda", "--epochs", "1",
+                                                    "--compile", "off"]), 60, 120,
          needs="benchmarks/bench_cache.py", cuda_only=True),
 ]
 EXPECTED_S = {"install": 20}  # what is not a step: pip and no index, the wheels and the tree
