@@ -22,8 +22,8 @@ A teacher that is not bundled (-k resnet50) without --distill gets random weight
 MoCo-v2 projection head (bench_train.teacher_checkpoint): speed does not depend on them.
 
     .venv/bin/python benchmarks/bench_cache.py -k resnet50 -a resnet18 --res 64 --out results/cache_cpu.jsonl
-    .venv/bin/python benchmarks/bench_cache.py -k efficientnet_lite0 --teacher-res 48 --res 32 \\
-        --out results/cache_cpu.jsonl                  # the demo's setting (28 px sources)
+    .venv/bin/python benchmarks/bench_cache.py -k efficientnet_lite0 --teacher-res 48 --res 32 --src-side 28 \\
+        --batch 128 --queue 4096 --aug weak --out results/cache_cpu.jsonl   # the demo's setting
     python benchmarks/bench_cache.py --res 224 --device cuda --out results/cache_h200.jsonl  # GPU: ResNet-50
     .venv/bin/pytest benchmarks/bench_cache.py        # tiny, CPU
 """
@@ -140,7 +140,7 @@ def bench(res: int = 64, images: int = 256, crops: int = 4, teacher: str = "effi
           distill: str | None = None, teacher_res: int | None = None, workers: int = 2, batch: int = 64,
           chunk: int = 256, epochs: int = 2, src_side: int | None = None, device: str | None = None,
           workdir: str | None = None, student: str = "resnet18", steps: int = 3, rounds: int = 5,
-          queue: int = 65536, compile_: str = "auto") -> dict:
+          queue: int = 65536, compile_: str = "auto", aug: str = "auto") -> dict:
     from fastseed.cache import layout
     from fastseed.config import Config
     from fastseed.data_prep import write_beton
@@ -158,7 +158,7 @@ def bench(res: int = 64, images: int = 256, crops: int = 4, teacher: str = "effi
             distill = str(teacher_checkpoint(teacher, tmp / f"{teacher}.pth"))
         cfg = Config(data=str(tmp / "data.beton"), teacher_arch=teacher, distill=distill, res=res,
                      teacher_res=teacher_res or res, device=dev.type, workers=workers, progress=False,
-                     compile=compile_, arch=student, batch_size=batch, queue_size=queue, epochs=10**6)
+                     compile=compile_, arch=student, batch_size=batch, queue_size=queue, epochs=10**6, aug=aug)
         build = time_build(cfg, tmp / "data.tcache", crops=crops, chunk=chunk, batch=batch)
         cache = build.pop("cache")
         loaders = time_loaders(tmp / "data.beton", cache, res=res, batch=batch, workers=workers, epochs=epochs,
@@ -167,7 +167,8 @@ def bench(res: int = 64, images: int = 256, crops: int = 4, teacher: str = "effi
         size = (tmp / "data.tcache").stat().st_size
     return {"res": res, "teacher_res": cfg.teacher_res, "images": images, "src_side": src_side, "crops": crops,
             "teacher": teacher, "teacher_weights": "random" if random_teacher else (distill or "bundled"),
-            "student": student, "queue": queue, "compile": compile_, "dim": cache.dim, "dtype": cache.header["dtype"],
+            "student": student, "queue": queue, "compile": compile_, "aug": aug, "dim": cache.dim,
+            "dtype": cache.header["dtype"],
             "precision": cache.header["precision"],
             "workers": workers, "batch": batch, "chunk": chunk, "epochs": epochs, **provenance(dev), **build,
             **loaders, **train, **break_even(train, build, images, crops), "load_average": os.getloadavg()[0],
@@ -208,6 +209,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=3, help="training steps per timed window")
     p.add_argument("--rounds", type=int, default=5, help="alternations of (live teacher, cache) windows")
     p.add_argument("--queue", type=int, default=65536, help="SEED queue length K")
+    p.add_argument("--aug", default="auto", help="augmentation preset of both training runs (the cache's crops "
+                                                 "are drawn at its scale)")
     p.add_argument("--compile", dest="compile_", default="auto", choices=["auto", "on", "off"],
                    help="torch.compile of teacher and student (auto: on CUDA)")
     p.add_argument("--src-side", type=int, default=None)
@@ -215,7 +218,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None, help="append the result as one JSON line")
     a = p.parse_args(argv)
     result = bench(a.res, a.images, a.crops, a.teacher, a.distill, a.teacher_res, a.workers, a.batch, a.chunk,
-                   a.epochs, a.src_side, a.device, a.workdir, a.student, a.steps, a.rounds, a.queue, a.compile_)
+                   a.epochs, a.src_side, a.device, a.workdir, a.student, a.steps, a.rounds, a.queue, a.compile_, a.aug)
     line = json.dumps(result)
     print(line)
     print(f"training: cache {result['train_cache_images_per_s']} img/s, live teacher {result['train_live_images_per_s']} "
