@@ -18,6 +18,9 @@ student's init, order, colour draws and (for the live teacher) crops.
     .venv/bin/python benchmarks/cache_quality.py --size cpu --seeds 0 1     # 2-core CPU, resumable
     .venv/bin/python benchmarks/cache_quality.py --size tiny --datasets fashion-mnist   # tests
 
+A row's `train` and `test` are the subset sizes asked for: MNIST-5k's splits hold 4,000 and
+1,000 images, so its test set is all 1,000.
+
 Finished runs (a row in --out) are skipped when started again; a run stopped half-way resumes
 from its checkpoint, a cache build from its part file. Rows: --out (JSON lines, default
 benchmarks/results/cache_quality_<size>.jsonl); the table: the same name with .md.
