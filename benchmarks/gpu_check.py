@@ -359,11 +359,12 @@ STEPS = [
     Step("e-knn", step_knn, 10, 60),
     Step("f-data", step_data, 40, 120),                 # 3840 JPEGs on 16 cores, 3 epochs each way
     Step("g-train", step_train, 150, 240),              # 3 pairs: compile of student and teacher dominates
-    Step("h-demo", step_demo, 80, 180),                 # betons, compile at 32/48 px, 250 steps, 4 k-NN
+    Step("h-demo", step_demo, 90, 180),                 # betons, compile at 32/48 px, 500 steps, 4 k-NN
     # late, optional: run when their benchmark is in the tree and time is left
     Step("i-multi", run_optional("bench_multi.py", ["--res", "224", "--device", "cuda"]), 60, 120,
          needs="benchmarks/bench_multi.py", cuda_only=True),
-    Step("j-cache", run_optional("bench_cache.py", ["--device", "cuda"]), 45, 90,
+    Step("j-cache", run_optional("bench_cache.py", ["--res", "224", "--device", "cuda", "--epochs", "1",
+                                                    "--compile", "off"]), 60, 120,
          needs="benchmarks/bench_cache.py", cuda_only=True),
 ]
 EXPECTED_S = {"install": 20}  # what is not a step: pip and no index, the wheels and the tree

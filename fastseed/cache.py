@@ -32,7 +32,8 @@ ImageNet-1k (1,281,167 images) at R = 10, D = 128, bf16: keys 3.28 GB + boxes 0.
 Identity (what must match to resume a build or reuse a cache): the beton (size, sha256 of its
 header, field descriptors, per-sample metadata and allocation table, sample count), the
 teacher (arch, checkpoint format and sha256, embedding dim, head or backbone, mean/std), the
-teacher resolution, precision and compile setting, R, seed, crop scale and ratio, D, dtype.
+target the build asked for (head or backbone), the teacher resolution, precision and compile
+setting, R, seed, crop scale and ratio, D, dtype.
 
 Atomic and resumable. The build writes OUTPUT.part (created with its whole header under a
 temporary name, then renamed). After chunk c's boxes and keys: fsync, write its record, fsync.
@@ -48,11 +49,15 @@ time every rank reads the one file (the rows of its shard).
 Reading (the API for the training loop):
     cache = TeacherCache.open(path)            # CacheError: not a cache, truncated, incomplete
     cache.verify()                             # optional, reads it all: CacheError on a bad crc32
-    cache.check(beton=cfg.data, teacher=teacher_record(info, teacher, mean_std),
+    cache.check(beton=cfg.data, teacher=teacher_record(info, teacher, mean_std), target="head",
                 teacher_res=..., crop_scale=cfg.crop_scale, small_crops=cfg.small_crops)
     loader = fastseed.data.replay_loader(cfg.data, cache, batch_size=..., res=cfg.res, ...)
     for views, labels, keys in loader: ...     # keys (B, D) on the device: the teacher targets
     cache.keys(indices, epoch)                 # the same keys for any rows, for any epoch
+Training (`fastseed-train --teacher-cache`) does exactly this: `targets.cached_targets` opens,
+checks and verifies the cache, `train.build_loader` makes the replay loader, and the keys it
+yields are the targets (`targets.CachedTargets`). `identity` (a sha256 of the identity fields)
+is recorded in every checkpoint: resuming asks for the same cache.
 SEED's small-patch variant (--small-crops) is refused: a cache of its six small crops too would
 be 7x the size (ImageNet R=10: 23 GB), and caching only the global crop would leave the teacher
 in the loop for the small ones.
@@ -84,7 +89,9 @@ ALIGN = 4096
 DRAW_BLOCK = 4096            # images per box draw: default_rng([seed, i // DRAW_BLOCK])
 SLOT_STREAM = 1 << 32        # default_rng([seed, SLOT_STREAM]) draws the per-image phase o_i
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-IDENTITY = ("beton", "teacher", "teacher_res", "precision", "compile", "crops", "seed", "crop_scale",
+TARGETS = {"head": "projection-head embeddings (SEED; SimReg --simreg-target projection)",
+           "backbone": "pooled backbone features (SimReg's default; --teacher-no-head)"}
+IDENTITY = ("beton", "teacher", "target", "teacher_res", "precision", "compile", "crops", "seed", "crop_scale",
             "ratio", "dim", "dtype")
 
 
@@ -208,6 +215,12 @@ class TeacherCache:
         self._phase = slot_phase(n, r, self.seed)
         self._slots = (None, None)
 
+    @property
+    def identity(self) -> str:
+        """sha256 of the header's identity fields: two caches with the same one replay the same
+        crops with the same keys (a checkpoint records it; resuming asks for the same)."""
+        return hashlib.sha256(json.dumps({k: self.header[k] for k in IDENTITY}, sort_keys=True).encode()).hexdigest()
+
     @classmethod
     def open(cls, path) -> "TeacherCache":
         """Raise FileNotFoundError / CacheError unless `path` is a whole cache: magic, version,
@@ -255,26 +268,42 @@ class TeacherCache:
             raise CacheError(f"{self.path} is damaged: box {self.boxes[i, r].tolist()} of image {i}, crop {r} "
                              "lies outside the image: rebuild it")
 
-    def check(self, *, beton=None, teacher: dict | None = None, teacher_res: int | None = None,
-              crop_scale=None, small_crops: int = 0) -> None:
-        """Raise CacheError unless the cache fits a run with these settings (None: not checked)."""
+    def check(self, *, beton=None, teacher: dict | None = None, target: str | None = None,
+              teacher_res: int | None = None, crop_scale=None, small_crops: int = 0) -> None:
+        """Raise CacheError unless the cache fits a run with these settings (None: not checked).
+        `teacher`: the fields of `teacher_record` to compare (a run that does not load its
+        teacher gives the arch and checkpoint sha256 only); `target`: what the run distils,
+        "head" (the projection head's embedding) or "backbone" (the pooled feature)."""
         if small_crops:
             raise CacheError("--small-crops cannot train from a teacher cache: it holds one global crop per image "
                              "and epoch (the six small crops too would make it 7x larger); drop one or the other")
-        if beton is not None:
-            self.check_beton(beton)
         if teacher is not None:
-            diff = _difference(self.header["teacher"], teacher,
-                               ("sha256", "arch", "format", "dim", "head", "mean", "std"))
+            fields = [k for k in ("sha256", "arch", "format", "dim", "head", "mean", "std") if k in teacher]
+            diff = _difference(self.header["teacher"], teacher, fields)
             if diff:
                 raise CacheError(f"{self.path} holds keys of another teacher (teacher.{diff}): pass the teacher it "
                                  "was built with, or rebuild it with fastseed-cache")
+        if target is not None:
+            self._check_target(target)
         for name, value in (("teacher_res", teacher_res), ("crop_scale", crop_scale)):
             have = self.header[name]
             if value is not None and json.loads(json.dumps(value)) != have:
                 raise CacheError(f"{self.path} was built with {name} {_short(have)}, this run asks {_short(value)}: "
                                  f"pass --{name.replace('_', '-')} {','.join(map(str, np.atleast_1d(have)))} "
                                  "or rebuild the cache")
+        if beton is not None:
+            self.check_beton(beton)
+
+    def _check_target(self, target: str) -> None:
+        """The stored keys are what the run distils. A teacher without a head (a bundled one)
+        gives its backbone feature to a build that asked for the head: those keys fit either
+        target; keys built for the backbone of a teacher that may have a head fit only it."""
+        stored = "head" if self.header["teacher"]["head"] else "backbone"
+        if stored == target or (target == "head" and self.header["target"] == "head"):
+            return
+        raise CacheError(f"{self.path} holds the teacher's {TARGETS[stored]}, this run distils its "
+                         f"{TARGETS[target]}: rebuild the cache with this run's --method, --simreg-target and "
+                         "--teacher-no-head")
 
     # -- what the loader reads
     def slots(self, epoch: int) -> np.ndarray:
@@ -297,12 +326,13 @@ class TeacherCache:
 # ---------------------------------------------------------------- building
 def plan(cfg: Config, env, record: dict, beton: dict, *, crops: int, dtype: str, chunk: int) -> dict:
     """The header of the cache this build writes."""
+    from fastseed.targets import wants_head
     from fastseed.train import amp_dtype, use_compile
 
     precision = {torch.bfloat16: "bf16", torch.float16: "fp16", None: "fp32"}[amp_dtype(cfg, env.device)]
     header = {"format": "fastseed teacher cache", "beton": beton, "teacher": record,
-              "teacher_res": cfg.teacher_res or cfg.res, "precision": precision, "compile": use_compile(cfg, env),
-              "crops": crops, "seed": cfg.seed, "crop_scale": list(cfg.crop_scale), "ratio": list(RATIO),
+              "target": "head" if wants_head(cfg) else "backbone", "teacher_res": cfg.teacher_res or cfg.res,
+              "precision": precision, "compile": use_compile(cfg, env), "crops": crops, "seed": cfg.seed, "crop_scale": list(cfg.crop_scale), "ratio": list(RATIO),
               "dim": record["dim"], "dtype": dtype, "chunk": chunk,
               "layout": layout(beton["num_samples"], crops, record["dim"], chunk),
               "source": {"beton": os.path.abspath(cfg.data), "checkpoint": cfg.distill},

@@ -49,6 +49,10 @@ def train_parser() -> argparse.ArgumentParser:
       help="let --distill/--resume files hold arbitrary Python objects; unpickling them runs code "
            "from the file: only for files you trust")
     a("--data", help="train .beton (from fastseed-prep)")
+    a("--teacher-cache", dest="teacher_cache",
+      help="train from a fastseed-cache file of --data: each image's stored crop of the epoch and the teacher's "
+           "stored key (no teacher forward). Its header names the teacher: -k/--distill may be left out; "
+           "given, they must match it")
     a("--val-data", dest="val_data", help="val .beton for k-NN monitoring")
     a("--knn-bank", dest="knn_bank", help="labelled .beton used as the k-NN memory bank (default --data)")
     a("--output", help="output directory (checkpoints, metrics.jsonl)")
@@ -105,6 +109,10 @@ def config_from_args(argv: list[str] | None) -> Config:
         base = official(args.get("method", "seed"))
     else:
         base = demo() if "data" not in args else Config()
+    if "teacher_cache" in args and "teacher_arch" not in args:
+        # the cache names its teacher: no -k needed (one given is checked against it)
+        from fastseed.cache import TeacherCache
+        args["teacher_arch"] = TeacherCache.open(args["teacher_cache"]).header["teacher"]["arch"]
     return base.replace(**args)
 
 
@@ -156,7 +164,8 @@ def check_inputs(cfg: Config) -> None:
     from fastseed.students import student_configs
     for c in student_configs(cfg):  # a bad -a / --lr list, an unknown arch -> ConfigError before anything is written
         create_student(c.arch)
-    if cfg.method in ("seed", "simreg") and cfg.distill is None and cfg.teacher_arch not in BUNDLED:
+    if (cfg.method in ("seed", "simreg") and cfg.distill is None and cfg.teacher_arch not in BUNDLED
+            and cfg.teacher_cache is None):
         raise FileNotFoundError(f"teacher {cfg.teacher_arch} needs weights: pass --distill CHECKPOINT, "
                                 f"or use a bundled teacher with -k {BUNDLED[0]}")
     if cfg.method in ("seed", "simreg") and cfg.distill is not None and not Path(cfg.distill).is_file():

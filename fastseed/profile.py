@@ -85,10 +85,10 @@ def time_phases(run, warmup: int = 3, steps: int = 5, prof=None) -> dict[str, fl
             timer.times.clear()
         timer.phase("data wait")
         try:
-            views, batch = next(it)
+            views, *batch = next(it)
         except StopIteration:
             it = iter(run.loader)
-            views, batch = next(it)
+            views, *batch = next(it)
         train_step(run, views, step, batch, timer)
         timer.phase(None)
     if prof is not None:

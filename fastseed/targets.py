@@ -3,9 +3,10 @@
     targets(views, batch) -> tuple[Tensor, ...]
 
 `views` are one batch's augmented views in the loader's order (the global view(s), then the
-small crops), as every student sees them; `batch` is what the loader yielded beside the views
-(the labels today). The result is what the students' losses compare against, computed once
-per batch, without gradient, one tensor per batch of the method's `teacher_inputs(views)`:
+small crops), as every student sees them; `batch` is the list of what the loader yielded beside
+the views (the labels; from a teacher cache's replay loader, the labels and the stored keys).
+The result is what the students' losses compare against, computed once per batch, without
+gradient, one tensor per batch of the method's `teacher_inputs(views)`:
 
     seed     (t(view 0) [B, D], t(the small crops, crop by crop) [N·B, D])
     simreg   (t(every view, concatenated) [V·B, D],)
@@ -17,23 +18,26 @@ Beside the call, a target source describes what the keys come from, for the rest
 normalisation, which the augmentation applies), `info` (the teacher's identity, recorded in
 every checkpoint and checked on resume) and `teacher` (the frozen model, for the k-NN table).
 
-`build_targets(cfg, ...)` builds it from the config. A teacher-embedding cache plugs in here:
-a class with the same attributes whose `targets` returns the stored keys read with `batch`
-(`teacher` None when no live teacher is loaded), chosen by `build_targets`.
+`build_targets(cfg, ...)` builds it from the config: the live teacher (`TeacherTargets`), or,
+with `cfg.teacher_cache`, the keys a teacher cache stored for the replayed crops
+(`CachedTargets`: no teacher forward; the cache's header names the teacher, so none is loaded
+unless the k-NN table asks for its row).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
 from torch import nn
 
+from fastseed.cache import CacheError, TeacherCache, teacher_record
 from fastseed.config import Config
 from fastseed.methods import METHODS
 from fastseed.methods._common import FrozenTeacher
-from fastseed.models import to_channels_last
-from fastseed.teachers import load_teacher
+from fastseed.models import ConfigError, to_channels_last
+from fastseed.teachers import BUNDLED, _sha256, load_teacher
 
 
 @dataclass
@@ -50,19 +54,89 @@ class TeacherTargets:
         return tuple(self.teacher(x) for x in self.inputs(views))
 
 
-def build_targets(cfg: Config, device: torch.device, *, dtype: torch.dtype | None,
-                  compile_fn: Callable[[nn.Module], nn.Module] | None) -> TeacherTargets | None:
-    """The frozen teacher of `cfg` on `device` (bf16 weights when the run autocasts to bf16,
-    compiled with `compile_fn`); None for MoCo, whose student makes its own keys."""
-    if cfg.method == "moco":
-        return None
-    use_head = cfg.teacher_use_head and not (cfg.method == "simreg" and cfg.simreg_target == "backbone")
-    bundle = load_teacher(cfg.teacher_arch, cfg.distill, cfg.teacher_ssl, use_head=use_head,
+@dataclass
+class CachedTargets:
+    """A teacher cache: the keys the replay loader read with the batch (`batch` = [labels,
+    keys]), in the dtype the live teacher would give (`dtype`). The teacher's colour
+    augmentation is not in them: a stored key is the teacher's view of the un-coloured crop.
+    `teacher` is loaded only for the k-NN table's row and never runs in a step (None without
+    the table)."""
+    cache: TeacherCache
+    dim: int
+    mean_std: tuple[tuple[float, ...], tuple[float, ...]]
+    info: dict
+    dtype: torch.dtype
+    teacher: FrozenTeacher | None = None
+
+    def targets(self, views: list[torch.Tensor], batch) -> tuple[torch.Tensor, ...]:
+        _, keys = batch
+        return (keys.to(self.dtype),)
+
+
+def wants_head(cfg: Config) -> bool:
+    """The run distils the teacher's projection head (SEED), not its pooled backbone feature
+    (SimReg's default target, --teacher-no-head)."""
+    return cfg.teacher_use_head and not (cfg.method == "simreg" and cfg.simreg_target == "backbone")
+
+
+def _load(cfg: Config, device: torch.device, dtype: torch.dtype | None, compile_fn) -> tuple[FrozenTeacher, object]:
+    bundle = load_teacher(cfg.teacher_arch, cfg.distill, cfg.teacher_ssl, use_head=wants_head(cfg),
                           trust=cfg.trust_checkpoint)
     model = to_channels_last(bundle.model.to(device), cfg.channels_last)
     if dtype == torch.bfloat16:
         model = model.to(torch.bfloat16)  # frozen: bf16 weights halve its memory traffic
+    return FrozenTeacher(model, cfg.teacher_res, compile_fn), bundle
+
+
+def build_targets(cfg: Config, device: torch.device, *, dtype: torch.dtype | None,
+                  compile_fn: Callable[[nn.Module], nn.Module] | None) -> TeacherTargets | CachedTargets | None:
+    """The frozen teacher of `cfg` on `device` (bf16 weights when the run autocasts to bf16,
+    compiled with `compile_fn`), or its keys from `cfg.teacher_cache`; None for MoCo, whose
+    student makes its own keys."""
+    if cfg.teacher_cache is not None:
+        return cached_targets(cfg, device, dtype=dtype)
+    if cfg.method == "moco":
+        return None
+    teacher, bundle = _load(cfg, device, dtype, compile_fn)
     info = {"arch": bundle.arch, "format": bundle.format, "sha256": bundle.sha256, "dim": bundle.dim,
             "checkpoint": cfg.distill}
-    return TeacherTargets(FrozenTeacher(model, cfg.teacher_res, compile_fn), METHODS[cfg.method].teacher_inputs,
-                          bundle.dim, (tuple(bundle.mean), tuple(bundle.std)), info)
+    return TeacherTargets(teacher, METHODS[cfg.method].teacher_inputs, bundle.dim,
+                          (tuple(bundle.mean), tuple(bundle.std)), info)
+
+
+def claimed_teacher(cfg: Config) -> dict:
+    """What the run says of its teacher without loading it: the arch, and the sha256 of the
+    checkpoint when --distill names one (without it, the cache's header names the weights)."""
+    claim = {"arch": cfg.teacher_arch}
+    if cfg.distill is not None:
+        claim["sha256"] = _sha256(Path(cfg.distill))
+    return claim
+
+
+def cached_targets(cfg: Config, device: torch.device, *, dtype: torch.dtype | None) -> CachedTargets:
+    """`cfg.teacher_cache` opened and checked against the run (CacheError naming the first
+    field that does not fit: beton, teacher, target, teacher resolution, crop scale, small
+    crops, damage); the teacher itself is loaded only for the k-NN table (`cfg.final_table`,
+    when its weights are here: bundled, or --distill), then checked in full against the header."""
+    from fastseed.augment import resolve_preset
+
+    if cfg.method == "moco":
+        raise ConfigError("--teacher-cache holds a teacher's keys; --method moco has no teacher: drop one or the other")
+    cache = TeacherCache.open(cfg.teacher_cache)
+    header = cache.header
+    fmt = header["teacher"]["format"]
+    cache.check(teacher=claimed_teacher(cfg), target="head" if wants_head(cfg) else "backbone",
+                small_crops=cfg.small_crops, teacher_res=cfg.teacher_res or cfg.res,
+                crop_scale=resolve_preset(cfg, fmt).crop_scale, beton=cfg.data)
+    cache.verify()
+    t = header["teacher"]
+    mean_std = (tuple(t["mean"]), tuple(t["std"]))
+    teacher = None
+    if cfg.final_table and (cfg.distill is not None or cfg.teacher_arch in BUNDLED):
+        teacher, bundle = _load(cfg, device, dtype, None)
+        cache.check(teacher=teacher_record({"arch": bundle.arch, "format": bundle.format, "sha256": bundle.sha256,
+                                            "dim": bundle.dim}, teacher, (bundle.mean, bundle.std)))
+    info = {"arch": t["arch"], "format": fmt, "sha256": t["sha256"], "dim": t["dim"],
+            "checkpoint": header["source"]["checkpoint"],
+            "cache": {"path": str(Path(cfg.teacher_cache).resolve()), "sha256": cache.identity}}
+    return CachedTargets(cache, cache.dim, mean_std, info, dtype or torch.float32, teacher)

@@ -28,12 +28,12 @@ from torch import nn
 
 from fastseed.augment import Normalize, preset_augment, resolve_preset
 from fastseed.config import Config
-from fastseed.data import eval_loader, ssl_loader
+from fastseed.data import eval_loader, replay_loader, ssl_loader
 from fastseed.evaluate import extract_features, knn_classify
 from fastseed.methods import METHODS
 from fastseed.models import ConfigError, create_student, to_channels_last
 from fastseed.students import NO_PHASES, Phases, Student, Students, student_configs
-from fastseed.targets import build_targets
+from fastseed.targets import CachedTargets, build_targets
 from fastseed.teachers import IMAGENET_MEAN, IMAGENET_STD, CheckpointReadError, read_checkpoint_file
 
 CHECKPOINT_VERSION = 1
@@ -338,6 +338,11 @@ def restore(ckpt: dict, cfg: Config, method, optimizer, scaler, teacher_info, au
     if want != have:
         raise TrainingError(f"checkpoint was distilled from teacher sha256 {str(want)[:12]}, this run "
                             f"loads {str(have)[:12]}: pass the same --distill / -k")
+    # the crops of an epoch are a function of the cache (and seed, epoch, index): the same cache, or none
+    want, have = ((info or {}).get("cache") for info in (meta.get("teacher"), teacher_info))
+    if (want or {}).get("sha256") != (have or {}).get("sha256"):
+        raise TrainingError(f"checkpoint was trained {_keys_from(want)}, this run {_keys_from(have)}: pass the "
+                            "same --teacher-cache (or none), or another --output")
     state = {f"student.{k}": v for k, v in ckpt["student"].items()}
     state |= {f"head.{k}": v for k, v in ckpt["head"].items()} | ckpt["buffers"]
     if _sharded(cfg, env):
@@ -356,6 +361,10 @@ def restore(ckpt: dict, cfg: Config, method, optimizer, scaler, teacher_info, au
         print(f"resume: checkpoint has {len(rngs)} ranks' RNG, this run {env.world}: "
               "augmentation randomness restarts", file=sys.stderr)
     return meta
+
+
+def _keys_from(cache: dict | None) -> str:
+    return f"from teacher cache {cache['path']} ({cache['sha256'][:12]})" if cache else "with the live teacher"
 
 
 def find_resume(cfg: Config) -> Path | None:
@@ -510,9 +519,21 @@ def wrap_model(method: nn.Module, cfg: Config, env: Env) -> nn.Module:
     return model
 
 
+def build_loader(cfg: Config, env: Env, source):
+    """The FFCV loader of `cfg.data`: with a teacher cache, each image's stored crop of the
+    epoch and its keys (`(views, labels, keys)`); else fresh random crops (`(views, labels)`)."""
+    common = dict(batch_size=cfg.batch_size // env.world, res=cfg.res, device=env.device, num_workers=cfg.workers,
+                  seed=cfg.seed, distributed=env.world > 1)
+    if isinstance(source, CachedTargets):
+        return replay_loader(cfg.data, source.cache, **common)
+    return ssl_loader(cfg.data, scale=cfg.crop_scale, num_global=2 if cfg.method == "moco" else 1,
+                      num_small=cfg.small_crops, small_res=cfg.small_res, small_scale=cfg.small_scale, **common)
+
+
 def prepare(cfg: Config, loader=None) -> Run:
     """Build everything a run needs. `loader` replaces the FFCV loader of `cfg.data` (tests,
-    synthetic-data benchmarks): any sized iterable of `(views, labels)` with `resume(epoch, batch)`."""
+    synthetic-data benchmarks): any sized iterable of `(views, labels)` (with a teacher cache,
+    `(views, labels, keys)`) with `resume(epoch, batch)`."""
     env = setup_env(cfg)
     configs = student_configs(cfg)  # validates -a / --lr before anything is written
     if env.main:
@@ -532,10 +553,7 @@ def prepare(cfg: Config, loader=None) -> Run:
     queues = METHODS[cfg.method].make_queues(dim=dim, queue_size=cfg.queue_size, queue_dtype=queue_dtype,
                                              small_crops=cfg.small_crops, small_enqueue=cfg.small_enqueue)
     if loader is None:
-        loader = ssl_loader(cfg.data, batch_size=cfg.batch_size // env.world, res=cfg.res, scale=cfg.crop_scale,
-                            num_global=2 if cfg.method == "moco" else 1, num_small=cfg.small_crops,
-                            small_res=cfg.small_res, small_scale=cfg.small_scale, device=env.device,
-                            num_workers=cfg.workers, seed=cfg.seed, distributed=env.world > 1)
+        loader = build_loader(cfg, env, source)
     augment = preset_augment(cfg.aug, mean_std[0], mean_std[1]).to(env.device)
     aug_gen = torch.Generator(env.device).manual_seed(cfg.seed * 1000 + env.rank)
     steps_per_epoch = len(loader)
@@ -555,7 +573,8 @@ def train_step(run: Run, views: list[torch.Tensor], step: int, batch=None,
                phases: Phases = NO_PHASES) -> list[torch.Tensor]:
     """One optimisation step of every live student on one augmentation of `views` and one ask
     of the target source; returns their losses on the device (no host sync). `batch` is what
-    the loader yielded beside the views; `phases` marks the step's phases (`fastseed.profile`)."""
+    the loader yielded beside the views (a list: labels, and a cache's keys); `phases` marks the step's
+    phases (`fastseed.profile`)."""
     for s in run.students.live:
         for g in s.optimizer.param_groups:
             g["lr"] = run.schedule(step, s.lr)
@@ -585,7 +604,8 @@ def oom_advice(run: Run, views: list[torch.Tensor], batch) -> str:
                 torch.cuda.empty_cache()
             try:
                 with run.students.only(s):
-                    train_step(run, [v[:b].clone() for v in views], 0, None if batch is None else batch[:b])
+                    train_step(run, [v[:b].clone() for v in views], 0,
+                               None if batch is None else [x[:b].clone() for x in batch])
                 break
             except torch.OutOfMemoryError:
                 b //= 2
@@ -648,7 +668,7 @@ def train(cfg: Config, loader=None) -> dict:
                 break
             run.loader.resume(epoch, skip)
             bar = _progress(cfg, env, spe, epoch, skip)
-            for i, (views, batch) in enumerate(run.loader, start=skip):
+            for i, (views, *batch) in enumerate(run.loader, start=skip):
                 try:
                     train_step(run, views, step, batch)
                 except torch.OutOfMemoryError:

@@ -122,7 +122,7 @@ def test_recipe_flags():
                                                                                     (0.3, 1.0))
     cfg = config_from_args(["--data", "x.beton"])  # fastseed's own defaults otherwise
     assert (cfg.lr_schedule, cfg.warmup_epochs, cfg.aug, cfg.crop_scale) == ("step", 5.0, "auto", None)
-    assert config_from_args([]).aug == "moco_v2" and config_from_args([]).crop_scale == (0.35, 1.0)  # the demo's
+    assert config_from_args([]).aug == "weak" and config_from_args([]).crop_scale == (0.6, 1.0)  # the demo's
     cfg = config_from_args(["--data", "x.beton", "--aug", "simclr", "--crop-scale", "0.3,1"])
     assert (cfg.lr_schedule, cfg.aug, cfg.crop_scale) == ("step", "simclr", (0.3, 1.0))
 
