@@ -30,7 +30,6 @@ MoCo-v2 projection head (bench_train.teacher_checkpoint): speed does not depend 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -43,7 +42,7 @@ import torch
 from bench_data import make_images  # the same synthetic JPEGs as the data benchmark
 from bench_multi import Batches  # endless batches of one loader
 from bench_train import teacher_checkpoint  # a random-weight MoCo-style teacher file
-from fastseed.provenance import provenance
+from fastseed.provenance import append_row, provenance
 
 IMAGENET = 1_281_167
 
@@ -221,15 +220,11 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     result = bench(a.res, a.images, a.crops, a.teacher, a.distill, a.teacher_res, a.workers, a.batch, a.chunk,
                    a.epochs, a.src_side, a.device, a.workdir, a.student, a.steps, a.rounds, a.queue, a.compile_, a.aug)
-    line = json.dumps(result)
-    print(line)
+    print(append_row(a.out, result))
     print(f"training: cache {result['train_cache_images_per_s']} img/s, live teacher {result['train_live_images_per_s']} "
           f"img/s: {result['train_ratio_median']}x (median of {a.rounds}; {result['train_ratio_min']}-"
           f"{result['train_ratio_max']}); build {result['build_crops_per_s']} crops/s; break-even after "
           f"{result['break_even_epochs']} epochs at R = {a.crops}", file=sys.stderr)
-    if a.out:
-        with open(a.out, "a") as f:
-            f.write(line + "\n")
     return 0
 
 

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from fastseed.augment import cpu_backend
-from fastseed.provenance import provenance
+from fastseed.provenance import append_row, provenance
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -186,11 +186,7 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     result = bench(a.res, a.images, a.workers, a.batch, a.epochs, a.src_side, a.device, a.workdir, a.compile,
                    a.data_dir)
-    line = json.dumps(result)
-    print(line)
-    if a.out:
-        with open(a.out, "a") as f:
-            f.write(line + "\n")
+    print(append_row(a.out, result))
     return result
 
 

@@ -11,14 +11,13 @@ on the device (as `extract_features` leaves them).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 
 import torch
 
 from fastseed.evaluate import knn_classify
-from fastseed.provenance import provenance
+from fastseed.provenance import append_row, provenance
 
 FULL = dict(n_train=50_000, n_test=10_000, dim=512, classes=1000)
 TINY = dict(n_train=5_000, n_test=1_000, dim=512, classes=100)
@@ -69,9 +68,7 @@ def main(argv=None):
     res = run(**size, device=args.device, chunk_size=args.chunk_size, repeats=args.repeats)
     print(f"knn {res['n_train']}x{res['n_test']} d={res['dim']} on {res['device']}: "
           f"median {res['median_s'] * 1e3:.1f} ms (min {res['min_s'] * 1e3:.1f} ms)")
-    if args.out:
-        with open(args.out, "a") as f:
-            f.write(json.dumps(res) + "\n")
+    append_row(args.out, res)
     return res
 
 

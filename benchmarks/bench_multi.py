@@ -21,7 +21,6 @@ depend on the weights); the students ResNet-18, EfficientNet-B0 and MobileNetV3-
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -32,7 +31,7 @@ import torch
 
 from bench_data import make_images  # the same synthetic JPEGs as the data benchmark
 from bench_train import teacher_checkpoint  # the same random-weight MoCo-style teacher
-from fastseed.provenance import provenance
+from fastseed.provenance import append_row, provenance
 
 TEACHER, STUDENTS = "resnet50", ("resnet18", "efficientnet_b0", "mobilenetv3_large_100")
 TINY_TEACHER, TINY_STUDENTS = "resnet10t", ("resnet10t", "test_efficientnet")
@@ -153,14 +152,10 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     result = bench(a.res, a.batch, a.steps, a.rounds, a.images, a.workers, a.device, a.compile_, a.tiny,
                    a.phase_steps)
-    line = json.dumps(result)
-    print(line)
+    print(append_row(a.out, result))
     print(f"joint {result['joint_images_per_s']} img/s, solo runs in sequence {result['solo_sequence_images_per_s']} "
           f"img/s: {result['ratio_median']}x (median of {a.rounds}; {result['ratio_min']}-{result['ratio_max']})",
           file=sys.stderr)
-    if a.out:
-        with open(a.out, "a") as f:
-            f.write(line + "\n")
     return 0
 
 

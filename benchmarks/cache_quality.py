@@ -38,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fastseed.provenance import provenance
+from fastseed.provenance import append_row, provenance
 
 ROOT = Path(__file__).resolve().parent.parent
 SIZES = {
@@ -153,9 +153,7 @@ def main(argv=None) -> list[dict]:
                        **{k: v for k, v in size.items() if k != "crops"},
                        **run_one(size, train, test, work, seed, crops), **provenance()}
                 rows.append(row)
-                with open(out, "a") as f:
-                    f.write(json.dumps(row) + "\n")
-                print(json.dumps(row), file=sys.stderr)
+                print(append_row(out, row), file=sys.stderr)
     text = table(rows)
     out.with_suffix(".md").write_text(text + "\n")
     print(text)

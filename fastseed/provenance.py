@@ -2,6 +2,7 @@
 (a number without them cannot be compared with the next one)."""
 from __future__ import annotations
 
+import json
 import os
 import platform
 import subprocess
@@ -45,3 +46,13 @@ def provenance(device: torch.device | str | None = None) -> dict:
     return {"device": device_name(device), "cpu_count": os.cpu_count(), "commit": git_commit(),
             "torch": torch.__version__, "triton": _version("triton"), "numba": _version("numba"),
             "python": platform.python_version(), "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+def append_row(path: str | os.PathLike | None, row: dict) -> str:
+    """`row` as one JSON line, appended to the results file `path` when one is given (a
+    benchmark's --out); returns the line."""
+    line = json.dumps(row)
+    if path:
+        with open(path, "a") as f:
+            f.write(line + "\n")
+    return line
