@@ -123,18 +123,22 @@ def _hflip(out):
                 out[r, s - 1 - c, k] = t
 
 
-def _full_image_query(metadata):
-    """FFCV allocation for one decoded full image per sample (the largest in the beton)."""
+def _views_state_and_memory(previous_state, metadata, view_bytes: int):
+    """A crop decoder's `declare_state_and_memory`: its output, one flat uint8 buffer of
+    `view_bytes` per sample, and the scratch it decodes each full image into (the largest in
+    the beton)."""
     from ffcv.pipeline.allocation_query import AllocationQuery
+    u8 = np.dtype("<u1")
+    shape = (int(view_bytes),)
     max_pixels = np.uint64(metadata["width"].max()) * np.uint64(metadata["height"].max())
-    return AllocationQuery((max_pixels * np.uint64(3),), np.dtype("<u1"))
+    return (replace(previous_state, jit_mode=True, shape=shape, dtype=u8),
+            (AllocationQuery(shape, u8), AllocationQuery((max_pixels * np.uint64(3),), u8)))
 
 
 def _multi_view_decoder():
     """Built lazily: importing ffcv pulls numba and OpenCV."""
     from ffcv.fields.rgb_image import SimpleRGBImageDecoder, get_random_crop
     from ffcv.libffcv import resize_crop
-    from ffcv.pipeline.allocation_query import AllocationQuery
     from ffcv.pipeline.compiler import Compiler
 
     # A subclass of the field's default decoder, so FFCV uses it as the decoder of the pipeline.
@@ -151,10 +155,7 @@ def _multi_view_decoder():
             self.flip = flip
 
         def declare_state_and_memory(self, previous_state):
-            shape = (int(self.offsets[-1]),)
-            u8 = np.dtype("<u1")
-            return (replace(previous_state, jit_mode=True, shape=shape, dtype=u8),
-                    (AllocationQuery(shape, u8), _full_image_query(self.metadata)))
+            return _views_state_and_memory(previous_state, self.metadata, self.offsets[-1])
 
         def generate_code(self):
             my_range = Compiler.get_iterator()
@@ -248,7 +249,6 @@ def _box_decoder():
     """Built lazily: importing ffcv pulls numba and OpenCV."""
     from ffcv.fields.rgb_image import SimpleRGBImageDecoder
     from ffcv.libffcv import resize_crop
-    from ffcv.pipeline.allocation_query import AllocationQuery
     from ffcv.pipeline.compiler import Compiler
 
     class BoxDecoder(SimpleRGBImageDecoder):
@@ -265,10 +265,8 @@ def _box_decoder():
         def declare_state_and_memory(self, previous_state):
             if self.table.shape[0] != len(self.metadata):
                 raise ValueError(f"box table has {self.table.shape[0]} rows for {len(self.metadata)} images")
-            shape = (self.table.shape[1] * self.size * self.size * 3,)
-            u8 = np.dtype("<u1")
-            return (replace(previous_state, jit_mode=True, shape=shape, dtype=u8),
-                    (AllocationQuery(shape, u8), _full_image_query(self.metadata)))
+            return _views_state_and_memory(previous_state, self.metadata,
+                                           self.table.shape[1] * self.size * self.size * 3)
 
         def generate_code(self):
             my_range = Compiler.get_iterator()
