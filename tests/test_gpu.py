@@ -99,14 +99,6 @@ class SyntheticLoader:
         return iter(self.batches)
 
 
-@pytest.fixture(scope="module")
-def teacher_ckpt(tmp_path_factory):
-    """A small teacher (a plain timm state dict): compiling it costs seconds, not a minute."""
-    path = tmp_path_factory.mktemp("teacher") / "resnet10t.pth"
-    torch.save(timm.create_model("resnet10t", num_classes=0).state_dict(), path)
-    return path
-
-
 @pytest.mark.gpu
 @NO_CUDA
 @pytest.mark.parametrize("method,arch", [("seed", "resnet10t"), ("moco", "resnet10t"), ("simreg", "resnet10t"),

@@ -150,15 +150,6 @@ def simreg_official_lr(epoch, learning_rate=0.05, epochs=130):
     return learning_rate * 0.5 * (1. + math.cos(math.pi * (epoch - 1) / epochs))
 
 
-@pytest.fixture(scope="module")
-def plain_teacher(tmp_path_factory):
-    import timm
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("teacher") / "resnet10t.pth"
-    torch.save(timm.create_model("resnet10t", num_classes=0).state_dict(), path)
-    return path
-
-
 def tiny(method, teacher, out, **kw) -> dict:
     return dict(method=method, arch="resnet10t", teacher_arch="resnet10t", distill=str(teacher), data="unused.beton",
                 res=32, queue_size=64, device="cpu", compile="off", output=str(out), progress=False, **kw)
@@ -168,8 +159,8 @@ STEPS_PER_EPOCH = 5005  # ImageNet's 1,281,167 images in batches of 256, drop_la
 
 
 @pytest.mark.parametrize("method,batch_size", [("seed", 1024), ("seed", 64), ("moco", 512), ("simreg", 512)])
-def test_official_schedule_matches_the_official_formula(method, batch_size, plain_teacher, tmp_path):
-    cfg = official(**tiny(method, plain_teacher, tmp_path, batch_size=batch_size))
+def test_official_schedule_matches_the_official_formula(method, batch_size, teacher_ckpt, tmp_path):
+    cfg = official(**tiny(method, teacher_ckpt, tmp_path, batch_size=batch_size))
     run = prepare(cfg, loader=range(STEPS_PER_EPOCH))  # only its length matters here
     spe, last = STEPS_PER_EPOCH, cfg.epochs * STEPS_PER_EPOCH - 1
     for step in (0, spe - 1, spe, 2 * spe + 17, 5 * spe - 1, 5 * spe, 5 * spe + 1, 64 * spe + 99, last):

@@ -21,16 +21,6 @@ def data(tmp_path_factory):
     return d
 
 
-@pytest.fixture(scope="module")
-def teacher_ckpt(tmp_path_factory):
-    """A plain timm state dict: the teacher-loading path as a user's checkpoint takes it."""
-    import timm
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("teacher") / "resnet10t.pth"
-    torch.save(timm.create_model("resnet10t", num_classes=0).state_dict(), path)
-    return path
-
-
 def tiny(data, teacher_ckpt, out, **kw) -> Config:
     cfg = Config(method="seed", arch="resnet10t", teacher_arch="resnet10t", distill=str(teacher_ckpt),
                  data=str(data / "train.beton"), val_data=str(data / "test.beton"), res=32, workers=2,
