@@ -6,6 +6,10 @@ setup(
     description="Fast, faithful self-supervised distillation (SEED, SimReg, MoCo-v2) of small vision encoders",
     python_requires=">=3.10",
     packages=["fastseed", "fastseed.methods", "fastseed.kernels", "fastseed.data_prep"],
+    # kernels/ and data_prep/ are top-level folders (the project's layout) imported as
+    # fastseed.kernels and fastseed.data_prep: this maps them into wheels and editable installs;
+    # fastseed/kernels and fastseed/data_prep are symlinks to them, so a plain checkout (and an
+    # editor) finds them too. docs/ARCHITECTURE.md, "Layout".
     package_dir={"fastseed.kernels": "kernels", "fastseed.data_prep": "data_prep"},
     install_requires=[
         "torch>=2.11",
