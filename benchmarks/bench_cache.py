@@ -38,10 +38,10 @@ import time
 from pathlib import Path
 
 import torch
-
 from bench_data import make_images  # the same synthetic JPEGs as the data benchmark
 from bench_multi import Batches  # endless batches of one loader
 from bench_train import teacher_checkpoint  # a random-weight MoCo-style teacher file
+
 from fastseed.provenance import append_row, provenance
 
 IMAGENET = 1_281_167
@@ -50,10 +50,13 @@ IMAGENET = 1_281_167
 def time_build(cfg, output: Path, *, crops: int, chunk: int, batch: int) -> dict:
     """Build the cache, noting when each chunk becomes durable (the build's own `on_chunk`)."""
     from fastseed.cache import build_cache
+    from fastseed.runtime import setup_env
+    from fastseed.targets import live_targets
 
     marks = []
     t0 = time.perf_counter()
-    cache = build_cache(cfg, output, crops=crops, chunk=chunk, batch_size=batch, progress=False,
+    env = setup_env(cfg)
+    cache = build_cache(cfg, output, live_targets(cfg, env), env, crops=crops, chunk=chunk, batch_size=batch, progress=False,
                         on_chunk=lambda c: marks.append((time.perf_counter(), c)))
     total = time.perf_counter() - t0
     # steady state: from the first durable chunk (teacher load, FFCV JIT and that chunk are start-up)
@@ -143,7 +146,7 @@ def bench(res: int = 64, images: int = 256, crops: int = 4, teacher: str = "effi
     from fastseed.cache import layout
     from fastseed.config import Config
     from fastseed.data_prep import write_beton
-    from fastseed.teachers import BUNDLED
+    from fastseed.teachers.bundled import BUNDLED
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     src_side = src_side or (400 if res > 64 else int(1.25 * res))

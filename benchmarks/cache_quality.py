@@ -93,6 +93,8 @@ def config(size: dict, train: Path, test: Path, out: Path, seed: int):
 def run_one(size: dict, train: Path, test: Path, work: Path, seed: int, crops: int | None) -> dict:
     """One student: from the live teacher (crops None) or from the cache of `crops` crops."""
     from fastseed.cache import build_cache
+    from fastseed.runtime import setup_env
+    from fastseed.targets import live_targets
     from fastseed.train import train as train_run
 
     name = f"{train.stem}_{'live' if crops is None else f'r{crops}'}_s{seed}"
@@ -101,7 +103,10 @@ def run_one(size: dict, train: Path, test: Path, work: Path, seed: int, crops: i
     if crops is not None:
         cache = work / f"{train.stem}_r{crops}.tcache"
         t = time.perf_counter()
-        build_cache(cfg.replace(seed=0), cache, crops=crops, chunk=512, batch_size=256, progress=False)
+        build_cfg = cfg.replace(seed=0)
+        env = setup_env(build_cfg)
+        build_cache(build_cfg, cache, live_targets(build_cfg, env), env, crops=crops, chunk=512, batch_size=256,
+                    progress=False)
         build_s = time.perf_counter() - t
         cfg = cfg.replace(teacher_cache=str(cache))
     t = time.perf_counter()

@@ -160,7 +160,7 @@ class _Encoder(torch.nn.Module):
         self.norm, self.model, self.res = Normalize(mean, std), model, res
 
     def forward(self, x):
-        from fastseed.methods._common import resize
+        from fastseed.models import resize
         return self.model(resize(x, self.res))
 
 

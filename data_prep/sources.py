@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from fastseed.errors import PrepError
+
 # torchvision's ImageFolder extensions: other files in a class folder are not images.
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
@@ -37,14 +39,6 @@ FASHION_MNIST_FILES = {
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
 CIFAR_BATCH_NAMES = ("test_batch", "train", "test")
-
-
-class PrepError(ValueError):
-    """A source or output that cannot be used; the message says what to do instead."""
-
-    def __init__(self, message: str, report=None):
-        super().__init__(message)
-        self.report = report
 
 
 def to_rgb8(array: np.ndarray) -> np.ndarray:

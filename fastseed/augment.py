@@ -34,7 +34,7 @@ reference the fused kernel is tested against.
 
 `PRESETS` holds the official augmentations (MoCo-v2, SEED's SwAV and SimCLR variants, SimReg's
 weak one), each a crop scale for the loader and the colour ops for `SSLAugment`;
-`preset_name` picks the official one for a method and a teacher's checkpoint format.
+`fastseed.methods.preset_name` picks the official one for a method and a teacher's checkpoint format.
 """
 from __future__ import annotations
 
@@ -322,34 +322,6 @@ PRESETS = {
     # UCDvision/simreg dataloader.py:63-68 (augmentation_weak; run.sh --weak_weak): crop and flip
     "weak": Preset(crop_scale=(0.2, 1.0), jitter_p=0.0, grayscale_p=0.0, blur_p=0.0),
 }
-
-
-def preset_name(aug: str, method: str, teacher_format: str | None, small_crops: int = 0) -> str:
-    """`aug` if it names a preset; for 'auto', the official choice:
-    SimReg: 'weak', on one view for student and teacher (UCDvision/simreg run.sh: --single_aug
-    --weak_weak); MoCo: 'moco_v2' (moco README: --aug-plus); SEED with small crops: 'swav' for
-    any teacher (jacobswan1/SEED main_small-patch.py:142-143); SEED: by the teacher's checkpoint
-    format (main.py:165-168): swav -> 'swav', simclr -> 'simclr', moco -> 'moco_v2'. SEED has no
-    rule for the other formats (mocov3, byol, dino, plain, fastseed, bundled): they get 'moco_v2',
-    its augmentation for the MoCo teachers of the paper."""
-    if aug != "auto":
-        if aug not in PRESETS:
-            raise ValueError(f"unknown augmentation preset {aug!r}: choose auto, {', '.join(PRESETS)}")
-        return aug
-    if method == "simreg":
-        return "weak"
-    if method == "seed" and small_crops:
-        return "swav"
-    if method == "seed" and teacher_format in ("swav", "simclr"):
-        return teacher_format
-    return "moco_v2"
-
-
-def resolve_preset(cfg, teacher_format: str | None):
-    """`cfg` with `aug` resolved to a preset name (see `preset_name`) and `crop_scale` to the
-    preset's unless given explicitly: what training's loader and the teacher cache both crop with."""
-    aug = preset_name(cfg.aug, cfg.method, teacher_format, cfg.small_crops)
-    return cfg.replace(aug=aug, crop_scale=tuple(cfg.crop_scale or PRESETS[aug].crop_scale))
 
 
 def preset_augment(name: str, mean, std, out_dtype: torch.dtype = torch.float32) -> SSLAugment:

@@ -8,7 +8,7 @@ area share in `crop_scale`, aspect 3/4-4/3, flip p 1/2), drawn for the block of 
 images holding i from numpy's default_rng([seed, i // DRAW_BLOCK]): the same boxes whatever
 the chunking, the ranks or the resumes. Each box of the decoded image is resized to
 `teacher_res` (INTER_AREA, as the training crops), mirrored as drawn, normalised with the
-teacher's mean/std, and the teacher runs on it as training runs it (`targets.build_targets`: the
+teacher's mean/std, and the teacher runs on it as training runs it (`targets.live_targets`: the
 same weights, bf16 weights + autocast on CUDA, channels-last, torch.compile per --compile). The
 key stored is t / ||t|| (in fp32), rounded to bf16 or fp16. With teacher_res == res (the usual
 224/224) this is the view the live teacher sees before colour augmentation; with a larger
@@ -77,9 +77,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch import nn
 
+from fastseed.augment import Normalize
 from fastseed.config import Config
 from fastseed.data import FLIP_BIT, RATIO, box_loader, check_beton, image_sizes, random_boxes
+from fastseed.errors import CacheError
+from fastseed.methods import resolve_preset, teacher_target
+from fastseed.runtime import Env, amp_dtype, use_compile
 
 MAGIC = b"FSTCACHE"
 VERSION = 1
@@ -93,10 +98,6 @@ TARGETS = {"head": "projection-head embeddings (SEED; SimReg --simreg-target pro
            "backbone": "pooled backbone features (SimReg's default; --teacher-no-head)"}
 IDENTITY = ("beton", "teacher", "target", "teacher_res", "precision", "compile", "crops", "seed", "crop_scale",
             "ratio", "dim", "dtype")
-
-
-class CacheError(ValueError):
-    """A cache file that cannot be used for this run; the message says why and what to do."""
 
 
 # ---------------------------------------------------------------- identity
@@ -117,9 +118,9 @@ def beton_identity(path) -> dict:
 
 
 def teacher_record(teacher_info: dict, teacher, mean_std) -> dict:
-    """What identifies a teacher's keys: from `targets.build_targets`' info, its
-    FrozenTeacher and (mean, std). `head` False: pooled backbone features (SimReg's default)."""
-    from torch import nn
+    """What identifies a teacher's keys: from the teacher's `info()`, the teacher (a
+    fastseed.teachers TeacherBundle) and (mean, std). `head` False: pooled backbone features
+    (SimReg's default)."""
     return {"arch": teacher_info["arch"], "format": teacher_info["format"], "sha256": teacher_info["sha256"],
             "dim": int(teacher_info["dim"]), "head": not isinstance(teacher.model.head, nn.Identity),
             "mean": [float(v) for v in mean_std[0]], "std": [float(v) for v in mean_std[1]]}
@@ -324,14 +325,11 @@ class TeacherCache:
 
 
 # ---------------------------------------------------------------- building
-def plan(cfg: Config, env, record: dict, beton: dict, *, crops: int, dtype: str, chunk: int) -> dict:
+def plan(cfg: Config, env: Env, record: dict, beton: dict, *, crops: int, dtype: str, chunk: int) -> dict:
     """The header of the cache this build writes."""
-    from fastseed.targets import wants_head
-    from fastseed.train import amp_dtype, use_compile
-
     precision = {torch.bfloat16: "bf16", torch.float16: "fp16", None: "fp32"}[amp_dtype(cfg, env.device)]
     header = {"format": "fastseed teacher cache", "beton": beton, "teacher": record,
-              "target": "head" if wants_head(cfg) else "backbone", "teacher_res": cfg.teacher_res or cfg.res,
+              "target": teacher_target(cfg), "teacher_res": cfg.teacher_res or cfg.res,
               "precision": precision, "compile": use_compile(cfg, env), "crops": crops, "seed": cfg.seed, "crop_scale": list(cfg.crop_scale), "ratio": list(RATIO),
               "dim": record["dim"], "dtype": dtype, "chunk": chunk,
               "layout": layout(beton["num_samples"], crops, record["dim"], chunk),
@@ -408,7 +406,6 @@ def fill(part: Path, header: dict, beton, teacher, *, device, amp, workers: int,
          world: int = 1, progress: bool = True, on_chunk=None) -> int:
     """Compute and write this rank's chunks still to do (`beton`: the file of the header's
     identity); returns how many images it wrote. `on_chunk(c)` is called once chunk c is durable."""
-    from fastseed.augment import Normalize
 
     n, crops, dim, chunk = header["beton"]["num_samples"], header["crops"], header["dim"], header["chunk"]
     off, res, store = header["layout"], header["teacher_res"], DTYPES[header["dtype"]]
@@ -481,15 +478,13 @@ def _barrier(world: int) -> None:
         dist.barrier()
 
 
-def build_cache(cfg: Config, output, *, crops: int = 10, dtype: str = "bf16", chunk: int = 2520,
+def build_cache(cfg: Config, output, source, env: Env, *, crops: int = 10, dtype: str = "bf16", chunk: int = 2520,
                 batch_size: int = 256, progress: bool = True, on_chunk=None) -> TeacherCache:
-    """Build (or finish, or find up to date) the cache of `cfg`'s teacher on `cfg.data` at
-    `output`; see the module docstring. Every rank of a torchrun job calls it; rank 0 gets the
-    opened cache, the others None."""
-    from fastseed.augment import resolve_preset
-    from fastseed.targets import build_targets
-    from fastseed.train import amp_dtype, compiler, setup_env
-
+    """Build (or finish, or find up to date) the cache of `source`'s teacher on `cfg.data` at
+    `output`; see the module docstring. `source` is the run's live target source
+    (`fastseed.targets.live_targets`: the teacher exactly as training builds it, its weights,
+    dtype, channels-last and compile; its `teacher`, `info` and `mean_std` are read). Every rank
+    of a torchrun job calls it; rank 0 gets the opened cache, the others None."""
     if crops < 1 or chunk < 1 or batch_size < 1:
         raise CacheError(f"--crops, --chunk and --batch-size must be positive, got {crops}, {chunk}, {batch_size}")
     if dtype not in DTYPES:
@@ -498,9 +493,6 @@ def build_cache(cfg: Config, output, *, crops: int = 10, dtype: str = "bf16", ch
     if not output.parent.is_dir():
         raise CacheError(f"--output {output}: folder {output.parent} does not exist")
     part = output.with_name(output.name + ".part")
-    env = setup_env(cfg)
-    # the teacher exactly as training builds it (weights, dtype, channels-last, compile)
-    source = build_targets(cfg, env.device, dtype=amp_dtype(cfg, env.device), compile_fn=compiler(cfg, env))
     teacher, info, mean_std = source.teacher, source.info, source.mean_std
     cfg = resolve_preset(cfg, info["format"])  # the crop scale of the teacher's preset, or --crop-scale
     header = plan(cfg, env, teacher_record(info, teacher, mean_std), beton_identity(cfg.data),

@@ -6,12 +6,31 @@ line on stderr naming the problem and what to do, exit code 2, and nothing writt
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
 from pathlib import Path
 
-from fastseed.config import Config, demo, fit_workers, official
+from fastseed.augment import PRESETS
+from fastseed.cache import TeacherCache, build_cache
+from fastseed.config import Config, demo, fit_workers
+from fastseed.data import check_beton
+from fastseed.data_prep import main as data_prep_main
+from fastseed.data_prep import write_beton
+from fastseed.errors import BetonError, ConfigError, FastseedError
+from fastseed.evaluate import evaluate_checkpoint
+from fastseed.export import export_timm_state_dict
+from fastseed.logs import SINKS
+from fastseed.methods import METHODS, method_class, official
+from fastseed.models import create_student
+from fastseed.profile import profile
+from fastseed.runtime import setup_env
+from fastseed.students import student_configs
+from fastseed.targets import live_targets
+from fastseed.teachers import SSL_CHOICES
+from fastseed.teachers.bundled import BUNDLED
+from fastseed.train import train
 
 USAGE_ERROR = 2
 
@@ -26,28 +45,61 @@ def _floats(text: str) -> float | tuple[float, ...]:
     return values[0] if len(values) == 1 else values
 
 
+def _flags(p, specs) -> None:
+    """Add (names, kwargs) flag specs to `p`, each setting once (the first spec of a dest wins)."""
+    seen = {a.dest for a in p._actions}
+    for names, kwargs in specs:
+        if kwargs["dest"] not in seen:
+            seen.add(kwargs["dest"])
+            p.add_argument(*names, **kwargs)
+
+
+def _teacher_args(p) -> None:
+    g = p.add_argument_group("teacher").add_argument
+    g("-k", "--teacher-arch", dest="teacher_arch", help="teacher arch (resnet50, resnet50w2, efficientnet_lite0, ...)")
+    g("--teacher-ssl", dest="teacher_ssl", help=f"teacher checkpoint format: {', '.join(SSL_CHOICES)} (default auto)")
+    g("--distill", help="teacher checkpoint (MoCo, SwAV, SimCLR, BYOL, DINO, timm, fastseed)")
+    g("--teacher-no-head", dest="teacher_use_head", action="store_const", const=False,
+      help="distil the teacher's backbone feature instead of its projection")
+    g("--teacher-res", dest="teacher_res", type=int, help="resize the crop to this for the teacher")
+    g("--trust-checkpoint", dest="trust_checkpoint", action="store_const", const=True,
+      help="let --distill/--resume files hold arbitrary Python objects; unpickling them runs code "
+           "from the file: only for files you trust")
+
+
+def _runtime_args(p) -> None:
+    g = p.add_argument_group("runtime").add_argument
+    g("--device", help="auto, cuda or cpu")
+    g("--precision", choices=["auto", "bf16", "fp16", "fp32"])
+    g("--compile", choices=["auto", "on", "off"])
+    g("--compile-mode", dest="compile_mode")
+    g("--no-channels-last", dest="channels_last", action="store_const", const=False)
+    g("--workers", type=int, help="FFCV decode threads (default: the CPU cores this process may use)")
+    g("--seed", type=int)
+    g("--no-progress", dest="progress", action="store_const", const=False)
+
+
+def _augment_args(p, what: str) -> None:
+    g = p.add_argument_group("augmentation").add_argument
+    g("--aug", choices=["auto", *PRESETS],
+      help=f"augmentation preset {what} (default auto: the method's official one for the teacher's format)")
+    g("--crop-scale", dest="crop_scale", type=_pair,
+      help="RandomResizedCrop scale, e.g. 0.2,1 (default: the --aug preset's)")
+
+
 def train_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="fastseed-train",
         description="Self-supervised distillation (SEED, SimReg) and MoCo-v2. With no --data, runs the "
                     "embedded demo: Fashion-MNIST, ImageNet EfficientNet-Lite0 teacher, ResNet-18 student.",
         argument_default=argparse.SUPPRESS)
-    from fastseed.augment import PRESETS
     a = p.add_argument
-    a("--method", choices=["seed", "simreg", "moco"])
+    a("--method", choices=list(METHODS))
     a("--recipe", choices=["fastseed", "official"],
       help="fastseed: fastseed's defaults (per-step warm-up and cosine); official: the method's official "
            "lr, epochs, weight decay, per-epoch schedule (README, Defaults). Flags given win over either")
     a("-a", "--arch", help="student: any timm model name (default resnet18), or a comma list to distil them "
                            "all in one run: one loader, augmentation, teacher forward and queue")
-    a("-k", "--teacher-arch", dest="teacher_arch", help="teacher arch (resnet50, resnet50w2, efficientnet_lite0, ...)")
-    a("--teacher-ssl", dest="teacher_ssl", help="teacher checkpoint format (default auto-detect)")
-    a("--distill", help="teacher checkpoint (MoCo, SwAV, SimCLR, BYOL, DINO, timm, fastseed)")
-    a("--teacher-no-head", dest="teacher_use_head", action="store_const", const=False,
-      help="distil the teacher's backbone feature instead of its projection")
-    a("--trust-checkpoint", dest="trust_checkpoint", action="store_const", const=True,
-      help="let --distill/--resume files hold arbitrary Python objects; unpickling them runs code "
-           "from the file: only for files you trust")
     a("--data", help="train .beton (from fastseed-prep)")
     a("--teacher-cache", dest="teacher_cache",
       help="train from a fastseed-cache file of --data: each image's stored crop of the epoch and the teacher's "
@@ -58,62 +110,51 @@ def train_parser() -> argparse.ArgumentParser:
     a("--output", help="output directory (checkpoints, metrics.jsonl)")
     a("--resume", help="checkpoint path, or 'auto' for OUTPUT/checkpoint_last.pt (several students: 'auto', or "
                        "the earlier run's OUTPUT)")
-    a("--device", help="auto, cuda or cpu")
     a("--lr", type=_floats, help="learning rate (default 0.03 x batch/256); with several students one for all "
                                  "or a comma list, one per student")
     a("-b", "--batch-size", dest="batch_size", type=int, help="global batch size")
     a("--epochs", type=int)
     a("--max-steps", dest="max_steps", type=int, help="stop after this many steps")
-    a("--temp", type=float, help="student temperature (MoCo: InfoNCE temperature)")
-    a("--distill-t", dest="distill_t", type=float, help="teacher temperature")
-    a("--queue-size", "--moco-k", dest="queue_size", type=int, help="queue length K")
-    a("--moco-m", dest="moco_m", type=float)
-    a("--dim", type=int, help="embedding dim (MoCo head; SEED uses the teacher's)")
-    a("--simreg-target", dest="simreg_target", choices=["backbone", "projection"])
+    a("--dim", type=int, help="embedding dim (MoCo head; the teacher's for a method with a teacher)")
     a("--res", type=int, help="crop resolution")
-    a("--teacher-res", dest="teacher_res", type=int, help="resize the crop to this for the teacher")
-    a("--aug", choices=["auto", *PRESETS],
-      help="augmentation preset (default auto: SimReg weak, MoCo moco_v2, SEED by teacher format: swav, "
-           "simclr, else moco_v2)")
-    a("--crop-scale", dest="crop_scale", type=_pair,
-      help="RandomResizedCrop scale, e.g. 0.2,1 (default: the --aug preset's)")
-    a("--small-crops", dest="small_crops", type=int, help="SEED small-patch: number of small crops (6)")
-    a("--small-res", dest="small_res", type=int)
-    a("--small-enqueue", dest="small_enqueue", choices=["first", "all"],
-      help="keys entering the small-crop queue: first (official: crop 0 of each image, at the large "
-           "queue's pointer) or all (every small crop)")
-    a("--workers", type=int, help="FFCV decode threads (default: the CPU cores this process may use)")
     a("--wd", "--weight-decay", dest="weight_decay", type=float)
     a("--momentum", type=float)
     a("--warmup-epochs", dest="warmup_epochs", type=float)
     a("--optimizer", choices=["sgd", "lars", "adamw"])
-    a("--precision", choices=["auto", "bf16", "fp16", "fp32"])
-    a("--compile", choices=["auto", "on", "off"])
-    a("--compile-mode", dest="compile_mode")
-    a("--no-channels-last", dest="channels_last", action="store_const", const=False)
     a("--fsdp", action="store_const", const=True, help="FSDP2 (fully_shard) instead of DDP under torchrun")
-    a("--seed", type=int)
     a("--log-every", dest="log_every", type=int)
+    a("--log", help=f"metric sinks: auto (jsonl, and tensorboard when installed) or a comma list of {', '.join(SINKS)}")
     a("--ckpt-every", dest="ckpt_every", type=int, help="checkpoint every N steps (and every epoch end)")
     a("--knn-every", dest="knn_every", type=int, help="k-NN monitor every N epochs (0: at the end only)")
     a("--profile", action="store_const", const=True, help="profile a few steps and write reports")
-    a("--no-progress", dest="progress", action="store_const", const=False)
     a("--table", dest="final_table", action="store_const", const=True,
       help="k-NN of raw pixels, teacher, student at init and distilled student at the end")
+    _teacher_args(p)
+    _augment_args(p, "")
+    _runtime_args(p)
+    g = p.add_argument_group("method settings (fastseed/methods)")
+    _flags(g, [f for m in METHODS.values() for f in m.flags])
     return p
 
 
 def config_from_args(argv: list[str] | None) -> Config:
     args = vars(train_parser().parse_args(argv))
     if args.pop("recipe", "fastseed") == "official":
-        base = official(args.get("method", "seed"))
+        base = official(args.get("method", Config.method))
     else:
         base = demo() if "data" not in args else Config()
     if "teacher_cache" in args and "teacher_arch" not in args:
         # the cache names its teacher: no -k needed (one given is checked against it)
-        from fastseed.cache import TeacherCache
         args["teacher_arch"] = TeacherCache.open(args["teacher_cache"]).header["teacher"]["arch"]
-    return base.replace(**args)
+    return _config(base, args)
+
+
+def _config(base: Config, args: dict) -> Config:
+    """`base` with `args` applied; a method's flags that no Config field holds go to `method_args`."""
+    fields = {f.name for f in dataclasses.fields(Config)}
+    own = {k: v for k, v in args.items() if k not in fields}
+    return base.replace(**{k: v for k, v in args.items() if k in fields},
+                        method_args={**base.method_args, **own})
 
 
 def _fail(msg: str) -> int:
@@ -121,15 +162,7 @@ def _fail(msg: str) -> int:
     return USAGE_ERROR
 
 
-def _known_errors():
-    from fastseed.cache import CacheError
-    from fastseed.data import BetonError
-    from fastseed.data_prep import PrepError
-    from fastseed.models import ConfigError
-    from fastseed.teachers import CheckpointReadError, TeacherLoadError
-    from fastseed.train import TrainingError
-    return (ConfigError, TeacherLoadError, CheckpointReadError, TrainingError, PrepError, BetonError,
-            CacheError, FileNotFoundError)
+KNOWN_ERRORS = (FastseedError, FileNotFoundError)  # one line, exit 2; anything else is a bug
 
 
 def demo_data_jobs(cfg: Config) -> list[tuple[str, str | None, int | None]]:
@@ -141,7 +174,6 @@ def demo_data_jobs(cfg: Config) -> list[tuple[str, str | None, int | None]]:
 
 def prepare_demo_data(cfg: Config) -> None:
     """Write the demo's Fashion-MNIST betons once; later runs reuse them."""
-    from fastseed.data_prep import write_beton
     for source, path, subset in demo_data_jobs(cfg):
         if path and not Path(path).exists():
             Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -150,9 +182,8 @@ def prepare_demo_data(cfg: Config) -> None:
 
 
 def check_inputs(cfg: Config) -> None:
-    from fastseed.data import BetonError, check_beton
-    from fastseed.models import ConfigError, create_student
-    from fastseed.teachers import BUNDLED
+    """Everything that can be checked before a run writes anything: the betons, the students,
+    the teacher's weights; FileNotFoundError / ConfigError naming the first that is wrong."""
     if cfg.data is None:
         raise FileNotFoundError("no --data: pass a .beton written by fastseed-prep")
     for name, path in (("--data", cfg.data), ("--val-data", cfg.val_data), ("--knn-bank", cfg.knn_bank)):
@@ -161,14 +192,13 @@ def check_inputs(cfg: Config) -> None:
                 check_beton(path)
             except (FileNotFoundError, BetonError) as e:
                 raise ConfigError(f"{name}: {e}") from None
-    from fastseed.students import student_configs
     for c in student_configs(cfg):  # a bad -a / --lr list, an unknown arch -> ConfigError before anything is written
         create_student(c.arch)
-    if (cfg.method in ("seed", "simreg") and cfg.distill is None and cfg.teacher_arch not in BUNDLED
-            and cfg.teacher_cache is None):
+    needs_teacher = method_class(cfg.method).needs_teacher
+    if needs_teacher and cfg.distill is None and cfg.teacher_arch not in BUNDLED and cfg.teacher_cache is None:
         raise FileNotFoundError(f"teacher {cfg.teacher_arch} needs weights: pass --distill CHECKPOINT, "
                                 f"or use a bundled teacher with -k {BUNDLED[0]}")
-    if cfg.method in ("seed", "simreg") and cfg.distill is not None and not Path(cfg.distill).is_file():
+    if needs_teacher and cfg.distill is not None and not Path(cfg.distill).is_file():
         raise FileNotFoundError(f"--distill {cfg.distill} does not exist")
 
 
@@ -178,20 +208,17 @@ def train_main(argv: list[str] | None = None) -> int:
         if cfg.data == demo().data:
             prepare_demo_data(cfg)
         check_inputs(cfg)
-        from fastseed.train import train
         t0 = time.time()
         if cfg.profile:
-            from fastseed.profile import profile
             profile(cfg)
             return 0
         out = train(cfg)
     except KeyboardInterrupt:
         return 130
-    except _known_errors() as e:
+    except KNOWN_ERRORS as e:
         return _fail(str(e).strip("'\""))
     if out["results"]:
         print_table(out["results"], cfg)
-    from fastseed.students import student_configs
     ckpts = ", ".join(str(c.out_dir / "checkpoint_last.pt") for c in student_configs(cfg))
     print(f"done: {out['step']} steps in {time.time() - t0:.0f} s; checkpoint {ckpts}, "
           f"metrics {cfg.out_dir / 'metrics.jsonl'}")
@@ -202,7 +229,6 @@ def train_main(argv: list[str] | None = None) -> int:
 
 def print_table(results: dict, cfg: Config) -> None:
     """Raw pixels, the teacher, then each student at init and distilled (`-a` order)."""
-    from fastseed.students import student_configs
     archs = [c.arch for c in student_configs(cfg)]
     rows = [("raw pixels", "raw_pixels"), (f"teacher ({cfg.teacher_arch})", "teacher")]
     if len(archs) == 1:
@@ -246,27 +272,22 @@ def eval_main(argv: list[str] | None = None) -> int:
         return _fail("pass --train-data and --val-data to evaluate, and/or --export PATH")
     try:
         if args.export:
-            from fastseed.evaluate import load_student
-            from fastseed.train import atomic_save
-            model, meta = load_student(args.checkpoint, args.trust_checkpoint)
-            atomic_save(model.state_dict(), Path(args.export))
+            meta = export_timm_state_dict(args.checkpoint, args.export, args.trust_checkpoint)
             print(f"wrote {args.export}: {meta['arch']} backbone, step {meta['step']}", file=sys.stderr)
             if not (args.train_data and args.val_data):
                 return 0
-        from fastseed.evaluate import evaluate_checkpoint
         result = evaluate_checkpoint(args.checkpoint, args.train_data, args.val_data, res=args.res, ks=args.k,
                                      temperature=args.temperature, linear=args.linear, device=args.device,
                                      batch_size=args.batch_size, workers=fit_workers(args.workers),
                                      trust=args.trust_checkpoint)
-    except _known_errors() as e:
+    except KNOWN_ERRORS as e:
         return _fail(str(e).strip("'\""))
     print(json.dumps(result, indent=2))
     return 0
 
 
 def prep_main(argv: list[str] | None = None) -> int:
-    from fastseed.data_prep import main
-    return main(argv)
+    return data_prep_main(argv)
 
 
 CACHE_ONLY = ("output", "crops", "dtype", "batch_size", "chunk")  # not Config fields: the build's own
@@ -282,35 +303,19 @@ def cache_parser() -> argparse.ArgumentParser:
     a = p.add_argument
     a("--data", required=True, help="train .beton (from fastseed-prep)")
     a("--output", required=True, help="the cache file to write, e.g. train.tcache")
-    a("-k", "--teacher-arch", dest="teacher_arch", help="teacher arch (resnet50, efficientnet_lite0, ...)")
-    a("--teacher-ssl", dest="teacher_ssl", help="teacher checkpoint format (default auto-detect)")
-    a("--distill", help="teacher checkpoint")
-    a("--teacher-no-head", dest="teacher_use_head", action="store_const", const=False,
-      help="cache the teacher's backbone feature instead of its projection")
-    a("--method", choices=["seed", "simreg"], help="the method the keys are for (simreg: backbone features "
-      "unless --simreg-target projection)")
-    a("--simreg-target", dest="simreg_target", choices=["backbone", "projection"])
-    a("--teacher-res", dest="teacher_res", type=int, help="the teacher's input side (default 224)")
-    from fastseed.augment import PRESETS
-    a("--aug", choices=["auto", *PRESETS],
-      help="the augmentation preset whose crop scale the boxes are drawn with (default auto: as fastseed-train "
-           "picks it from --method and the teacher's format); the colour ops are never applied to the teacher")
-    a("--crop-scale", dest="crop_scale", type=_pair,
-      help="RandomResizedCrop scale, e.g. 0.2,1 (default: the --aug preset's)")
+    with_teacher = [m for m in METHODS.values() if m.needs_teacher]
+    a("--method", choices=[m.name for m in with_teacher],
+      help="the method the keys are for: it decides what of the teacher they hold (head or backbone)")
+    _flags(p, [f for m in with_teacher for f in m.target_flags])
+    _teacher_args(p)
+    _augment_args(p, "whose crop scale the boxes are drawn with; the colour ops never reach the teacher")
     a("--crops", type=int, default=10, help="R: crops stored per image (default 10)")
-    a("--seed", type=int, help="draws the crops (default 0)")
     a("--dtype", choices=["bf16", "fp16"], default="bf16", help="stored key dtype (default bf16)")
     a("-b", "--batch-size", dest="batch_size", type=int, default=256,
       help="at most this many crops per teacher forward (256)")
     a("--chunk", type=int, default=2520,
       help="images per progress record (2520): a kill loses at most one record's work")
-    a("--workers", type=int)
-    a("--device", help="auto, cuda or cpu")
-    a("--precision", choices=["auto", "bf16", "fp16", "fp32"])
-    a("--compile", choices=["auto", "on", "off"])
-    a("--compile-mode", dest="compile_mode")
-    a("--no-channels-last", dest="channels_last", action="store_const", const=False)
-    a("--no-progress", dest="progress", action="store_const", const=False)
+    _runtime_args(p)
     return p
 
 
@@ -318,14 +323,14 @@ def cache_main(argv: list[str] | None = None) -> int:
     args = vars(cache_parser().parse_args(argv))
     build = {k: args.pop(k) for k in CACHE_ONLY}
     try:
-        cfg = Config().replace(**args)
+        cfg = _config(Config(), args)
         check_inputs(cfg)
-        from fastseed.cache import build_cache
         t0 = time.time()
-        cache = build_cache(cfg, build.pop("output"), progress=cfg.progress, **build)
+        env = setup_env(cfg)
+        cache = build_cache(cfg, build.pop("output"), live_targets(cfg, env), env, progress=cfg.progress, **build)
     except KeyboardInterrupt:
         return 130
-    except _known_errors() as e:
+    except KNOWN_ERRORS as e:
         return _fail(str(e).strip("'\""))
     if cache is not None:
         h = cache.header

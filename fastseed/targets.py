@@ -32,18 +32,20 @@ from typing import Callable
 import torch
 from torch import nn
 
-from fastseed.cache import CacheError, TeacherCache, teacher_record
+from fastseed.cache import TeacherCache, teacher_record
+from fastseed.checkpoint import sha256
 from fastseed.config import Config
-from fastseed.methods import METHODS
-from fastseed.methods._common import FrozenTeacher
-from fastseed.models import ConfigError, to_channels_last
-from fastseed.teachers import BUNDLED, _sha256, load_teacher
+from fastseed.methods import method_class, resolve_preset, teacher_target
+from fastseed.runtime import Env, amp_dtype, compiler
+from fastseed.teachers import load_teacher
+from fastseed.teachers.base import TeacherBundle
+from fastseed.teachers.bundled import BUNDLED
 
 
 @dataclass
 class TeacherTargets:
     """The live teacher: one forward per batch of `inputs(views)`."""
-    teacher: FrozenTeacher
+    teacher: TeacherBundle
     inputs: Callable[[list[torch.Tensor]], list[torch.Tensor]]
     dim: int
     mean_std: tuple[tuple[float, ...], tuple[float, ...]]
@@ -66,42 +68,36 @@ class CachedTargets:
     mean_std: tuple[tuple[float, ...], tuple[float, ...]]
     info: dict
     dtype: torch.dtype
-    teacher: FrozenTeacher | None = None
+    teacher: TeacherBundle | None = None
 
     def targets(self, views: list[torch.Tensor], batch) -> tuple[torch.Tensor, ...]:
         _, keys = batch
         return (keys.to(self.dtype),)
 
 
-def wants_head(cfg: Config) -> bool:
-    """The run distils the teacher's projection head (SEED), not its pooled backbone feature
-    (SimReg's default target, --teacher-no-head)."""
-    return cfg.teacher_use_head and not (cfg.method == "simreg" and cfg.simreg_target == "backbone")
-
-
-def _load(cfg: Config, device: torch.device, dtype: torch.dtype | None, compile_fn) -> tuple[FrozenTeacher, object]:
-    bundle = load_teacher(cfg.teacher_arch, cfg.distill, cfg.teacher_ssl, use_head=wants_head(cfg),
+def load_run_teacher(cfg: Config, device: torch.device, dtype: torch.dtype | None,
+                     compile_fn: Callable[[nn.Module], nn.Module] | None) -> TeacherBundle:
+    """The teacher of `cfg` with the target its method distils, ready to run on `device`."""
+    bundle = load_teacher(cfg.teacher_arch, cfg.distill, cfg.teacher_ssl, use_head=teacher_target(cfg) == "head",
                           trust=cfg.trust_checkpoint)
-    model = to_channels_last(bundle.model.to(device), cfg.channels_last)
-    if dtype == torch.bfloat16:
-        model = model.to(torch.bfloat16)  # frozen: bf16 weights halve its memory traffic
-    return FrozenTeacher(model, cfg.teacher_res, compile_fn), bundle
+    return bundle.prepare(device, dtype=dtype, channels_last=cfg.channels_last, res=cfg.teacher_res,
+                          compile_fn=compile_fn)
 
 
 def build_targets(cfg: Config, device: torch.device, *, dtype: torch.dtype | None,
                   compile_fn: Callable[[nn.Module], nn.Module] | None) -> TeacherTargets | CachedTargets | None:
     """The frozen teacher of `cfg` on `device` (bf16 weights when the run autocasts to bf16,
-    compiled with `compile_fn`), or its keys from `cfg.teacher_cache`; None for MoCo, whose
-    student makes its own keys."""
+    compiled with `compile_fn`), or its keys from `cfg.teacher_cache`; None when the method
+    makes its own keys (MoCo)."""
+    method = method_class(cfg.method)
+    if not method.needs_teacher:
+        method.check(cfg, 1)
+        return None
     if cfg.teacher_cache is not None:
         return cached_targets(cfg, device, dtype=dtype)
-    if cfg.method == "moco":
-        return None
-    teacher, bundle = _load(cfg, device, dtype, compile_fn)
-    info = {"arch": bundle.arch, "format": bundle.format, "sha256": bundle.sha256, "dim": bundle.dim,
-            "checkpoint": cfg.distill}
-    return TeacherTargets(teacher, METHODS[cfg.method].teacher_inputs, bundle.dim,
-                          (tuple(bundle.mean), tuple(bundle.std)), info)
+    teacher = load_run_teacher(cfg, device, dtype, compile_fn)
+    return TeacherTargets(teacher, method.teacher_inputs, teacher.dim, (teacher.mean, teacher.std),
+                          teacher.info() | {"checkpoint": cfg.distill})
 
 
 def claimed_teacher(cfg: Config) -> dict:
@@ -109,7 +105,7 @@ def claimed_teacher(cfg: Config) -> dict:
     checkpoint when --distill names one (without it, the cache's header names the weights)."""
     claim = {"arch": cfg.teacher_arch}
     if cfg.distill is not None:
-        claim["sha256"] = _sha256(Path(cfg.distill))
+        claim["sha256"] = sha256(Path(cfg.distill))
     return claim
 
 
@@ -118,25 +114,26 @@ def cached_targets(cfg: Config, device: torch.device, *, dtype: torch.dtype | No
     field that does not fit: beton, teacher, target, teacher resolution, crop scale, small
     crops, damage); the teacher itself is loaded only for the k-NN table (`cfg.final_table`,
     when its weights are here: bundled, or --distill), then checked in full against the header."""
-    from fastseed.augment import resolve_preset
-
-    if cfg.method == "moco":
-        raise ConfigError("--teacher-cache holds a teacher's keys; --method moco has no teacher: drop one or the other")
     cache = TeacherCache.open(cfg.teacher_cache)
     header = cache.header
     fmt = header["teacher"]["format"]
-    cache.check(teacher=claimed_teacher(cfg), target="head" if wants_head(cfg) else "backbone",
-                small_crops=cfg.small_crops, teacher_res=cfg.teacher_res or cfg.res,
-                crop_scale=resolve_preset(cfg, fmt).crop_scale, beton=cfg.data)
+    cache.check(teacher=claimed_teacher(cfg), target=teacher_target(cfg), small_crops=cfg.small_crops,
+                teacher_res=cfg.teacher_res or cfg.res, crop_scale=resolve_preset(cfg, fmt).crop_scale, beton=cfg.data)
     cache.verify()
     t = header["teacher"]
     mean_std = (tuple(t["mean"]), tuple(t["std"]))
     teacher = None
     if cfg.final_table and (cfg.distill is not None or cfg.teacher_arch in BUNDLED):
-        teacher, bundle = _load(cfg, device, dtype, None)
-        cache.check(teacher=teacher_record({"arch": bundle.arch, "format": bundle.format, "sha256": bundle.sha256,
-                                            "dim": bundle.dim}, teacher, (bundle.mean, bundle.std)))
+        teacher = load_run_teacher(cfg, device, dtype, None)
+        cache.check(teacher=teacher_record(teacher.info(), teacher, (teacher.mean, teacher.std)))
     info = {"arch": t["arch"], "format": fmt, "sha256": t["sha256"], "dim": t["dim"],
             "checkpoint": header["source"]["checkpoint"],
             "cache": {"path": str(Path(cfg.teacher_cache).resolve()), "sha256": cache.identity}}
     return CachedTargets(cache, cache.dim, mean_std, info, dtype or torch.float32, teacher)
+
+
+def live_targets(cfg: Config, env: Env) -> TeacherTargets:
+    """The live teacher of `cfg` as a training run on `env` builds it (precision, compile): what
+    a teacher cache is built from (fastseed.cache.build_cache)."""
+    return build_targets(cfg.replace(teacher_cache=None), env.device, dtype=amp_dtype(cfg, env.device),
+                         compile_fn=compiler(cfg, env))

@@ -1,4 +1,4 @@
-"""Fused Triton kernels of fastseed and their dispatch (see DESIGN.md, "Kernel interfaces").
+"""Fused Triton kernels of fastseed and their dispatch (docs/ARCHITECTURE.md, "Kernel interfaces").
 
     seed_loss(student, teacher, queue, *, student_temp=0.2, teacher_temp=1e-4) -> scalar
     info_nce_loss(query, key, queue, *, temp=0.2) -> scalar

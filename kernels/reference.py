@@ -1,4 +1,4 @@
-"""Plain-PyTorch oracles for the fused ops: the formulas of DESIGN.md, written literally.
+"""Plain-PyTorch oracles for the fused ops: the formulas of docs/ARCHITECTURE.md, written literally.
 
 They build the full B×(K+1) logits, so they are slow and memory-hungry by design; tests
 compare the fused ops with them in float64, and the benchmarks time them as the baseline.

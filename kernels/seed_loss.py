@@ -1,6 +1,6 @@
 """Fused SEED / MoCo loss: normalize → queue matmul → temperature softmax → cross-entropy.
 
-Math (DESIGN.md, "Fused loss: the math"). With ŝ = s/‖s‖, t̂ = t/‖t‖, Q̃_0 = t̂, Q̃_j = Q_j:
+Math (docs/ARCHITECTURE.md, "The fused loss: the math"). With ŝ = s/‖s‖, t̂ = t/‖t‖, Q̃_0 = t̂, Q̃_j = Q_j:
     a_j = ŝ·Q̃_j / τS,   b_j = t̂·Q̃_j / τT  (b_0 = 1/τT exactly),   p = softmax(a), r = softmax(b)
     loss_i = LSE(a) − Σ_j r_j a_j = LSE(a) − ŝ·v/τS,   v = Σ_j r_j Q̃_j   (hard target: r = e_0)
     g = ∂loss_i/∂ŝ = Σ_j (p_j − r_j) Q̃_j / τS = (G − c)/τS, with G the queue terms:

@@ -20,10 +20,12 @@ from torch import nn
 from fastseed.augment import Normalize
 from fastseed.config import Config
 from fastseed.methods import METHODS
-from fastseed.methods._common import FrozenTeacher
+from helpers import frozen_teacher
+from fastseed.optim import build_optimizer
+from fastseed.runtime import setup_env, wrap_model
 from fastseed.students import Student, Students
 from fastseed.targets import TeacherTargets
-from fastseed.train import Run, build_optimizer, setup_env, train_step, wrap_model
+from fastseed.train import Run, train_step
 
 STEPS = 8
 GLOBAL_BATCH = 16
@@ -88,7 +90,7 @@ def main(out_dir: str, method_name: str, mode: str = "ddp") -> None:
         tnet = TinyNet(width=24, out=DIM).eval()
         for p in tnet.parameters():
             p.requires_grad_(False)
-        targets = TeacherTargets(FrozenTeacher(tnet, res=RES), cls.teacher_inputs, DIM,
+        targets = TeacherTargets(frozen_teacher(tnet, res=RES), cls.teacher_inputs, DIM,
                                  ((0.5,) * 3, (0.25,) * 3), {})
     ddp = None
     if env.world > 1 and mode == "ddp":
@@ -121,7 +123,7 @@ def main(out_dir: str, method_name: str, mode: str = "ddp") -> None:
     assert not students.failures()
     restored = None
     if mode == "fsdp":  # checkpoint round trip: gather the shards, write, load into a fresh sharded run
-        from fastseed.train import read_checkpoint, restore, save_checkpoint
+        from fastseed.checkpoint import read_checkpoint, restore, save_checkpoint
         path = Path(out_dir) / "ckpt.pt"
         save_checkpoint(path, cfg=cfg, env=env, method=method, optimizer=optimizer, scaler=None, step=STEPS,
                         epoch=0, batch_in_epoch=STEPS, teacher_info=None, aug_gen=run.aug_gen,

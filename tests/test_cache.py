@@ -19,14 +19,24 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import build_teacher_cache, refusal
 
-from fastseed.cache import (CacheError, TeacherCache, _read_header, _records, build_cache, draw_boxes, layout,
-                            slot_phase, teacher_record, todo)
+from fastseed.cache import (
+    TeacherCache,
+    _read_header,
+    _records,
+    draw_boxes,
+    layout,
+    slot_phase,
+    teacher_record,
+    todo,
+)
 from fastseed.cli import cache_main
 from fastseed.config import Config
 from fastseed.data import FLIP_BIT, RATIO, _address_view, random_boxes, replay_loader
-from fastseed.data_prep import subset_indices, write_beton
+from fastseed.data_prep import subset_indices
 from fastseed.data_prep.sources import fashion_mnist
+from fastseed.errors import CacheError
 from fastseed.teachers import load_teacher
 
 N, CROPS, TEACHER_RES, RES = 256, 3, 32, 24
@@ -48,13 +58,12 @@ def _cli_args(beton, output, arch="efficientnet_lite0"):
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory):
+def built(tmp_path_factory, fmnist):
     d = tmp_path_factory.mktemp("cache")
     # half JPEG, half raw: both decode paths of the box decoder in one loader
-    write_beton("fashion-mnist:test", str(d / "data.beton"), subset=N, compress_probability=0.5, progress=False)
-    write_beton("fashion-mnist:test", str(d / "other.beton"), subset=N // 2, compress_probability=0.0,
-                progress=False)
-    cache = build_cache(_cfg(d / "data.beton"), d / "data.tcache", **BUILD)
+    (d / "data.beton").symlink_to(fmnist("test", N, jpeg=0.5))  # the cache beside links to the session's betons
+    (d / "other.beton").symlink_to(fmnist("test", N // 2))
+    cache = build_teacher_cache(_cfg(d / "data.beton"), d / "data.tcache", **BUILD)
     return d, cache
 
 
@@ -268,20 +277,13 @@ def test_cache_that_does_not_fit_the_run_is_refused(built):
     cache.check(beton=d / "data.beton", crop_scale=(0.2, 1.0), teacher_res=32)
 
 
-def _one_line_error(capsys, *needles):
-    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
-    assert len(err) == 1 and err[0].startswith("error: "), err
-    for n in needles:
-        assert n in err[0], err[0]
-
-
 def test_cli_refuses_other_beton_or_teacher_and_keeps_the_file(built, capsys):
     d, _ = built
     before = (d / "data.tcache").read_bytes()
-    assert cache_main(_cli_args(d / "other.beton", d / "data.tcache")) == 2
-    _one_line_error(capsys, "data.tcache", "beton.")
-    assert cache_main(_cli_args(d / "data.beton", d / "data.tcache", arch="efficientnet_lite1")) == 2
-    _one_line_error(capsys, "data.tcache", "teacher.arch", "efficientnet_lite1")
+    refusal(cache_main(_cli_args(d / "other.beton", d / "data.tcache")), capsys.readouterr().err,
+            "data.tcache", "beton.")
+    refusal(cache_main(_cli_args(d / "data.beton", d / "data.tcache", arch="efficientnet_lite1")),
+            capsys.readouterr().err, "data.tcache", "teacher.arch", "efficientnet_lite1")
     assert (d / "data.tcache").read_bytes() == before
     assert cache_main(_cli_args(d / "data.beton", d / "data.tcache")) == 0  # the same build: up to date
     assert "up to date" in capsys.readouterr().err
@@ -318,8 +320,8 @@ def test_damaged_or_truncated_cache_is_refused(built, tmp_path, capsys):
     box = damaged("box.tcache", off["boxes"] + 8 * (CROPS * 9 + 1), np.array([20, 20, 20, 20], "<u2").tobytes())
     with pytest.raises(CacheError, match="image 9, crop 1 lies outside the image"):
         TeacherCache.open(box).check_beton(d / "data.beton")
-    assert cache_main(_cli_args(d / "data.beton", flipped)) == 2  # an existing output is verified
-    _one_line_error(capsys, "keys.tcache", "checksum")
+    # an existing output is verified
+    refusal(cache_main(_cli_args(d / "data.beton", flipped)), capsys.readouterr().err, "keys.tcache", "checksum")
 
 
 # ---------------------------------------------------------------- kill and resume

@@ -15,14 +15,16 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import build_teacher_cache, refusal
+from test_resume import BATCH, CLI, IMAGES, _env, _kill_after_mid_epoch_checkpoint
 
-from fastseed.cache import CacheError, TeacherCache, build_cache
+from fastseed.cache import TeacherCache
+from fastseed.checkpoint import read_checkpoint
 from fastseed.cli import train_main
 from fastseed.config import Config
-from fastseed.data_prep import write_beton
+from fastseed.errors import CacheError
 from fastseed.targets import CachedTargets
-from fastseed.train import prepare, read_checkpoint, train, train_step
-from test_resume import BATCH, CLI, IMAGES, _env, _kill_after_mid_epoch_checkpoint
+from fastseed.train import prepare, train, train_step
 
 pytestmark = pytest.mark.slow
 
@@ -30,14 +32,13 @@ QUEUE, STEPS = 256, 16  # the killed, resumed and reference runs all stop at ste
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    d = tmp_path_factory.mktemp("cachetrain")
-    write_beton("fashion-mnist:train", str(d / "train.beton"), subset=IMAGES, compress_probability=0.0,
-                progress=False)
-    write_beton("fashion-mnist:test", str(d / "other.beton"), subset=256, compress_probability=0.0, progress=False)
+def data(tmp_path_factory, fmnist):
+    d = tmp_path_factory.mktemp("cachetrain")  # the cache beside links to the session's betons
+    (d / "train.beton").symlink_to(fmnist("train", IMAGES))
+    (d / "other.beton").symlink_to(fmnist("test", 256))
     cfg = Config(data=str(d / "train.beton"), teacher_arch="efficientnet_lite0", res=32, teacher_res=32,
                  device="cpu", workers=2, progress=False)
-    cache = build_cache(cfg, d / "train.tcache", crops=2, chunk=256, batch_size=256, progress=False)
+    cache = build_teacher_cache(cfg, d / "train.tcache", crops=2, chunk=256, batch_size=256, progress=False)
     return d, cache
 
 
@@ -109,12 +110,7 @@ def test_sigkill_mid_epoch_then_resume_matches_a_run_never_stopped(data, killed,
 
 
 def _refused(capsys, argv, *needles) -> str:
-    assert train_main(argv) == 2
-    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
-    assert len(err) == 1 and err[0].startswith("error: "), err
-    for n in needles:
-        assert n in err[0], err[0]
-    return err[0]
+    return refusal(train_main(argv), capsys.readouterr().err, *needles)
 
 
 def test_a_cache_that_does_not_fit_the_run_is_refused(data, killed, tmp_path, capsys):

@@ -5,6 +5,8 @@ import sys
 import pytest
 import torch
 
+from helpers import refusal
+
 from fastseed.cli import config_from_args
 
 
@@ -14,27 +16,15 @@ def run_cli(*args, cwd):
                           cwd=cwd, capture_output=True, text=True, timeout=300)
 
 
-def assert_one_line_error(proc, *needles):
-    assert proc.returncode == 2, proc.stderr
-    assert "Traceback" not in proc.stderr
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, proc.stderr
-    for n in needles:
-        assert n in lines[0], lines[0]
-
-
 @pytest.fixture
-def beton(tmp_path):
-    from fastseed.data_prep import write_beton
-    path = tmp_path / "d.beton"
-    write_beton("fashion-mnist:test", str(path), subset=64, compress_probability=0.0, progress=False)
-    return path
+def beton(fmnist):
+    return fmnist("test", 64)
 
 
 def test_missing_data(tmp_path):
     proc = run_cli("--data", str(tmp_path / "nope.beton"), "-k", "efficientnet_lite0", "--output",
                    str(tmp_path / "out"), cwd=tmp_path)
-    assert_one_line_error(proc, "nope.beton", "fastseed-prep")
+    refusal(proc.returncode, proc.stderr, "nope.beton", "fastseed-prep")
     assert not (tmp_path / "out").exists()
 
 
@@ -43,13 +33,13 @@ def test_unreadable_data(tmp_path):
     bad.write_bytes(b"this is not a beton")
     proc = run_cli("--data", str(bad), "-k", "efficientnet_lite0", "--output", str(tmp_path / "out"),
                    "--device", "cpu", cwd=tmp_path)
-    assert_one_line_error(proc, "bad.beton")
+    refusal(proc.returncode, proc.stderr, "bad.beton")
 
 
 def test_unknown_arch(tmp_path, beton):
     proc = run_cli("--data", str(beton), "-a", "resnet18x", "-k", "efficientnet_lite0", "--output",
                    str(tmp_path / "out"), cwd=tmp_path)
-    assert_one_line_error(proc, "resnet18x", "--arch")
+    refusal(proc.returncode, proc.stderr, "resnet18x", "--arch")
     assert not (tmp_path / "out").exists()
 
 
@@ -62,7 +52,7 @@ def test_teacher_checkpoint_of_other_arch(tmp_path, beton):
     (out / "checkpoint_last.pt").write_bytes(b"precious")
     proc = run_cli("--data", str(beton), "-k", "resnet50", "--distill", str(ckpt), "--output", str(out),
                    "--device", "cpu", cwd=tmp_path)
-    assert_one_line_error(proc, "r18.pth")
+    refusal(proc.returncode, proc.stderr, "r18.pth")
     assert (out / "checkpoint_last.pt").read_bytes() == b"precious"
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint_last.pt"]
 

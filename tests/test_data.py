@@ -1,28 +1,27 @@
 """FFCV loaders: shapes, dtypes, multi-view, resume, exact eval pixels, early path errors.
 Two loaders for the whole module (each FFCV Loader JIT-compiles for several seconds)."""
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
 
 from fastseed.data import check_beton, eval_loader, ssl_loader
-from fastseed.data_prep import subset_indices, write_beton
+from fastseed.data_prep import subset_indices
 from fastseed.data_prep.sources import fashion_mnist
 
 N = 256
 
 
 @pytest.fixture(scope="module")
-def betons(tmp_path_factory):
-    d = tmp_path_factory.mktemp("betons")
+def betons(fmnist):
     # Half JPEG, half raw: the multi-view decoder's two paths in one loader.
-    write_beton("fashion-mnist:test", str(d / "mixed.beton"), subset=N, compress_probability=0.5, progress=False)
-    write_beton("fashion-mnist:test", str(d / "raw.beton"), subset=N, compress_probability=0.0, progress=False)
-    return d
+    return SimpleNamespace(mixed=fmnist("test", N, jpeg=0.5), raw=fmnist("test", N))
 
 
 @pytest.fixture(scope="module")
 def ssl(betons):
-    loader = ssl_loader(betons / "mixed.beton", batch_size=64, res=24, num_global=2, num_small=3, small_res=12,
+    loader = ssl_loader(betons.mixed, batch_size=64, res=24, num_global=2, num_small=3, small_res=12,
                         seed=3, num_workers=2)
     # (views, labels) of epoch 0, cloned: FFCV reuses its buffers a few batches later.
     epoch0 = [([v.clone() for v in views], labels.clone()) for views, labels in loader]
@@ -31,7 +30,7 @@ def ssl(betons):
 
 @pytest.fixture(scope="module")
 def evaluation(betons):
-    return eval_loader(betons / "raw.beton", batch_size=100, res=28, crop_ratio=1.0)
+    return eval_loader(betons.raw, batch_size=100, res=28, crop_ratio=1.0)
 
 
 def test_ssl_views(ssl):

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fastseed.data_prep import PrepError, PrepReport, main, subset_indices, write_beton
+from fastseed.data_prep import PrepReport, main, subset_indices, write_beton
 from fastseed.data_prep.sources import fashion_mnist
+from fastseed.errors import PrepError
 
 
 def read_beton(path):

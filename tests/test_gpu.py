@@ -13,7 +13,9 @@ import torch
 from torch import nn
 
 from fastseed.config import Config
-from fastseed.train import Env, build_method, prepare, train_step
+from fastseed.runtime import Env
+from fastseed.students import build_method
+from fastseed.train import prepare, train_step
 
 NO_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 META = torch.device("meta")
@@ -25,24 +27,25 @@ def meta_batches(n=2, res=16):
     return [(images, torch.zeros(n, dtype=torch.long, device=META))]
 
 
-def test_knn_eval_normalizes_on_the_images_device(monkeypatch):
-    import fastseed.train as T
+def test_knn_monitor_normalizes_on_the_images_device(monkeypatch):
+    import fastseed.evaluate as E
     seen = []
-    monkeypatch.setattr(T, "knn_classify", lambda ftr, ytr, fte, yte, **kw: seen.append((ftr.device, ftr.shape)))
+    monkeypatch.setattr(E, "knn_classify", lambda ftr, ytr, fte, yte, **kw: seen.append((ftr.device, ftr.shape)))
     encoder = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten()).to(META)
-    T.knn_eval(encoder, Config(workers=1), Env(device=META), MEAN_STD, [meta_batches(), meta_batches()])
+    monitor = E.KnnMonitor(Config(workers=1, val_data="val.beton"), META, MEAN_STD, None)
+    monitor.loaders = [meta_batches(), meta_batches()]
+    monitor(encoder)
     assert seen == [(META, (2, 4 * 14 * 14))]
 
 
 def test_evaluate_checkpoint_normalizes_on_the_images_device(monkeypatch, tmp_path):
     """fastseed-eval's path: the checkpoint's mean/std meet the images where they are."""
-    import fastseed.data
     import fastseed.evaluate as E
     ckpt = {"fastseed": {"arch": "resnet10t", "method": "seed", "step": 0, "mean": MEAN_STD[0], "std": MEAN_STD[1]},
             "student": timm.create_model("resnet10t", num_classes=0).state_dict(), "config": {"res": 16}}
     torch.save(ckpt, tmp_path / "ckpt.pt")
     seen = []
-    monkeypatch.setattr(fastseed.data, "eval_loader", lambda path, **kw: meta_batches())
+    monkeypatch.setattr(E, "eval_loader", lambda path, **kw: meta_batches())
     monkeypatch.setattr(E, "knn_classify", lambda ftr, ytr, fte, yte, **kw: seen.append(ftr.device) or {})
     E.evaluate_checkpoint(str(tmp_path / "ckpt.pt"), "bank.beton", "val.beton", device="meta")
     assert seen == [META]
@@ -60,7 +63,7 @@ def test_moco_key_encoder_is_channels_last_and_compiled(monkeypatch):
 
     monkeypatch.setattr(torch, "compile", fake_compile)
     cfg = Config(method="moco", arch="resnet10t", dim=16, queue_size=64, compile="on", device="cpu", workers=1)
-    from fastseed.methods import MoCo
+    from fastseed.methods.moco import MoCo
     method = build_method(cfg, Env(), 16, MoCo.make_queues(dim=16, queue_size=64))
     convs = [p for p in method.key_encoder.parameters() if p.dim() == 4]
     assert convs and all(p.is_contiguous(memory_format=torch.channels_last) for p in convs)

@@ -7,8 +7,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastseed.kernels import reference, seed_loss
-from fastseed.methods import METHODS, MoCo, SEED, SimReg
-from fastseed.methods._common import FrozenTeacher
+from fastseed.methods import METHODS
+from helpers import frozen_teacher
+from fastseed.methods.moco import MoCo
+from fastseed.methods.seed import SEED
+from fastseed.methods.simreg import SimReg
 from fastseed.targets import TeacherTargets
 
 
@@ -51,7 +54,7 @@ def teacher(dim=6):
     t = nn.Sequential(TinyNet(10, seed=1), nn.Linear(10, dim)).eval()
     for p in t.parameters():
         p.requires_grad_(False)
-    return FrozenTeacher(t)
+    return frozen_teacher(t)
 
 
 def build(cls, dim=6, queue_size=10, small_crops=0, small_enqueue="first", **kw):

@@ -6,16 +6,13 @@ import timm
 import torch
 
 from fastseed.cli import eval_main, train_main
-from fastseed.data_prep import write_beton
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def beton(tmp_path_factory):
-    path = tmp_path_factory.mktemp("d") / "fm.beton"
-    write_beton("fashion-mnist:test", str(path), subset=256, compress_probability=0.0, progress=False)
-    return path
+def beton(fmnist):
+    return fmnist("test", 256)
 
 
 def args(beton, out, *extra):

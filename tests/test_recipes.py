@@ -10,10 +10,12 @@ import torchvision.transforms as T
 from torch import nn
 
 import fastseed.train
-from fastseed.augment import PRESETS, preset_augment, preset_name
+from fastseed.augment import PRESETS, preset_augment
+from fastseed.checkpoint import read_checkpoint
 from fastseed.cli import config_from_args
-from fastseed.config import Config, official
-from fastseed.train import prepare, read_checkpoint, train
+from fastseed.config import Config
+from fastseed.methods import official, preset_name
+from fastseed.train import prepare, train
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 

@@ -8,8 +8,8 @@ width, padding, head count, head layout or activation fails.
 """
 import argparse
 import copy
-import hashlib
 import fractions
+import hashlib
 import random
 import warnings
 from functools import partial
@@ -18,13 +18,23 @@ import numpy as np
 import pytest
 import torch
 import torchvision
+from official_layouts import (
+    fill_random,
+    parameter_count,
+    prefixed,
+    randomize,
+    resnet50_forward,
+    state_from_spec,
+    swav_resnet50_spec,
+)
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from fastseed.teachers import (IMAGENET_MEAN, IMAGENET_STD, CheckpointReadError, TeacherLoadError, build_backbone,
-                               detect_format, load_bundled, load_teacher)
-from official_layouts import (fill_random, parameter_count, prefixed, randomize, resnet50_forward,
-                              state_from_spec, swav_resnet50_spec)
+from fastseed.errors import CheckpointReadError, TeacherLoadError
+from fastseed.teachers import detect_format, load_teacher
+from fastseed.teachers.base import IMAGENET_MEAN, IMAGENET_STD
+from fastseed.teachers.bundled import load_bundled
+from fastseed.teachers.official import build_backbone
 
 
 @pytest.fixture(autouse=True)
@@ -265,6 +275,18 @@ def test_plain_torchvision(tmp_path, r50, images):
     path = _save(tmp_path, model.state_dict())
     bundle = load_teacher("resnet50", str(path))
     _check(bundle, body, images, "plain", 2048)
+
+
+def test_tokens_are_the_last_feature_map_before_pooling(tmp_path, r50, images):
+    """The tokens a patch-level objective reads: torchvision's layer4 output (its forward up to
+    avgpool), row-major, whose mean is the pooled embedding."""
+    model, body = r50
+    bundle = load_teacher("resnet50", str(_save(tmp_path, model.state_dict())))
+    want = nn.Sequential(*list(model.children())[:-2])(images)
+    tokens = bundle.tokens(images)
+    assert tokens.shape == (2, want.shape[2] * want.shape[3], 2048)
+    assert torch.equal(tokens, want.flatten(2).transpose(1, 2))
+    torch.testing.assert_close(tokens.mean(1), body(images))
 
 
 def test_plain_timm_and_fastseed(tmp_path, images):

@@ -2,28 +2,28 @@
 import json
 import math
 import os
+from types import SimpleNamespace
 
 import pytest
 import torch
 
+from fastseed.checkpoint import atomic_save, read_checkpoint
 from fastseed.config import Config
-from fastseed.data_prep import write_beton
-from fastseed.train import atomic_save, lr_at, read_checkpoint, train, TrainingError
+from fastseed.errors import TrainingError
+from fastseed.optim import lr_at
+from fastseed.train import train
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    d = tmp_path_factory.mktemp("data")
-    write_beton("fashion-mnist:train", str(d / "train.beton"), subset=512, compress_probability=0.0, progress=False)
-    write_beton("fashion-mnist:test", str(d / "test.beton"), subset=256, compress_probability=0.0, progress=False)
-    return d
+def data(fmnist):
+    return SimpleNamespace(train=fmnist("train", 512), test=fmnist("test", 256))
 
 
 def tiny(data, teacher_ckpt, out, **kw) -> Config:
     cfg = Config(method="seed", arch="resnet10t", teacher_arch="resnet10t", distill=str(teacher_ckpt),
-                 data=str(data / "train.beton"), val_data=str(data / "test.beton"), res=32, workers=2,
+                 data=str(data.train), val_data=str(data.test), res=32, workers=2,
                  epochs=1, batch_size=32, lr=0.1, warmup_epochs=0, queue_size=256, distill_t=1e-4,
                  output=str(out), log_every=1, ckpt_every=1000, knn_every=0, progress=False, device="cpu")
     return cfg.replace(**kw)
@@ -56,16 +56,14 @@ def test_kept_labels_survive_ffcv_buffer_reuse(data):
     """FFCV reuses its batch buffers a few batches later: labels kept across a whole pass (as
     k-NN does) must still be the labels of their batch."""
     from fastseed.data import eval_loader
-    from fastseed.train import Env, knn_eval, knn_loaders
-    loader = eval_loader(str(data / "test.beton"), batch_size=16, res=28)  # 16 batches >> ring size
+    from fastseed.evaluate import KnnMonitor
+    loader = eval_loader(str(data.test), batch_size=16, res=28)  # 16 batches >> ring size
     kept = [y for _, y in loader]
     fresh = [y.clone() for _, y in loader]
     assert all(torch.equal(a, b) for a, b in zip(kept, fresh))
     # and end to end: raw-pixel k-NN with the val set as its own bank is exact at k=1
-    cfg = Config(workers=2)
-    loaders = knn_loaders(cfg, Env(), bank_path=str(data / "test.beton"), val_path=str(data / "test.beton"),
-                          res=28, batch_size=16)
-    r = knn_eval(None, cfg, Env(), ((0.5,) * 3, (0.5,) * 3), loaders)
+    cfg = Config(workers=2, data=str(data.test), val_data=str(data.test), res=28)
+    r = KnnMonitor(cfg, torch.device("cpu"), ((0.5,) * 3, (0.5,) * 3), None, batch_size=16)(None)
     assert r["knn_top1@1"] == 100.0, r
 
 

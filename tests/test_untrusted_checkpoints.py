@@ -10,16 +10,21 @@ import warnings
 import pytest
 import timm
 import torch
+from helpers import refusal
+from test_cli import beton, run_cli  # noqa: F401 (beton is a fixture)
 
+from fastseed.checkpoint import read_checkpoint, save_checkpoint
 from fastseed.cli import config_from_args, eval_main
 from fastseed.config import Config
+from fastseed.errors import CheckpointReadError, TrainingError
 from fastseed.evaluate import load_student
-from fastseed.teachers import CheckpointReadError, load_teacher
-from fastseed.methods import MoCo
+from fastseed.methods.moco import MoCo
+from fastseed.optim import build_optimizer
+from fastseed.runtime import Env
+from fastseed.students import build_method
 from fastseed.targets import build_targets
-from fastseed.teachers import IMAGENET_MEAN, IMAGENET_STD
-from fastseed.train import Env, TrainingError, build_method, build_optimizer, read_checkpoint, save_checkpoint
-from test_cli import assert_one_line_error, beton, run_cli  # noqa: F401 (beton is a fixture)
+from fastseed.teachers import load_teacher
+from fastseed.teachers.base import IMAGENET_MEAN, IMAGENET_STD
 
 
 class Payload:
@@ -53,7 +58,7 @@ def test_fastseed_train_refuses_a_payload_in_one_line(tmp_path, beton, r10_state
     (out / "checkpoint_last.pt").write_bytes(b"precious")
     proc = run_cli("--data", str(beton), "-a", "resnet10t", "-k", "resnet10t", "--distill", str(path),
                    "--output", str(out), "--device", "cpu", cwd=tmp_path)
-    assert_one_line_error(proc, "teacher.pth", "--trust-checkpoint")
+    refusal(proc.returncode, proc.stderr, "teacher.pth", "--trust-checkpoint")
     assert not marker.exists()
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint_last.pt"]
     assert (out / "checkpoint_last.pt").read_bytes() == b"precious"

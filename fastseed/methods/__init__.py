@@ -1,21 +1,73 @@
-"""One objective per file. A method is one student's objective: its backbone and head; the
-queues of keys it compares against are shared by every student of a run. The loop does not
-know which method it runs. Every method has the same calls:
+"""The objectives, one file each, and their registry. A method is one student's objective: its
+backbone and head; the queues of keys it compares against are shared by every student of a run.
+The loop does not know which method it runs, and no module outside this package names one:
+each method declares what the rest of fastseed asks of it.
 
-    make_queues(dim=, queue_size=, ...)   (static) the run's `Queues`, or None (SimReg)
-    Method(student, queues, dim=, ...)    one student's objective
-    teacher_inputs(views) -> list         (static) what the teacher sees, one batch per target
-                                          (MoCo instead makes its own keys: `MoCo.targets`)
-    forward(views, targets)               the loss (what DDP wraps and torch.compile traces)
-    encoder                               the backbone to evaluate and export (no head)
-    queues.update(targets)                once per step, after every student's backward: enqueue
+    name, needs_teacher, global_views      what it is; whether a frozen teacher makes its targets
+                                           (MoCo makes its own: `MoCo.targets`); crops per image
+    official                               its official recipe (`--recipe official`, `official()`)
+    flags                                  its command-line flags (fastseed/cli.py adds them)
+    teacher_target(cfg)                    'head', 'backbone' or None: what of the teacher it distils
+    augment_preset(teacher_format, small)  the official augmentation preset (`--aug auto`)
+    check(cfg, students)                   ConfigError for a setting it cannot run with
+    queues_for(cfg, dim, dtype)            the run's `Queues`, or None
+    from_config(student, queues, dim, cfg, compile_fn)   one student's objective
+    teacher_inputs(views) -> list          what the teacher sees, one batch per target
+    forward(views, targets)                the loss (what DDP wraps and torch.compile traces)
+    encoder                                the backbone to evaluate and export (no head)
+    queues.update(targets)                 once per step, after every student's backward: enqueue
+
+Adding an objective: one file here and one entry in `METHODS` (docs/ARCHITECTURE.md).
 """
 from __future__ import annotations
+
+from fastseed.augment import PRESETS
+from fastseed.config import Config
+from fastseed.errors import ConfigError
 
 from .moco import MoCo
 from .seed import SEED
 from .simreg import SimReg
 
-METHODS = {"seed": SEED, "simreg": SimReg, "moco": MoCo}
+METHODS = {m.name: m for m in (SEED, SimReg, MoCo)}
 
-__all__ = ["SEED", "SimReg", "MoCo", "METHODS"]
+
+def method_class(name: str):
+    """The registered method called `name`."""
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise ConfigError(f"unknown --method {name!r}: choose from {', '.join(METHODS)}") from None
+
+
+def official(method: str = "seed", **overrides) -> Config:
+    """The official recipe of `method`: its script's lr, epochs, weight decay and warm-up, the
+    per-epoch schedule, SGD, and the official augmentation preset (`--aug auto`)."""
+    cfg = Config(method=method, optimizer="sgd", lr_schedule="epoch", **method_class(method).official)
+    return cfg.replace(**overrides)
+
+
+def teacher_target(cfg: Config) -> str | None:
+    """What of the teacher the run distils: 'head' (its projection), 'backbone' (its pooled
+    features) or None (no teacher)."""
+    return method_class(cfg.method).teacher_target(cfg)
+
+
+def preset_name(aug: str, method: str, teacher_format: str | None, small_crops: int = 0) -> str:
+    """`aug` if it names a preset; for 'auto', the method's official choice for this teacher."""
+    if aug != "auto":
+        if aug not in PRESETS:
+            raise ConfigError(f"unknown augmentation preset {aug!r}: choose auto, {', '.join(PRESETS)}")
+        return aug
+    return method_class(method).augment_preset(teacher_format, small_crops)
+
+
+def resolve_preset(cfg: Config, teacher_format: str | None) -> Config:
+    """`cfg` with `aug` resolved to a preset name (see `preset_name`) and `crop_scale` to the
+    preset's unless given explicitly: what training's loader and the teacher cache both crop with."""
+    aug = preset_name(cfg.aug, cfg.method, teacher_format, cfg.small_crops)
+    return cfg.replace(aug=aug, crop_scale=tuple(cfg.crop_scale or PRESETS[aug].crop_scale))
+
+
+__all__ = ["SEED", "SimReg", "MoCo", "METHODS", "method_class", "official", "teacher_target", "preset_name",
+           "resolve_preset"]

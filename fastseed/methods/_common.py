@@ -1,28 +1,22 @@
-"""Pieces the three methods share: teacher calls, the queues, cross-rank gathering."""
+"""What the methods share: the queues of teacher keys, and the flags more than one declares."""
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from fastseed.kernels import enqueue_
+from fastseed.runtime import gather_keys
 
 
-def gather_keys(keys: torch.Tensor) -> torch.Tensor:
-    """All ranks' keys in rank order, so that every rank enqueues the same rows."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return keys
-    out = keys.new_empty((dist.get_world_size() * keys.shape[0], *keys.shape[1:]))
-    dist.all_gather_into_tensor(out, keys.contiguous())
-    return out
+def flag(*names: str, **kwargs) -> tuple[tuple[str, ...], dict]:
+    """One command-line flag of a method: argparse's names and keywords (`dest` is the setting;
+    a Config field, or a key of `Config.method_args` for a setting no Config field holds)."""
+    return names, kwargs
 
 
-def resize(x: torch.Tensor, res: int | None) -> torch.Tensor:
-    if res is None or x.shape[-1] == res:
-        return x
-    return F.interpolate(x, size=(res, res), mode="bilinear", antialias=res < x.shape[-1],
-                         align_corners=False).contiguous(memory_format=torch.channels_last)
+TEMP = flag("--temp", dest="temp", type=float, help="student temperature (MoCo: InfoNCE temperature)")
+QUEUE_SIZE = flag("--queue-size", "--moco-k", dest="queue_size", type=int, help="queue length K")
 
 
 class Queue(nn.Module):
@@ -68,19 +62,3 @@ class Queues(nn.Module):
                 small = small[:targets[0].shape[0]]
             self.small_queue.push(small)
         self.queue.push(targets[0])
-
-
-class FrozenTeacher:
-    """A frozen teacher held outside the module tree: never in the optimizer, DDP or a
-    checkpoint (a checkpoint records only its identity and hash)."""
-
-    def __init__(self, model: nn.Module, res: int | None = None, compile_fn=None):
-        self.model = model
-        self.res = res
-        self.fn = compile_fn(model) if compile_fn else model
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        with torch.inference_mode():
-            t = self.fn(resize(x, self.res))
-        # inference tensors cannot be saved for backward; the loss keeps t for its backward
-        return t.clone()

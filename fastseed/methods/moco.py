@@ -15,13 +15,23 @@ import copy
 import torch
 from torch import nn
 
+from fastseed.errors import ConfigError
 from fastseed.kernels import info_nce_loss
 from fastseed.models import projection_head
 
-from ._common import Queues
+from ._common import QUEUE_SIZE, TEMP, Queues, flag
 
 
 class MoCo(nn.Module):
+    name = "moco"
+    needs_teacher = False  # its keys come from its own momentum encoder (`targets`)
+    global_views = 2       # query and key from two crops of each image
+    # facebookresearch/moco main_moco.py:42-58 (200 epochs, lr 0.03 at any batch size, wd 1e-4),
+    # README.md:51 (MoCo v2: --cos), main_moco.py:372-381 (cosine per epoch, no warm-up)
+    official = dict(lr=0.03, epochs=200, momentum=0.9, weight_decay=1e-4, warmup_epochs=0.0)
+    target_flags = ()
+    flags = (TEMP, QUEUE_SIZE, flag("--moco-m", dest="moco_m", type=float, help="key encoder momentum (0.999)"))
+
     def __init__(self, student: nn.Module, queues: Queues, *, dim: int = 128, temp: float = 0.2,
                  moco_m: float = 0.999, bn_groups: int = 4, compile_fn=None, **_):
         super().__init__()
@@ -36,9 +46,35 @@ class MoCo(nn.Module):
         self.queue = queues.queue
         self.temp, self.m, self.bn_groups = temp, moco_m, bn_groups
 
+    @classmethod
+    def from_config(cls, student: nn.Module, queues: Queues, dim: int, cfg, compile_fn=None) -> "MoCo":
+        return cls(student, queues, dim=dim, temp=cfg.temp, moco_m=cfg.moco_m, compile_fn=compile_fn)
+
+    @staticmethod
+    def teacher_target(cfg) -> None:
+        return None
+
+    @staticmethod
+    def augment_preset(teacher_format: str | None, small_crops: int) -> str:
+        """'moco_v2' (facebookresearch/moco README: --aug-plus)."""
+        return "moco_v2"
+
+    @staticmethod
+    def check(cfg, students: int) -> None:
+        if students > 1:
+            raise ConfigError(f"--method moco trains one student (its keys come from its own momentum encoder): "
+                              f"pass one -a, not {cfg.arch}")
+        if cfg.teacher_cache is not None:
+            raise ConfigError("--teacher-cache holds a teacher's keys; --method moco has no teacher: "
+                              "drop one or the other")
+
     @staticmethod
     def make_queues(*, dim: int, queue_size: int, queue_dtype: torch.dtype = torch.float32, **_) -> Queues:
         return Queues(queue_size, dim, queue_dtype)
+
+    @classmethod
+    def queues_for(cls, cfg, dim: int, queue_dtype: torch.dtype) -> Queues:
+        return cls.make_queues(dim=dim, queue_size=cfg.queue_size, queue_dtype=queue_dtype)
 
     @property
     def encoder(self) -> nn.Module:

@@ -15,10 +15,28 @@ from torch import nn
 from fastseed.kernels import seed_loss
 from fastseed.models import projection_head
 
-from ._common import Queues
+from ._common import QUEUE_SIZE, TEMP, Queues, flag
 
 
 class SEED(nn.Module):
+    name = "seed"
+    needs_teacher = True   # its targets are a frozen teacher's keys
+    global_views = 1       # student and teacher see the same crop
+    # jacobswan1/SEED tools/opts.py:74-99 (lr 0.03, momentum 0.9, wd 1e-4), :55-59 (200 epochs);
+    # main.py:116-121 (peak lr 0.03 x batch/256, 5 warm-up epochs); tools/utils.py:89-101
+    official = dict(lr=None, base_lr=0.03, epochs=200, momentum=0.9, weight_decay=1e-4, warmup_epochs=5.0)
+    target_flags = ()  # the flags that decide `teacher_target` (fastseed-cache has them too)
+    flags = (
+        TEMP,
+        flag("--distill-t", dest="distill_t", type=float, help="teacher temperature"),
+        QUEUE_SIZE,
+        flag("--small-crops", dest="small_crops", type=int, help="SEED small-patch: number of small crops (6)"),
+        flag("--small-res", dest="small_res", type=int),
+        flag("--small-enqueue", dest="small_enqueue", choices=["first", "all"],
+             help="keys entering the small-crop queue: first (official: crop 0 of each image, at the large "
+                  "queue's pointer) or all (every small crop)"),
+    )
+
     def __init__(self, student: nn.Module, queues: Queues, *, dim: int, temp: float = 0.2,
                  distill_t: float = 1e-4, **_):
         super().__init__()
@@ -27,10 +45,38 @@ class SEED(nn.Module):
         self.queue, self.small_queue = queues.queue, queues.small_queue  # shared by every student
         self.temp, self.distill_t = temp, distill_t
 
+    @classmethod
+    def from_config(cls, student: nn.Module, queues: Queues, dim: int, cfg, compile_fn=None) -> "SEED":
+        return cls(student, queues, dim=dim, temp=cfg.temp, distill_t=cfg.distill_t)
+
+    @staticmethod
+    def teacher_target(cfg) -> str:
+        """SEED distils in the teacher's projection space (--teacher-no-head: its pooled backbone)."""
+        return "head" if cfg.teacher_use_head else "backbone"
+
+    @staticmethod
+    def augment_preset(teacher_format: str | None, small_crops: int) -> str:
+        """With small crops, 'swav' for any teacher (jacobswan1/SEED main_small-patch.py:142-143);
+        else by the teacher's checkpoint format (main.py:165-168): swav -> 'swav', simclr ->
+        'simclr', moco -> 'moco_v2'. SEED has no rule for the other formats (mocov3, byol, dino,
+        plain, fastseed, bundled): they get 'moco_v2', its augmentation for the paper's MoCo teachers."""
+        if small_crops:
+            return "swav"
+        return teacher_format if teacher_format in ("swav", "simclr") else "moco_v2"
+
+    @staticmethod
+    def check(cfg, students: int) -> None:
+        pass
+
     @staticmethod
     def make_queues(*, dim: int, queue_size: int, queue_dtype: torch.dtype = torch.float32, small_crops: int = 0,
                     small_enqueue: str = "first", **_) -> Queues:
         return Queues(queue_size, dim, queue_dtype, small_crops, small_enqueue)
+
+    @classmethod
+    def queues_for(cls, cfg, dim: int, queue_dtype: torch.dtype) -> Queues:
+        return cls.make_queues(dim=dim, queue_size=cfg.queue_size, queue_dtype=queue_dtype,
+                               small_crops=cfg.small_crops, small_enqueue=cfg.small_enqueue)
 
     @staticmethod
     def teacher_inputs(views: list[torch.Tensor]) -> list[torch.Tensor]:

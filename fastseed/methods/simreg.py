@@ -11,16 +11,50 @@ from torch import nn
 
 from fastseed.models import simreg_predictor
 
+from ._common import flag
+
 
 class SimReg(nn.Module):
+    name = "simreg"
+    needs_teacher = True
+    global_views = 1
+    # UCDvision/simreg main.py:42-55 (batch 256, lr 0.05 at any batch size, 130 epochs, wd 1e-4);
+    # tools.py:13-18 (cosine per epoch, no warm-up)
+    official = dict(lr=0.05, epochs=130, momentum=0.9, weight_decay=1e-4, warmup_epochs=0.0)
+    target_flags = (flag("--simreg-target", dest="simreg_target", choices=["backbone", "projection"],
+                         help="SimReg regresses the teacher's pooled backbone (default) or its projection"),)
+    flags = target_flags
+
     def __init__(self, student: nn.Module, queues=None, *, dim: int, **_):
         super().__init__()
         self.student = student
         self.head = simreg_predictor(student.num_features, dim)
 
+    @classmethod
+    def from_config(cls, student: nn.Module, queues, dim: int, cfg, compile_fn=None) -> "SimReg":
+        return cls(student, queues, dim=dim)
+
+    @staticmethod
+    def teacher_target(cfg) -> str:
+        """The pooled backbone (fc removed) unless --simreg-target projection (SimReg's --teacher_fc)."""
+        return "head" if cfg.teacher_use_head and cfg.simreg_target == "projection" else "backbone"
+
+    @staticmethod
+    def augment_preset(teacher_format: str | None, small_crops: int) -> str:
+        """'weak', on one view for student and teacher (UCDvision/simreg run.sh: --single_aug --weak_weak)."""
+        return "weak"
+
+    @staticmethod
+    def check(cfg, students: int) -> None:
+        pass
+
     @staticmethod
     def make_queues(**_) -> None:
         return None  # no queue: nothing is shared but the teacher's targets
+
+    @classmethod
+    def queues_for(cls, cfg, dim: int, queue_dtype: torch.dtype) -> None:
+        return None
 
     @staticmethod
     def teacher_inputs(views: list[torch.Tensor]) -> list[torch.Tensor]:

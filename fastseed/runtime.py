@@ -1,0 +1,153 @@
+"""Where and how a run executes: ranks and device, precision, compile policy, seeding, the
+DDP/FSDP2 wrapper, collectives, and the phase marks a profiler can hook.
+
+torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; a plain `python` run is one rank. Nothing here
+knows which method, teacher or student a run has.
+"""
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from fastseed.config import Config
+from fastseed.errors import ConfigError
+
+
+@dataclass
+class Env:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_env(cfg: Config) -> Env:
+    """The rank's device (TF32 and cuDNN autotuning on CUDA) and, under torchrun, the process group."""
+    want = cfg.device
+    if want == "auto":
+        want = "cuda" if torch.cuda.is_available() else "cpu"
+    if want.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("--device cuda but no CUDA device is visible: use --device cpu")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device(f"cuda:{local}") if want.startswith("cuda") else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Env(rank, world, local, device)
+
+
+def main_rank() -> bool:
+    """True outside torchrun and on rank 0 under it."""
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def amp_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of `cfg.precision` on `device` (None: fp32, no autocast)."""
+    p = cfg.precision
+    if p == "auto":
+        # CPUs without AMX run bf16 convolutions slower than fp32: autocast only on CUDA.
+        p = "bf16" if device.type == "cuda" else "fp32"
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[p]
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    return torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def use_compile(cfg: Config, env: Env) -> bool:
+    if cfg.compile == "auto":
+        # compiling a ResNet takes minutes on a 2-core CPU: more than a CPU run gains
+        return env.device.type == "cuda"
+    return cfg.compile == "on"
+
+
+def compiler(cfg: Config, env: Env) -> Callable[[nn.Module], nn.Module] | None:
+    """torch.compile with the run's mode when compiling is on, else None."""
+    return (lambda m: torch.compile(m, mode=cfg.compile_mode)) if use_compile(cfg, env) else None
+
+
+def sharded(cfg: Config, env: Env) -> bool:
+    """FSDP2 shards the students' parameters (and checkpoints gather them)."""
+    return cfg.fsdp and env.world > 1
+
+
+def wrap_model(method: nn.Module, cfg: Config, env: Env) -> nn.Module:
+    """What a step calls: `method` under DDP (or FSDP2-sharded: its `student` block by block,
+    then `student` and `head`), compiled as configured."""
+    model = method
+    if env.world > 1 and not cfg.fsdp:
+        # static graph + bucket views: no unused-parameter search, no gradient copies
+        model = nn.parallel.DistributedDataParallel(
+            method, device_ids=[env.device.index] if env.device.type == "cuda" else None,
+            static_graph=True, gradient_as_bucket_view=True, broadcast_buffers=False)
+    elif env.world > 1:
+        from torch.distributed.fsdp import fully_shard
+        for block in method.student.children():
+            if any(p.requires_grad for p in block.parameters()):
+                fully_shard(block)
+        fully_shard(method.student)
+        fully_shard(method.head)
+    if use_compile(cfg, env):
+        model = torch.compile(model, mode=cfg.compile_mode)
+    return model
+
+
+def gather_keys(keys: torch.Tensor) -> torch.Tensor:
+    """All ranks' keys in rank order, so that every rank enqueues the same rows."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return keys
+    out = keys.new_empty((dist.get_world_size() * keys.shape[0], *keys.shape[1:]))
+    dist.all_gather_into_tensor(out, keys.contiguous())
+    return out
+
+
+# ---------------------------------------------------------------- phase marks
+# A step says where it is with `phase(name)`: from now on its time belongs to `name`. Nothing
+# listens by default (a call costs one global lookup); fastseed.profile installs a timer for
+# the profiled steps with `phase_hook`, so no timer is passed through the step's arguments.
+_phase_hook: Callable[[str | None], None] | None = None
+
+
+def phase(name: str | None) -> None:
+    if _phase_hook is not None:
+        _phase_hook(name)
+
+
+class phase_hook:
+    """`with phase_hook(fn):` sends every `phase(name)` of the block to `fn`."""
+
+    def __init__(self, fn: Callable[[str | None], None]):
+        self.fn = fn
+
+    def __enter__(self):
+        global _phase_hook
+        self.previous, _phase_hook = _phase_hook, self.fn
+        return self.fn
+
+    def __exit__(self, *exc):
+        global _phase_hook
+        _phase_hook = self.previous
