@@ -71,7 +71,11 @@ def train_parser() -> argparse.ArgumentParser:
     a("--dim", type=int, help="embedding dim (MoCo head; SEED uses the teacher's)")
     a("--simreg-target", dest="simreg_target", choices=["backbone", "projection"])
     a("--res", type=int, help="crop resolution")
-    a("--teacher-res", dest="teacher_res", type=int, help="resize the crop to this for the teacher")
+    a("--teacher-res", dest="teacher_res", type=int, help="resize the crop to this for the teacher (default --res; "
+      "DINOv2/DINOv3 teachers: 224, their release's)")
+    a("--teacher-pool", dest="teacher_pool", choices=["cls", "mean", "cls+mean"],
+      help="DINOv2/DINOv3 embedding: the normed CLS token (default), the mean of the patch tokens, or both "
+           "concatenated (DINOv2's linear evaluation)")
     a("--aug", choices=["auto", *PRESETS],
       help="augmentation preset (default auto: SimReg weak, MoCo moco_v2, SEED by teacher format: swav, "
            "simclr, else moco_v2)")
@@ -170,6 +174,10 @@ def check_inputs(cfg: Config) -> None:
                                 f"or use a bundled teacher with -k {BUNDLED[0]}")
     if cfg.method in ("seed", "simreg") and cfg.distill is not None and not Path(cfg.distill).is_file():
         raise FileNotFoundError(f"--distill {cfg.distill} does not exist")
+    from fastseed.dino_teachers import check_res
+    check_res(cfg.teacher_arch, cfg.teacher_res or cfg.res)  # a ViT teacher's side: a multiple of its patch
+    if cfg.teacher_cache is not None and cfg.teacher_pool != "cls":
+        raise ConfigError("a teacher cache holds CLS embeddings: drop --teacher-pool or --teacher-cache")
 
 
 def train_main(argv: list[str] | None = None) -> int:

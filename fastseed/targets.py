@@ -81,7 +81,7 @@ def wants_head(cfg: Config) -> bool:
 
 def _load(cfg: Config, device: torch.device, dtype: torch.dtype | None, compile_fn) -> tuple[FrozenTeacher, object]:
     bundle = load_teacher(cfg.teacher_arch, cfg.distill, cfg.teacher_ssl, use_head=wants_head(cfg),
-                          trust=cfg.trust_checkpoint)
+                          trust=cfg.trust_checkpoint, res=cfg.teacher_res or cfg.res, pool=cfg.teacher_pool)
     model = to_channels_last(bundle.model.to(device), cfg.channels_last)
     if dtype == torch.bfloat16:
         model = model.to(torch.bfloat16)  # frozen: bf16 weights halve its memory traffic
