@@ -206,8 +206,8 @@ def read_layout(state: dict, convnext: bool = False) -> Layout | None:
     has = state.__contains__
     if has("pos_embed") and has("blocks.0.ls1.gamma") and has("cls_token"):
         official = has("mask_token")
-        registers = state["register_tokens" if official else "reg_token"].shape[1] if (
-            has("register_tokens") or has("reg_token")) else 0
+        tokens = state.get("register_tokens" if official else "reg_token")
+        registers = tokens.shape[1] if tokens is not None else 0
         if official or (_patch(state) == 14 and registers in (0, 4)):
             fc1 = state.get("blocks.0.mlp.fc1.weight")
             fc2 = state.get("blocks.0.mlp.fc2.weight")
