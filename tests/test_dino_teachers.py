@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastseed.dino_teachers import RELEASES, build
+from fastseed.dino_teachers import RELEASES, build, find_release, load
 from fastseed.teachers import TeacherLoadError, detect_format, load_teacher
 
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
@@ -26,7 +26,7 @@ def cosine(a, b):
     return F.cosine_similarity(a.double(), b.double(), dim=-1).min().item()
 
 
-def images(res, n=2, seed=1):
+def images(res, n=1, seed=1):
     return torch.randn(n, 3, res, res, generator=torch.Generator().manual_seed(seed))
 
 
@@ -174,11 +174,13 @@ def test_dinov2_reg_release_matches_official_forward(tmp_path, v2_reg, res):
     assert cosine(tokens.flatten(0, 1), patches.flatten(0, 1)) >= 0.9999
 
 
-def test_dinov2_identity_grid_at_518(v2):
-    """At 518 px (37 x 37 patches) the release adds its position embeddings unresampled."""
-    net = build(RELEASES["dinov2_vits14"], v2)
-    x = images(518, n=1)
-    cls, _ = dinov2_reference(v2, x, registers=0, offset=0.1, antialias=False)
+def test_dinov2_unresampled_on_the_files_own_grid():
+    """On the file's own grid the release adds its position embeddings as they are (a 2 x 2 grid,
+    DinoVisionTransformer(img_size=28), stands for the hub's 37 x 37 at 518 px)."""
+    sd = dinov2_state(grid=2, seed=7)
+    net = build(RELEASES["dinov2_vits14"], sd)
+    x = images(28, n=1)
+    cls, _ = dinov2_reference(sd, x, registers=0, offset=0.1, antialias=False)
     assert cosine(net.eval()(x), cls) >= 0.9999
 
 
@@ -215,11 +217,10 @@ def test_timm_dinov2_state_dicts_load_at_any_patch_multiple(tmp_path, v2, v2_reg
 # DINOv3 ViT (dinov3/models/vision_transformer.py, dinov3/layers/*)
 
 
-def dinov3_state(width=384, depth=12, heads=6, ffn_ratio=4.0, swiglu=False, seed=0) -> dict:
-    """DinoVisionTransformer as dinov3_vits16 builds it: patch 16, n_storage_tokens 4,
-    layerscale, LinearKMaskedBias qkv (bias_mask 1, 0, 1 by thirds, as init_weights sets it),
-    RoPE periods a persistent buffer base ** (2 i / (D_head / 2)), stored rounded to bf16; SwiGLUFFN
-    w1/w2/w3 with hidden int(D * ffn_ratio * 2/3) aligned to 8; norms LayerNorm eps 1e-5."""
+def dinov3_spec(width=384, depth=12, ffn_ratio=4.0, swiglu=False) -> dict:
+    """{key: shape} of DinoVisionTransformer as dinov3_vits16 builds it (patch 16, n_storage_tokens
+    4, layerscale, SwiGLUFFN w1/w2/w3 with hidden int(D * ffn_ratio * 2/3) aligned to 8), without
+    its buffers."""
     d = width
     spec = {"cls_token": (1, 1, d), "storage_tokens": (1, 4, d), "mask_token": (1, d),
             "patch_embed.proj.weight": (d, 3, 16, 16), "patch_embed.proj.bias": (d,)}
@@ -238,7 +239,15 @@ def dinov3_state(width=384, depth=12, heads=6, ffn_ratio=4.0, swiglu=False, seed
             spec.update({b + "mlp.fc1.weight": (hidden, d), b + "mlp.fc1.bias": (hidden,),
                          b + "mlp.fc2.weight": (d, hidden), b + "mlp.fc2.bias": (d,)})
     spec.update({"norm.weight": (d,), "norm.bias": (d,)})
-    sd = fill(spec, seed)
+    return spec
+
+
+def dinov3_state(width=384, depth=12, heads=6, ffn_ratio=4.0, swiglu=False, seed=0) -> dict:
+    """dinov3_spec filled, with the buffers: LinearKMaskedBias's bias_mask (1, 0, 1 by thirds, as
+    init_weights sets it) and the RoPE periods base ** (2 i / (D_head / 2)), stored rounded to
+    bf16; norms are LayerNorm eps 1e-5."""
+    d = width
+    sd = fill(dinov3_spec(width, depth, ffn_ratio, swiglu), seed)
     head = d // heads
     sd["rope_embed.periods"] = (100.0 ** (2 * torch.arange(head // 4, dtype=torch.float32) / (head // 2))
                                 ).to(torch.bfloat16).float()
@@ -347,13 +356,21 @@ def test_timm_dinov3_state_dict_without_rope_periods(tmp_path, v3, res):
     assert cosine(bundle.model(x), dinov3_reference(ref, x)[0]) >= 0.9999
 
 
-def test_dinov3_satellite_weights_have_their_own_normalisation(tmp_path):
-    sd = dinov3_state(width=1024, depth=24, heads=16, seed=5)
-    sd["local_cls_norm.weight"], sd["local_cls_norm.bias"] = torch.ones(1024), torch.zeros(1024)
-    bundle = load_teacher("dinov3_vitl16", save(tmp_path, sd, "dinov3_vitl16_pretrain_sat493m-eadcf0ff.pth"))
+def test_dinov3_satellite_weights_have_their_own_normalisation(tmp_path, v3):
+    """SAT-493M: told by the file name (as the hub does), timm's tag, or ViT-L's local CLS norm
+    (keys and shapes only: meta tensors); a satellite teacher gets the satellite mean/std."""
+    spec = dict(dinov3_spec(width=1024, depth=24), **{"rope_embed.periods": (16,)})
+    spec.update({f"blocks.{i}.attn.qkv.bias_mask": (3072,) for i in range(24)})
+    state = {k: torch.empty(shape, device="meta") for k, shape in spec.items()}
+    untied = dict(state, **{"local_cls_norm.weight": torch.empty(1024, device="meta")})
+    for arch, sd, name, satellite in (("dinov3_vitl16", state, "dinov3_vitl16_pretrain_sat493m-eadcf0ff.pth", True),
+                                      ("dinov3_vitl16", state, "dinov3_vitl16_pretrain_lvd1689m-8aa4cbdd.pth", False),
+                                      ("vit_large_patch16_dinov3.sat493m", state, "model.pth", True),
+                                      (None, untied, "model.pth", True)):
+        assert find_release(sd, arch, "auto", name).satellite is satellite, (arch, name)
+    found = find_release(v3, "dinov3_vits16", "auto", "x.pth")
+    bundle = load(replace(found, satellite=True), sha256="", source="x.pth")
     assert bundle.mean == (0.430, 0.411, 0.296) and bundle.std == (0.213, 0.156, 0.143)
-    x = images(32, n=1)
-    assert cosine(bundle.model(x), dinov3_reference(sd, x, heads=16)[0]) >= 0.9999
 
 
 # ---------------------------------------------------------------------------------------------
@@ -409,9 +426,14 @@ def convnext_reference(sd, x, depths=(3, 3, 9, 3)):
     return tokens[:, 0], tokens[:, 1:]
 
 
-@pytest.mark.parametrize("res", [64, 96])
-def test_dinov3_convnext_release_matches_official_forward(tmp_path, res):
-    sd = convnext_state()
+@pytest.fixture(scope="module")
+def convnext():
+    return convnext_state()
+
+
+@pytest.mark.parametrize("res", [32, 64])
+def test_dinov3_convnext_release_matches_official_forward(tmp_path, convnext, res):
+    sd = convnext
     path = save(tmp_path, sd, "dinov3_convnext_tiny_pretrain_lvd1689m-21b726bb.pth")
     bundle = load_teacher("dinov3_convnext_tiny", path, res=res, pool="mean")
     x = images(res)
@@ -436,7 +458,7 @@ def test_detection_tells_dinov2_from_dino_v1(tmp_path, v2):
 
 def test_wrong_arch_unknown_key_and_declared_format_are_one_line_errors(tmp_path, v2):
     path = save(tmp_path, v2, "dinov2_vits14_pretrain.pth")
-    with pytest.raises(TeacherLoadError, match="not dinov2_vitb14|is dinov2_vitb14.*pass -k dinov2_vits14"):
+    with pytest.raises(TeacherLoadError, match="is dinov2_vitb14, but the checkpoint is a DINOv2 ViT release.*pass -k dinov2_vits14"):
         load_teacher("dinov2_vitb14", path)
     with pytest.raises(TeacherLoadError, match="pass -k dinov2_vits14"):
         load_teacher("vit_small_patch16_224", path)
