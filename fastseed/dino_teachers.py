@@ -249,6 +249,10 @@ def _release_of(layout: Layout) -> Release | None:
     return next((r for r in RELEASES.values() if _matches(r, layout) and r.depth == layout.depth), None)
 
 
+def _called(arch: str, release: Release) -> str:
+    return arch if arch == release.hub else f"{arch} ({release.hub})"
+
+
 @dataclass
 class Found:
     release: Release
@@ -272,6 +276,9 @@ def find_release(ckpt: object, arch: str | None, ssl: str, source: str) -> Found
         raise
     layout = read_layout(state, convnext=named is not None and named[0].family == "dinov3-convnext")
     if layout is None and named is None:
+        if ssl in FORMATS:
+            raise TeacherLoadError(f"{source}: declared --teacher-ssl {ssl} but the checkpoint has none of its "
+                                   f"layouts' keys (e.g. {', '.join(list(state)[:3])}): pass --teacher-ssl auto")
         return None
     family = layout.family if layout else named[0].family
     fmt = "dinov2" if family == "dinov2" else "dinov3"
@@ -282,13 +289,13 @@ def find_release(ckpt: object, arch: str | None, ssl: str, source: str) -> Found
     if layout is None:
         release = named[0]
         raise TeacherLoadError(
-            f"{source}: -k {arch} is {release.hub}, but the checkpoint has none of its keys (e.g. "
+            f"{source}: -k {_called(arch, release)} but the checkpoint has none of its keys (e.g. "
             f"{', '.join(list(state)[:3])}): pass its release file or timm's {release.timm} state dict, or the "
             "-k of the checkpoint")
     release = _release_of(layout)
     if named is not None and not _matches(named[0], layout):
         hint = f"pass -k {release.hub}" if release else "it is no DINOv2/DINOv3 release"
-        raise TeacherLoadError(f"{source}: -k {arch} is {named[0].hub}, but the checkpoint is {layout.describe()}: "
+        raise TeacherLoadError(f"{source}: -k {_called(arch, named[0])} but the checkpoint is {layout.describe()}: "
                                f"{hint}")
     if named is not None:
         release = named[0]

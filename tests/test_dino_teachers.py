@@ -458,7 +458,7 @@ def test_detection_tells_dinov2_from_dino_v1(tmp_path, v2):
 
 def test_wrong_arch_unknown_key_and_declared_format_are_one_line_errors(tmp_path, v2):
     path = save(tmp_path, v2, "dinov2_vits14_pretrain.pth")
-    with pytest.raises(TeacherLoadError, match="is dinov2_vitb14, but the checkpoint is a DINOv2 ViT release.*pass -k dinov2_vits14"):
+    with pytest.raises(TeacherLoadError, match="-k dinov2_vitb14 but the checkpoint is a DINOv2 ViT release.*pass -k dinov2_vits14"):
         load_teacher("dinov2_vitb14", path)
     with pytest.raises(TeacherLoadError, match="pass -k dinov2_vits14"):
         load_teacher("vit_small_patch16_224", path)
