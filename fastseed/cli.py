@@ -174,8 +174,10 @@ def check_inputs(cfg: Config) -> None:
                                 f"or use a bundled teacher with -k {BUNDLED[0]}")
     if cfg.method in ("seed", "simreg") and cfg.distill is not None and not Path(cfg.distill).is_file():
         raise FileNotFoundError(f"--distill {cfg.distill} does not exist")
-    from fastseed.dino_teachers import check_res
+    from fastseed.dino_teachers import check_res, release_res
     check_res(cfg.teacher_arch, cfg.teacher_res or cfg.res)  # a ViT teacher's side: a multiple of its patch
+    if cfg.teacher_pool != "cls" and release_res(cfg.teacher_arch) is None:
+        raise ConfigError(f"--teacher-pool {cfg.teacher_pool} is for DINOv2/DINOv3 teachers, not -k {cfg.teacher_arch}")
     if cfg.teacher_cache is not None and cfg.teacher_pool != "cls":
         raise ConfigError("a teacher cache holds CLS embeddings: drop --teacher-pool or --teacher-cache")
 
