@@ -52,10 +52,10 @@ def fill(spec: dict, seed: int) -> dict:
 # DINOv2 (dinov2/models/vision_transformer.py, dinov2/layers/*)
 
 
-def dinov2_state(width=384, depth=12, registers=0, swiglu=False, grid=37, seed=0) -> dict:
-    """DinoVisionTransformer(img_size=518, patch_size=14, block_chunks=0, init_values=1.0).state_dict()
-    keys: Block = norm1, attn.qkv/proj (MemEffAttention), ls1.gamma, norm2, mlp (Mlp fc1/fc2, or
-    SwiGLUFFNFused w12/w3 with hidden (int(4D * 2/3) + 7) // 8 * 8), ls2.gamma."""
+def dinov2_spec(width=384, depth=12, registers=0, swiglu=False, grid=37) -> dict:
+    """{key: shape} of DinoVisionTransformer(img_size=518, patch_size=14, block_chunks=0,
+    init_values=1.0).state_dict(): Block = norm1, attn.qkv/proj (MemEffAttention), ls1.gamma, norm2,
+    mlp (Mlp fc1/fc2, or SwiGLUFFNFused w12/w3 with hidden (int(4D * 2/3) + 7) // 8 * 8), ls2.gamma."""
     d = width
     spec = {"cls_token": (1, 1, d), "pos_embed": (1, 1 + grid * grid, d), "mask_token": (1, d),
             "patch_embed.proj.weight": (d, 3, 14, 14), "patch_embed.proj.bias": (d,)}
@@ -74,7 +74,11 @@ def dinov2_state(width=384, depth=12, registers=0, swiglu=False, grid=37, seed=0
             spec.update({b + "mlp.fc1.weight": (4 * d, d), b + "mlp.fc1.bias": (4 * d,),
                          b + "mlp.fc2.weight": (d, 4 * d), b + "mlp.fc2.bias": (d,)})
     spec.update({"norm.weight": (d,), "norm.bias": (d,)})
-    return fill(spec, seed)
+    return spec
+
+
+def dinov2_state(width=384, depth=12, registers=0, swiglu=False, grid=37, seed=0) -> dict:
+    return fill(dinov2_spec(width, depth, registers, swiglu, grid), seed)
 
 
 def attention(x, sd, b, heads, qkv_bias, rope=None, prefix=0):
@@ -217,21 +221,23 @@ def test_timm_dinov2_state_dicts_load_at_any_patch_multiple(tmp_path, v2, v2_reg
 # DINOv3 ViT (dinov3/models/vision_transformer.py, dinov3/layers/*)
 
 
-def dinov3_spec(width=384, depth=12, ffn_ratio=4.0, swiglu=False) -> dict:
+def dinov3_spec(width=384, depth=12, ffn_ratio=4.0, swiglu=False, align=8, qkv_bias=True) -> dict:
     """{key: shape} of DinoVisionTransformer as dinov3_vits16 builds it (patch 16, n_storage_tokens
-    4, layerscale, SwiGLUFFN w1/w2/w3 with hidden int(D * ffn_ratio * 2/3) aligned to 8), without
-    its buffers."""
+    4, layerscale, SwiGLUFFN w1/w2/w3 with hidden int(D * ffn_ratio * 2/3) aligned to ``align``),
+    without its buffers."""
     d = width
     spec = {"cls_token": (1, 1, d), "storage_tokens": (1, 4, d), "mask_token": (1, d),
             "patch_embed.proj.weight": (d, 3, 16, 16), "patch_embed.proj.bias": (d,)}
     hidden = int(d * ffn_ratio)
     sw = int(hidden * 2 / 3)
-    sw += -sw % 8
+    sw += -sw % align
     for i in range(depth):
         b = f"blocks.{i}."
         spec.update({b + "norm1.weight": (d,), b + "norm1.bias": (d,), b + "attn.qkv.weight": (3 * d, d),
-                     b + "attn.qkv.bias": (3 * d,), b + "attn.proj.weight": (d, d), b + "attn.proj.bias": (d,),
+                     b + "attn.proj.weight": (d, d), b + "attn.proj.bias": (d,),
                      b + "ls1.gamma": (d,), b + "norm2.weight": (d,), b + "norm2.bias": (d,), b + "ls2.gamma": (d,)})
+        if qkv_bias:
+            spec[b + "attn.qkv.bias"] = (3 * d,)
         if swiglu:
             spec.update({b + "mlp.w1.weight": (sw, d), b + "mlp.w1.bias": (sw,), b + "mlp.w2.weight": (sw, d),
                          b + "mlp.w2.bias": (sw,), b + "mlp.w3.weight": (d, sw), b + "mlp.w3.bias": (d,)})
@@ -377,10 +383,10 @@ def test_dinov3_satellite_weights_have_their_own_normalisation(tmp_path, v3):
 # DINOv3 ConvNeXt (dinov3/models/convnext.py)
 
 
-def convnext_state(dims=(96, 192, 384, 768), depths=(3, 3, 9, 3), seed=6) -> dict:
-    """ConvNeXt(depths, dims).state_dict(): downsample_layers (stem conv 4/4 + LayerNorm
-    channels_first; LayerNorm + conv 2/2), stages.i.j (dwconv 7x7, norm, pwconv1/2, gamma), norm,
-    and norms.3 (the same module as norm, registered twice)."""
+def convnext_spec(dims=(96, 192, 384, 768), depths=(3, 3, 9, 3)) -> dict:
+    """{key: shape} of ConvNeXt(depths, dims).state_dict(): downsample_layers (stem conv 4/4 +
+    LayerNorm channels_first; LayerNorm + conv 2/2), stages.i.j (dwconv 7x7, norm, pwconv1/2,
+    gamma), norm, and norms.3 (the same module as norm, registered twice)."""
     spec = {"downsample_layers.0.0.weight": (dims[0], 3, 4, 4), "downsample_layers.0.0.bias": (dims[0],),
             "downsample_layers.0.1.weight": (dims[0],), "downsample_layers.0.1.bias": (dims[0],)}
     for i in range(1, 4):
@@ -394,7 +400,11 @@ def convnext_state(dims=(96, 192, 384, 768), depths=(3, 3, 9, 3), seed=6) -> dic
                          s + "norm.weight": (c,), s + "norm.bias": (c,), s + "pwconv1.weight": (4 * c, c),
                          s + "pwconv1.bias": (4 * c,), s + "pwconv2.weight": (c, 4 * c), s + "pwconv2.bias": (c,)})
     spec.update({"norm.weight": (dims[-1],), "norm.bias": (dims[-1],)})
-    sd = fill(spec, seed)
+    return spec
+
+
+def convnext_state(dims=(96, 192, 384, 768), depths=(3, 3, 9, 3), seed=6) -> dict:
+    sd = fill(convnext_spec(dims, depths), seed)
     sd["norms.3.weight"], sd["norms.3.bias"] = sd["norm.weight"], sd["norm.bias"]
     return sd
 
@@ -441,6 +451,55 @@ def test_dinov3_convnext_release_matches_official_forward(tmp_path, convnext, re
     assert cosine(bundle.model(x), patches.mean(1)) >= 0.9999
     ours, _, grid = bundle.model.backbone.tokens(x)
     assert cosine(ours, cls) >= 0.9999 and grid == (res // 32, res // 32)
+
+
+# Every hub entrypoint, restated from dinov2/hub/backbones.py and dinov3/hub/backbones.py (+
+# dinov3/models/convnext.py convnext_sizes): (spec function, its arguments, buffers).
+HUB = {
+    "dinov2_vits14": (dinov2_spec, dict(width=384, depth=12)),
+    "dinov2_vitb14": (dinov2_spec, dict(width=768, depth=12)),
+    "dinov2_vitl14": (dinov2_spec, dict(width=1024, depth=24)),
+    "dinov2_vitg14": (dinov2_spec, dict(width=1536, depth=40, swiglu=True)),
+    "dinov2_vits14_reg": (dinov2_spec, dict(width=384, depth=12, registers=4)),
+    "dinov2_vitb14_reg": (dinov2_spec, dict(width=768, depth=12, registers=4)),
+    "dinov2_vitl14_reg": (dinov2_spec, dict(width=1024, depth=24, registers=4)),
+    "dinov2_vitg14_reg": (dinov2_spec, dict(width=1536, depth=40, swiglu=True, registers=4)),
+    "dinov3_vits16": (dinov3_spec, dict(width=384, depth=12)),
+    "dinov3_vits16plus": (dinov3_spec, dict(width=384, depth=12, ffn_ratio=6, swiglu=True)),
+    "dinov3_vitb16": (dinov3_spec, dict(width=768, depth=12)),
+    "dinov3_vitl16": (dinov3_spec, dict(width=1024, depth=24)),
+    "dinov3_vitl16plus": (dinov3_spec, dict(width=1024, depth=24, ffn_ratio=6, swiglu=True)),
+    "dinov3_vith16plus": (dinov3_spec, dict(width=1280, depth=32, ffn_ratio=6, swiglu=True)),
+    "dinov3_vit7b16": (dinov3_spec, dict(width=4096, depth=40, ffn_ratio=3, swiglu=True, align=64, qkv_bias=False)),
+    "dinov3_convnext_tiny": (convnext_spec, dict(dims=(96, 192, 384, 768), depths=(3, 3, 9, 3))),
+    "dinov3_convnext_small": (convnext_spec, dict(dims=(96, 192, 384, 768), depths=(3, 3, 27, 3))),
+    "dinov3_convnext_base": (convnext_spec, dict(dims=(128, 256, 512, 1024), depths=(3, 3, 27, 3))),
+    "dinov3_convnext_large": (convnext_spec, dict(dims=(192, 384, 768, 1536), depths=(3, 3, 27, 3))),
+}
+
+
+@pytest.mark.parametrize("hub", list(HUB))
+def test_every_release_layout_is_recognised_and_fits_timms_network(hub):
+    """Each release's keys and shapes (no values: tensors of 2+ dims on the meta device, vectors zero)
+    name their entrypoint under auto and convert onto timm's network key for key and shape:
+    loading stops only at the values the meta tensors lack."""
+    spec_fn, kwargs = HUB[hub]
+    spec = spec_fn(**kwargs)
+    if spec_fn is dinov3_spec:
+        head = kwargs["width"] // {384: 6, 768: 12, 1024: 16, 1280: 20, 4096: 32}[kwargs["width"]]
+        spec["rope_embed.periods"] = (head // 4,)
+        if kwargs.get("qkv_bias", True):
+            spec.update({f"blocks.{i}.attn.qkv.bias_mask": (3 * kwargs["width"],) for i in range(kwargs["depth"])})
+    if spec_fn is convnext_spec:
+        spec.update({"norms.3.weight": spec["norm.weight"], "norms.3.bias": spec["norm.bias"]})
+    state = {k: torch.zeros(s) if len(s) == 1 else torch.empty(s, device="meta") for k, s in spec.items()}
+    if "rope_embed.periods" in state:
+        n = state["rope_embed.periods"].numel()
+        state["rope_embed.periods"] = 100.0 ** (2 * torch.arange(n, dtype=torch.float32) / (2 * n))
+    found = find_release(state, None, "auto", "model.pth")
+    assert found.release.hub == hub
+    with pytest.raises(TeacherLoadError, match="no value for"):
+        build(found.release, state)
 
 
 # ---------------------------------------------------------------------------------------------
