@@ -586,7 +586,8 @@ def load_teacher(arch: str | None, checkpoint: str | None = None, ssl: str = "au
         raise TeacherLoadError(f"unknown --teacher-ssl '{ssl}'; choose from {', '.join(SSL_CHOICES)}")
     from fastseed import dino_teachers
     if pool != "cls" and dino_teachers.parse_name(arch) is None:
-        raise TeacherLoadError(f"--teacher-pool {pool} is for DINOv2/DINOv3 teachers (-k dinov2_vits14, ...), not {arch}")
+        raise TeacherLoadError(f"--teacher-pool {pool} is for DINOv2/DINOv3 teachers (-k dinov2_vits14, ...), "
+                               f"not {arch}")
     if checkpoint is None or ssl == "bundled" or checkpoint == "bundled":
         if arch is None:
             raise TeacherLoadError("a bundled teacher needs an arch: " + ", ".join(BUNDLED))

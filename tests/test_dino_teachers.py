@@ -36,7 +36,8 @@ def fill(spec: dict, seed: int) -> dict:
     g = torch.Generator().manual_seed(seed)
     out = {}
     for key, shape in spec.items():
-        if key.endswith(("gamma", "norm1.weight", "norm2.weight", "norm.weight")) or ".1.weight" in key and len(shape) == 1:
+        scale = key.endswith(("gamma", "norm1.weight", "norm2.weight", "norm.weight"))
+        if scale or (".1.weight" in key and len(shape) == 1):
             out[key] = 0.5 + torch.rand(shape, generator=g)
         elif len(shape) >= 2 and not key.endswith(("token", "tokens", "pos_embed")):
             fan_in = math.prod(shape[1:])
@@ -355,7 +356,8 @@ def test_timm_dinov3_state_dict_without_rope_periods(tmp_path, v3, res):
             q, _, vb = v.chunk(3)
             timm_sd[k.replace("qkv.bias", "q_bias")], timm_sd[k.replace("qkv.bias", "v_bias")] = q, vb
             continue
-        timm_sd[k.replace("storage_tokens", "reg_token").replace("ls1.gamma", "gamma_1").replace("ls2.gamma", "gamma_2")] = v
+        name = k.replace("storage_tokens", "reg_token")
+        timm_sd[name.replace("ls1.gamma", "gamma_1").replace("ls2.gamma", "gamma_2")] = v
     bundle = load_teacher("vit_small_patch16_dinov3", save(tmp_path, timm_sd, "timm_dinov3.pth"), "plain", res=res)
     ref = dict(v3, **{"rope_embed.periods": 100.0 ** (2 * torch.arange(16, dtype=torch.float32) / 32)})
     x = images(res)
@@ -517,7 +519,8 @@ def test_detection_tells_dinov2_from_dino_v1(tmp_path, v2):
 
 def test_wrong_arch_unknown_key_and_declared_format_are_one_line_errors(tmp_path, v2):
     path = save(tmp_path, v2, "dinov2_vits14_pretrain.pth")
-    with pytest.raises(TeacherLoadError, match="-k dinov2_vitb14 but the checkpoint is a DINOv2 ViT release.*pass -k dinov2_vits14"):
+    with pytest.raises(TeacherLoadError, match="-k dinov2_vitb14 but the checkpoint is a DINOv2 ViT release.*"
+                                               "pass -k dinov2_vits14"):
         load_teacher("dinov2_vitb14", path)
     with pytest.raises(TeacherLoadError, match="pass -k dinov2_vits14"):
         load_teacher("vit_small_patch16_224", path)
@@ -526,7 +529,8 @@ def test_wrong_arch_unknown_key_and_declared_format_are_one_line_errors(tmp_path
     extra = dict(v2, **{"head.weight": torch.zeros(10, 384)})
     with pytest.raises(TeacherLoadError, match="head.weight"):
         load_teacher("dinov2_vits14", save(tmp_path, extra, "x.pth"))
-    with pytest.raises(TeacherLoadError, match=r"not a multiple of dinov2_vits14's patch size 14: pass --teacher-res 98 or 112"):
+    with pytest.raises(TeacherLoadError, match="not a multiple of dinov2_vits14's patch size 14: "
+                                               "pass --teacher-res 98 or 112"):
         load_teacher("dinov2_vits14", path, res=100)
 
 
