@@ -10,6 +10,7 @@ tested at full depth at small sides (ViT-S/14 at 28 and 56 px); ViT-g's SwiGLU, 
 release is 1.1B parameters, is tested on a one-block ViT-g (DinoVisionTransformer takes depth).
 """
 import math
+import re
 from dataclasses import replace
 
 import pytest
@@ -453,6 +454,23 @@ def test_dinov3_convnext_release_matches_official_forward(tmp_path, convnext, re
     assert cosine(bundle.model(x), patches.mean(1)) >= 0.9999
     ours, _, grid = bundle.model.backbone.tokens(x)
     assert cosine(ours, cls) >= 0.9999 and grid == (res // 32, res // 32)
+
+
+def test_timm_convnext_keys_load_as_dinov3_when_k_says_so(tmp_path, convnext):
+    """timm's ConvNeXt keys (stem, stages.i.downsample, stages.i.blocks.j.conv_dw / mlp.fc1 / fc2,
+    head.norm) do not say how the network was trained: -k convnext_tiny.dinov3_lvd1689m does."""
+    timm_sd = {}
+    for k, v in convnext.items():
+        if k.startswith("norms."):
+            continue
+        k = re.sub(r"^downsample_layers\.0\.", "stem.", k)
+        k = re.sub(r"^downsample_layers\.(\d)\.", r"stages.\1.downsample.", k)
+        k = re.sub(r"^stages\.(\d)\.(\d+)\.", r"stages.\1.blocks.\2.", k)
+        k = k.replace("dwconv", "conv_dw").replace("pwconv1", "mlp.fc1").replace("pwconv2", "mlp.fc2")
+        timm_sd["head.norm." + k[len("norm."):] if k.startswith("norm.") else k] = v
+    bundle = load_teacher("convnext_tiny.dinov3_lvd1689m", save(tmp_path, timm_sd, "convnext_tiny.pth"), res=32)
+    x = images(32)
+    assert bundle.format == "dinov3" and cosine(bundle.model(x), convnext_reference(convnext, x)[0]) >= 0.9999
 
 
 # Every hub entrypoint, restated from dinov2/hub/backbones.py and dinov3/hub/backbones.py (+
