@@ -456,7 +456,8 @@ def test_dinov3_convnext_release_matches_official_forward(tmp_path, convnext, re
     assert cosine(ours, cls) >= 0.9999 and grid == (res // 32, res // 32)
 
 
-def test_timm_convnext_keys_load_as_dinov3_when_k_says_so(tmp_path, convnext):
+@pytest.mark.parametrize("res", [32, 64])
+def test_timm_convnext_keys_load_as_dinov3_when_k_says_so(tmp_path, convnext, res):
     """timm's ConvNeXt keys (stem, stages.i.downsample, stages.i.blocks.j.conv_dw / mlp.fc1 / fc2,
     head.norm) do not say how the network was trained: -k convnext_tiny.dinov3_lvd1689m does."""
     timm_sd = {}
@@ -468,8 +469,8 @@ def test_timm_convnext_keys_load_as_dinov3_when_k_says_so(tmp_path, convnext):
         k = re.sub(r"^stages\.(\d)\.(\d+)\.", r"stages.\1.blocks.\2.", k)
         k = k.replace("dwconv", "conv_dw").replace("pwconv1", "mlp.fc1").replace("pwconv2", "mlp.fc2")
         timm_sd["head.norm." + k[len("norm."):] if k.startswith("norm.") else k] = v
-    bundle = load_teacher("convnext_tiny.dinov3_lvd1689m", save(tmp_path, timm_sd, "convnext_tiny.pth"), res=32)
-    x = images(32)
+    bundle = load_teacher("convnext_tiny.dinov3_lvd1689m", save(tmp_path, timm_sd, "convnext_tiny.pth"), res=res)
+    x = images(res)
     assert bundle.format == "dinov3" and cosine(bundle.model(x), convnext_reference(convnext, x)[0]) >= 0.9999
 
 
