@@ -27,8 +27,8 @@ from fastseed.models import create_student
 from fastseed.profile import profile
 from fastseed.runtime import setup_env
 from fastseed.students import student_configs
-from fastseed.targets import live_targets
-from fastseed.teachers import SSL_CHOICES
+from fastseed.targets import live_targets, resolve_teacher_res, teacher_side
+from fastseed.teachers import SSL_CHOICES, check_res
 from fastseed.teachers.bundled import BUNDLED
 from fastseed.train import train
 
@@ -61,7 +61,11 @@ def _teacher_args(p) -> None:
     g("--distill", help="teacher checkpoint (MoCo, SwAV, SimCLR, BYOL, DINO, timm, fastseed)")
     g("--teacher-no-head", dest="teacher_use_head", action="store_const", const=False,
       help="distil the teacher's backbone feature instead of its projection")
-    g("--teacher-res", dest="teacher_res", type=int, help="resize the crop to this for the teacher")
+    g("--teacher-res", dest="teacher_res", type=int, help="resize the crop to this for the teacher (default --res; "
+      "DINOv2/DINOv3 teachers: 224, their release's)")
+    g("--teacher-pool", dest="teacher_pool", choices=["cls", "mean", "cls+mean"],
+      help="DINOv2/DINOv3 embedding: the normed CLS token (default), the mean of the patch tokens, or both "
+           "concatenated (DINOv2's linear evaluation)")
     g("--trust-checkpoint", dest="trust_checkpoint", action="store_const", const=True,
       help="let --distill/--resume files hold arbitrary Python objects; unpickling them runs code "
            "from the file: only for files you trust")
@@ -200,6 +204,10 @@ def check_inputs(cfg: Config) -> None:
                                 f"or use a bundled teacher with -k {BUNDLED[0]}")
     if needs_teacher and cfg.distill is not None and not Path(cfg.distill).is_file():
         raise FileNotFoundError(f"--distill {cfg.distill} does not exist")
+    if needs_teacher:
+        check_res(cfg.teacher_arch, teacher_side(cfg))  # a ViT teacher's side: a multiple of its patch
+    if cfg.teacher_cache is not None and cfg.teacher_pool != "cls":
+        raise ConfigError("a teacher cache holds CLS embeddings: drop --teacher-pool or --teacher-cache")
 
 
 def train_main(argv: list[str] | None = None) -> int:
@@ -323,7 +331,7 @@ def cache_main(argv: list[str] | None = None) -> int:
     args = vars(cache_parser().parse_args(argv))
     build = {k: args.pop(k) for k in CACHE_ONLY}
     try:
-        cfg = _config(Config(), args)
+        cfg = resolve_teacher_res(_config(Config(), args))
         check_inputs(cfg)
         t0 = time.time()
         env = setup_env(cfg)

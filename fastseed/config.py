@@ -58,7 +58,9 @@ class Config:
     val_data: str | None = None          # val .beton for k-NN
     knn_bank: str | None = None          # labelled bank .beton for k-NN (default: data)
     res: int = 224
-    teacher_res: int | None = None       # teacher sees the same crop, resized to this (None: res)
+    teacher_res: int | None = None       # teacher sees the same crop, resized to this (None: the
+                                         # release's side for DINOv2/DINOv3 teachers (224), else res)
+    teacher_pool: str = "cls"            # DINOv2/DINOv3 embedding: cls | mean | cls+mean (patch tokens)
     eval_res: int | None = None          # (None: res)
     aug: str = "auto"                    # fastseed.augment.PRESETS name; auto: the official one for
                                          # the method and the teacher's checkpoint format

@@ -37,7 +37,7 @@ from fastseed.checkpoint import sha256
 from fastseed.config import Config
 from fastseed.methods import method_class, resolve_preset, teacher_target
 from fastseed.runtime import Env, amp_dtype, compiler
-from fastseed.teachers import load_teacher
+from fastseed.teachers import load_teacher, release_res
 from fastseed.teachers.base import TeacherBundle
 from fastseed.teachers.bundled import BUNDLED
 
@@ -75,12 +75,23 @@ class CachedTargets:
         return (keys.to(self.dtype),)
 
 
+def teacher_side(cfg: Config) -> int:
+    """The side the teacher runs at: --teacher-res, else its release's (DINOv2/DINOv3: 224,
+    whatever the student's side), else the student's --res."""
+    return cfg.teacher_res or release_res(cfg.teacher_arch) or cfg.res
+
+
+def resolve_teacher_res(cfg: Config) -> Config:
+    """`cfg` with `teacher_res` made explicit (`teacher_side`), as checkpoints and caches record it."""
+    return cfg.replace(teacher_res=teacher_side(cfg))
+
+
 def load_run_teacher(cfg: Config, device: torch.device, dtype: torch.dtype | None,
                      compile_fn: Callable[[nn.Module], nn.Module] | None) -> TeacherBundle:
     """The teacher of `cfg` with the target its method distils, ready to run on `device`."""
     bundle = load_teacher(cfg.teacher_arch, cfg.distill, cfg.teacher_ssl, use_head=teacher_target(cfg) == "head",
-                          trust=cfg.trust_checkpoint)
-    return bundle.prepare(device, dtype=dtype, channels_last=cfg.channels_last, res=cfg.teacher_res,
+                          trust=cfg.trust_checkpoint, res=teacher_side(cfg), pool=cfg.teacher_pool)
+    return bundle.prepare(device, dtype=dtype, channels_last=cfg.channels_last, res=teacher_side(cfg),
                           compile_fn=compile_fn)
 
 
@@ -118,7 +129,7 @@ def cached_targets(cfg: Config, device: torch.device, *, dtype: torch.dtype | No
     header = cache.header
     fmt = header["teacher"]["format"]
     cache.check(teacher=claimed_teacher(cfg), target=teacher_target(cfg), small_crops=cfg.small_crops,
-                teacher_res=cfg.teacher_res or cfg.res, crop_scale=resolve_preset(cfg, fmt).crop_scale, beton=cfg.data)
+                teacher_res=teacher_side(cfg), crop_scale=resolve_preset(cfg, fmt).crop_scale, beton=cfg.data)
     cache.verify()
     t = header["teacher"]
     mean_std = (tuple(t["mean"]), tuple(t["std"]))

@@ -28,7 +28,7 @@ from fastseed.methods import method_class, resolve_preset
 from fastseed.optim import Schedule
 from fastseed.runtime import Env, amp_dtype, autocast, compiler, phase, seed_everything, setup_env
 from fastseed.students import Students, build_student, student_configs
-from fastseed.targets import CachedTargets, build_targets
+from fastseed.targets import CachedTargets, build_targets, resolve_teacher_res
 from fastseed.teachers.base import IMAGENET_MEAN, IMAGENET_STD
 
 
@@ -78,6 +78,7 @@ def prepare(cfg: Config, loader=None) -> Run:
             c.out_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.seed + env.rank)
     dtype = amp_dtype(cfg, env.device)
+    cfg = resolve_teacher_res(cfg)
     source = build_targets(cfg, env.device, dtype=dtype, compile_fn=compiler(cfg, env))
     dim = source.dim if source is not None else cfg.dim or 128
     if cfg.dim is not None and method.needs_teacher and cfg.dim != dim:

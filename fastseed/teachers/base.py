@@ -95,6 +95,17 @@ class TeacherBundle:
 
 
 @dataclass
+class Request:
+    """What `load_teacher` was asked for, as every family's `claims` and `read` see it."""
+    arch: str | None
+    ssl: str
+    use_head: bool
+    res: int | None   # the side the teacher will run at (None: not said)
+    pool: str         # the embedding of a teacher with tokens (families with POOLS)
+    source: str       # the checkpoint's path, for messages
+
+
+@dataclass
 class Parts:
     """A teacher as a family reads it from a file, before assembly."""
     arch: str

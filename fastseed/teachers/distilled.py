@@ -5,15 +5,15 @@ import torch
 from torch import nn
 
 from fastseed.errors import TeacherLoadError
-from fastseed.teachers.base import Parts, is_state_dict, norm_of, strip_wrappers
+from fastseed.teachers.base import Parts, Request, is_state_dict, norm_of, strip_wrappers
 from fastseed.teachers.official import _classifier_prefixes, build_backbone
 
 FORMATS = ("fastseed",)
 
 
-def claims(ckpt: object, ssl: str) -> bool:
+def claims(ckpt: object, req: Request) -> bool:
     """A file with a 'fastseed' entry, or any file declared fastseed (`read` then says what is wrong)."""
-    return ssl == "fastseed" or (ssl == "auto" and isinstance(ckpt, dict) and "fastseed" in ckpt)
+    return req.ssl == "fastseed" or (req.ssl == "auto" and isinstance(ckpt, dict) and "fastseed" in ckpt)
 
 
 def _resolve_fastseed(ckpt: dict, arch: str | None, source: str):
@@ -44,11 +44,12 @@ def _resolve_fastseed(ckpt: dict, arch: str | None, source: str):
     return saved_arch, strip_wrappers(student), head, config
 
 
-def detect(ckpt: dict) -> str:
+def detect_format(ckpt: dict) -> str:
     return "fastseed"
 
 
-def read(arch: str | None, ckpt: dict, ssl: str, use_head: bool, source: str) -> Parts:
+def read(ckpt: dict, req: Request) -> Parts:
+    arch, use_head, source = req.arch, req.use_head, req.source
     if not (isinstance(ckpt, dict) and "fastseed" in ckpt):
         raise TeacherLoadError(f"{source}: declared fastseed but there is no 'fastseed' entry")
     arch, backbone_state, head_state, config = _resolve_fastseed(ckpt, arch, source)

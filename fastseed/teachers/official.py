@@ -25,7 +25,7 @@ from torch import nn
 from torchvision.models.resnet import Bottleneck
 
 from fastseed.errors import TeacherLoadError
-from fastseed.teachers.base import IMAGENET_MEAN, IMAGENET_STD, NO_NORM, Parts, norm_of, unwrap
+from fastseed.teachers.base import IMAGENET_MEAN, IMAGENET_STD, NO_NORM, Parts, Request, norm_of, unwrap
 from fastseed.teachers.bundled import BUNDLED
 
 _WIDE_RESNET = re.compile(r"resnet50[wx](\d+)$")
@@ -282,12 +282,13 @@ def _split(state: dict[str, torch.Tensor], layout: _Layout, backbone: nn.Module,
     return backbone_state, (head_state if use_head else {})
 
 
-def claims(ckpt: object, ssl: str) -> bool:
+def claims(ckpt: object, req: Request) -> bool:
     """Every file no family before this one claimed."""
     return True
 
 
-def read(arch: str | None, ckpt: object, ssl: str, use_head: bool, source: str) -> Parts:
+def read(ckpt: object, req: Request) -> Parts:
+    arch, ssl, use_head, source = req.arch, req.ssl, req.use_head, req.source
     if arch is None:
         raise TeacherLoadError(f"{source}: pass the teacher arch (e.g. resnet50)")
     state, top = unwrap(ckpt)
@@ -300,7 +301,7 @@ def read(arch: str | None, ckpt: object, ssl: str, use_head: bool, source: str) 
     return Parts(arch, layout.format, backbone, backbone_state, head_state, mean, std, layout.act)
 
 
-def detect(state: dict) -> str:
+def detect_format(state: dict) -> str:
     """The official layout a loaded checkpoint object is read as under auto (see the module docstring)."""
     flat, top = unwrap(state)
     return _match_layout(flat, top, "auto").format
