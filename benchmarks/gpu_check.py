@@ -643,8 +643,9 @@ def prepare_triton_cache(archive: Path, dest: Path) -> dict[str, str]:
     step sees alike. Unpacked once per machine: a later call of a warm machine finds it as the
     earlier calls left it, with what they compiled into it (Inductor's kernels too)."""
     dest = dest.resolve()
-    prepared, stat = dest / ".carried.json", archive.stat()
-    this = {"archive": [archive.name, stat.st_size, stat.st_mtime_ns]}
+    # the archive by its content: each call gets a new copy of the tree, with new times
+    prepared = dest / ".carried.json"
+    this = {"archive": [archive.name, hashlib.sha256(archive.read_bytes()).hexdigest()]}
     if prepared.is_file() and (done := json.loads(prepared.read_text())).get("archive") == this["archive"]:
         return done["kernels"]  # a later call of a warm machine: the entries and what its steps compiled
     shutil.rmtree(dest, ignore_errors=True)
