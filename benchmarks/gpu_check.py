@@ -485,6 +485,7 @@ class Step:
     needs: str | None = None  # a file another change adds: skipped with a note until it exists
     cuda_only: bool = False   # the dry run records "skipped: no CUDA"
     compiles: bool = False    # loads the carried torch.compile artifacts first, saves its own after
+    dry_as: str | None = None # a step whose dry run would repeat this one's (CI's time): skipped in it
 
 
 # Expected times: estimates for the H200 with cold compile caches (no GPU run yet); each step's
@@ -518,7 +519,7 @@ STEPS = [
          "loader's 16 worker starts (~5 s)"),
     Step("i-train-pairs", train_pairs([("resnet50", "efficientnet_b0"), ("resnet50", "mobilenetv3_large_100")]),
          150, 240, "two more students, a cold compile each (60-90 s); ResNet-50's forward from the on-disk "
-         "Inductor cache f-train filled (~15 s)", compiles=True),
+         "Inductor cache f-train filled (~15 s)", compiles=True, dry_as="f-train"),
     Step("j-cache", run_optional("bench_cache.py", ["--res", "224", "--device", "cuda", "--epochs", "1",
                                                     "--compile", "off"]), 60, 120,
          "eager ResNet-50 -> ResNet-18 at 224 px: cache build of 8192 images, both loaders, 5 rounds of training",
@@ -869,8 +870,12 @@ def drive(args) -> int:
             if dry and step.cuda_only:
                 done(step.name, "skipped: no CUDA", step=step)
                 continue
+            if dry and step.dry_as:
+                done(step.name, f"skipped: dry, {step.dry_as} ran the same code at the same tiny size", step=step)
+                continue
             if left < 10:
-                done(step.name, f"skipped: call {call}'s {budget:.0f} s budget is spent (run it alone: "
+                whose = f"call {call}'s" if call else "the"
+                done(step.name, f"skipped: {whose} {budget:.0f} s budget is spent (run it alone: "
                                 f"--steps {step.name.split('-')[0]})", step=step)
                 continue
             cap = min(DRY_CAP_S if dry else step.cap_s, left)

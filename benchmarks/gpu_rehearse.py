@@ -133,7 +133,7 @@ def table(out: Path) -> tuple[list[list], list[str]]:
         step = plan.get(r["step"])
         rows.append([call, r["step"], r["status"][:110], r["wall_s"],
                      step.expected_s if step else EXPECTED_S.get(r["step"]), step.cap_s if step else r.get("cap_s")])
-        if not r["status"].startswith(("ok", "skipped: no CUDA")) and r["step"] != "triton-cache":
+        if not r["status"].startswith(("ok", "skipped: no CUDA", "skipped: dry, ")) and r["step"] != "triton-cache":
             problems.append(f"{r['step']}: {r['status']}")
     return rows, problems
 

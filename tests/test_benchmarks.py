@@ -45,7 +45,8 @@ def test_gpu_check_dry_run(tmp_path):
     records = [json.loads(line) for line in (out / "gpu_check.jsonl").read_text().splitlines()]
     status = {r["step"]: r["status"] for r in records if "status" in r}
     assert list(status) == STEPS
-    assert all(status[s].startswith("ok") for s in STEPS[:-3]), status
+    assert all(status[s].startswith("ok") for s in STEPS[:-4]), status
+    assert status["i-train-pairs"].startswith("skipped: dry, f-train ran the same code"), status
     assert all(status[s].startswith("skipped: no CUDA") for s in STEPS[-3:-1]), status
     result = {r["step"]: r["result"] for r in records if "result" in r}
     # the install says plainly what it could not install here: CI has no .whl/, and the ffcv wheel
@@ -265,3 +266,15 @@ def test_trimmed_fashion_mnist_writes_the_betons_the_full_files_write(tmp_path, 
             write_beton(source, str(out), subset=subset, compress_probability=0.0, workers=1, progress=False)
             betons.setdefault(name, []).append(out.read_bytes())
     assert all(a == b for a, b in betons.values())
+
+
+def test_a_spent_budget_skips_the_rest_and_says_how_to_run_it(tmp_path):
+    """No step starts once the budget is spent; its status names the command that runs it alone."""
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--dry", "--steps", "e", "--budget", "5",
+                           "--out", str(out), "--scratch", str(tmp_path / "scratch")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    status = {r["step"]: r["status"] for r in map(json.loads, (out / "gpu_check.jsonl").read_text().splitlines())
+              if "status" in r}
+    assert status["e-knn"] == "skipped: the 5 s budget is spent (run it alone: --steps e)"
