@@ -645,9 +645,9 @@ def prepare_triton_cache(archive: Path, dest: Path) -> dict[str, str]:
     earlier calls left it, with what they compiled into it (Inductor's kernels too)."""
     dest = dest.resolve()
     # the archive by its content: each call gets a new copy of the tree, with new times
-    prepared = dest / ".carried.json"
+    prepared = dest.with_name(f".{dest.name}.carried.json")  # beside it: the folder holds entries only
     this = {"archive": [archive.name, hashlib.sha256(archive.read_bytes()).hexdigest()]}
-    if prepared.is_file() and (done := json.loads(prepared.read_text())).get("archive") == this["archive"]:
+    if dest.is_dir() and prepared.is_file() and (done := json.loads(prepared.read_text()))["archive"] == this["archive"]:
         return done["kernels"]  # a later call of a warm machine: the entries and what its steps compiled
     shutil.rmtree(dest, ignore_errors=True)
     with tarfile.open(archive) as tar:

@@ -177,7 +177,7 @@ def main() -> int:
     if problems:
         print("\nerror: the rehearsal failed:\n  " + "\n  ".join(problems))
         return 1
-    print("\nrehearsal passed: every call ran, every step ok (or skipped for want of CUDA), the carried wheels used")
+    print("\nrehearsal passed: every call ran, every step ok (or skipped: no CUDA, or dry), the carried wheels used")
     return 0
 
 

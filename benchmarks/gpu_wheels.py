@@ -55,7 +55,7 @@ FFCV = "ffcv==1.0.2"
 #      tests/test_kernels.py -m gpu: bf16 embeddings into bf16, fp16, fp32 queues, D 64 to 2048
 #   c  bench_kernels: bf16, D 128 and 2048
 #   d  tests/test_gpu.py -m gpu: MoCo (D 128) and SEED with a resnet10t teacher (D 512), bf16
-#   h  the demo: SEED with EfficientNet-Lite0 (D 1280), bf16 (its queue under bf16 autocast)
+#   g  the demo: SEED with EfficientNet-Lite0 (D 1280), bf16 (its queue under bf16 autocast)
 # Left out: test_cuda_enqueue_bf16's fp32 keys into a bf16 queue, one enqueue_rows compile
 # there; a bf16/fp32 entry would add 20 compiles for it (the fused kernels for fp32 embeddings,
 # which no step launches). Compiled but not launched: the fp16 fused kernels at D 64 and six

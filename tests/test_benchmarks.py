@@ -278,3 +278,32 @@ def test_a_spent_budget_skips_the_rest_and_says_how_to_run_it(tmp_path):
     status = {r["step"]: r["status"] for r in map(json.loads, (out / "gpu_check.jsonl").read_text().splitlines())
               if "status" in r}
     assert status["e-knn"] == "skipped: the 5 s budget is spent (run it alone: --steps e)"
+
+
+def test_triton_cache_is_unpacked_once_per_machine(tmp_path):
+    """A later call finds the unpacked cache as the earlier ones left it (what they compiled
+    into it included), known by the archive's content, not its times; another archive replaces it."""
+    import tarfile
+
+    import gpu_check
+
+    def archive(name: str, text: str) -> Path:
+        entry = tmp_path / "src" / "ENTRY"
+        entry.mkdir(parents=True, exist_ok=True)
+        (entry / "k.cubin").write_text(text)
+        (entry / "__grp__k.json").write_text(json.dumps({"child_paths": {"k.cubin": "/elsewhere/ENTRY/k.cubin"}}))
+        path = tmp_path / name
+        with tarfile.open(path, "w:xz") as tar:
+            tar.add(entry, arcname="ENTRY")
+        return path
+
+    first, dest = archive("a.tar.xz", "one"), tmp_path / "scratch" / "triton-cache"
+    assert gpu_check.prepare_triton_cache(first, dest) == {"ENTRY": "k"}
+    assert json.loads((dest / "ENTRY" / "__grp__k.json").read_text())["child_paths"]["k.cubin"] == str(
+        dest / "ENTRY" / "k.cubin")
+    (dest / "COMPILED").mkdir()  # an entry a step compiled
+    os.utime(first, (0, 0))  # a new copy of the tree: new times, same bytes
+    assert gpu_check.prepare_triton_cache(first, dest) == {"ENTRY": "k"} and (dest / "COMPILED").is_dir()
+    assert sorted(os.listdir(dest.parent)) == sorted([dest.name, f".{dest.name}.carried.json"])
+    gpu_check.prepare_triton_cache(archive("b.tar.xz", "two"), dest)
+    assert not (dest / "COMPILED").exists() and (dest / "ENTRY" / "k.cubin").read_text() == "two"
