@@ -499,7 +499,7 @@ STEPS = [
          "(~1 s each, pytest start ~10 s), their 80 kernels from the carried cache; a cache miss costs 1-3 s of "
          "ptxas per kernel: the cap covers ~30 misses", compiles=False),
     Step("c-kernels", step_kernels, 50, 100,
-         "8 timings (fused, eager, SDPA at D 128 and 2048; compiled at 128) of ~1 s each by do_bench, a CUDA-graph "
+         "7 timings (fused, eager, SDPA at D 128 and 2048; compiled at 128) of ~1 s each by do_bench, a CUDA-graph "
          "replay of each; one cold torch.compile of the reference's forward and backward, 20-30 s",
          compiles=True),
     Step("d-no-host-sync", step_no_host_sync, 75, 130,

@@ -2,6 +2,8 @@
 
 - A time limit per test, FASTSEED_TEST_TIMEOUT_S seconds (the GPU image has pytest but not
   pytest-timeout): SIGALRM fails the test that ran past it and the run goes on with the next.
+  The alarm is seen when Python runs again: a test stuck inside one CUDA call is ended by the
+  step's cap instead, with the tests before it already recorded.
 - Each test's outcome appended as one JSON line to FASTSEED_TEST_RESULTS as soon as it is known
   ({"run", "step", "test", "outcome", "s"}): a step killed at its cap keeps every finished test.
 - torch.compile's cache artifacts (compile_cache.py): loaded before the first test, saved after
