@@ -32,6 +32,30 @@ from fastseed.augment import cpu_backend
 from fastseed.provenance import append_row, provenance
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+SHM = "/dev/shm"
+
+
+def shm_prefetch(workers: int, batch_bytes: int, want: int, shm: str = SHM) -> tuple[int, int, str | None]:
+    """(workers, prefetch_factor, note) for a torch DataLoader whose workers hand each batch over
+    through shared memory: workers x prefetch_factor batches wait in `shm` at once. The largest
+    prefetch <= `want` whose batches fill at most half of its free space; where even one batch
+    per worker does not fit, fewer workers (one at least), with a note that says so. A container's
+    default /dev/shm is 64 MiB, and 16 workers of 256 float images at 224 px need ~2.4 GB for
+    one batch each: a loader sized without it dies with a bus error."""
+    if workers <= 0:
+        return workers, None, None
+    try:
+        free = shutil.disk_usage(shm).free
+    except OSError:
+        return workers, want, f"{shm} not found: prefetch {want} unchecked"
+    fit = int(free // 2 // max(1, batch_bytes))
+    if fit >= workers:
+        prefetch = max(1, min(want, fit // workers))
+        return workers, prefetch, None if prefetch == want else (
+            f"prefetch {prefetch} instead of {want}: {free / 2**30:.1f} GiB free in {shm}")
+    fewer = max(1, fit)
+    return fewer, 1, (f"{fewer} workers instead of {workers}, prefetch 1: {free / 2**30:.2f} GiB free in {shm}, "
+                      f"{batch_bytes / 2**20:.0f} MiB a batch")
 
 
 def make_images(root: Path, n: int, side: int, classes: int = 10, seed: int = 0, workers: int = 1) -> None:
@@ -94,8 +118,11 @@ def run_torchvision(folder: Path, res: int, batch: int, workers: int, device: to
     from torch.utils.data import DataLoader
     from torchvision.datasets import ImageFolder
     ds = ImageFolder(str(folder), transform=torchvision_transform(res))
+    workers, prefetch, note = shm_prefetch(workers, batch * 3 * res * res * 4, want=4)
+    if note:
+        print(f"torchvision loader: {note}", flush=True)
     loader = DataLoader(ds, batch_size=batch, shuffle=True, num_workers=workers, drop_last=True,
-                        pin_memory=device.type == "cuda", persistent_workers=True, prefetch_factor=4)
+                        pin_memory=device.type == "cuda", persistent_workers=workers > 0, prefetch_factor=prefetch)
 
     def epoch():
         n = 0

