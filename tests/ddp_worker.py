@@ -21,7 +21,7 @@ from fastseed.augment import Normalize
 from fastseed.config import Config
 from fastseed.methods import METHODS
 from helpers import frozen_teacher
-from fastseed.optim import build_optimizer
+from fastseed.optim import Schedule, build_optimizer
 from fastseed.runtime import setup_env, wrap_model
 from fastseed.students import Student, Students
 from fastseed.targets import TeacherTargets
@@ -101,8 +101,10 @@ def main(out_dir: str, method_name: str, mode: str = "ddp") -> None:
                "backend": dist.get_backend()}
     augment = FixedAugment((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
     students = Students(members)
+    # 2 warm-up steps, then the cosine over the STEPS steps of the one epoch
+    schedule = Schedule(cfg.replace(warmup_epochs=2 / STEPS), steps_per_epoch=STEPS, total=STEPS)
     run = Run(cfg, env, students, targets, queues, None, ((0.5,) * 3, (0.25,) * 3), None, augment,
-              torch.Generator().manual_seed(0), None, warmup=2, total=STEPS, steps_per_epoch=STEPS)
+              torch.Generator().manual_seed(0), None, schedule=schedule, total=STEPS, steps_per_epoch=STEPS)
 
     per_rank = GLOBAL_BATCH // env.world
     batches = global_batches()[:, env.rank * per_rank:(env.rank + 1) * per_rank]
