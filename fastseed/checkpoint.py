@@ -26,10 +26,11 @@ import torch.distributed as dist
 
 from fastseed.config import Config
 from fastseed.errors import CheckpointReadError, TrainingError
-from fastseed.runtime import Env, sharded
+from fastseed.runtime import Env, restart_count, sharded
 
 CHECKPOINT_VERSION = 1
 COMMIT_JOURNAL = "checkpoint_commit.pt"
+STOP_MARKER = "stopped.txt"  # why the run stopped for good (NaN/inf): no automatic restart goes on
 
 
 # ---------------------------------------------------------------- reading and writing files
@@ -279,6 +280,24 @@ def find_resume(cfg: Config) -> Path | None:
         p = cfg.out_dir / "checkpoint_last.pt"
         return p if p.is_file() else None
     return Path(cfg.resume)
+
+
+def mark_stopped(out_dir: Path, message: str) -> None:
+    """Leave `message` (why the run cannot go on) where a restarted worker group finds it."""
+    tmp = Path(out_dir) / f".{STOP_MARKER}.tmp{os.getpid()}"
+    tmp.write_text(message + "\n")
+    os.replace(tmp, Path(out_dir) / STOP_MARKER)
+
+
+def check_not_stopped(out_dir: Path) -> None:
+    """A worker group torchrun restarted after a NaN/inf stop refuses at once with that stop's
+    message (restarting would reach the same NaN); a run started by hand clears the marker."""
+    marker = Path(out_dir) / STOP_MARKER
+    if not marker.is_file():
+        return
+    if restart_count() > 0:
+        raise TrainingError(marker.read_text().strip())
+    marker.unlink(missing_ok=True)
 
 
 def resume(run) -> int:

@@ -126,6 +126,8 @@ def train_parser() -> argparse.ArgumentParser:
     a("--warmup-epochs", dest="warmup_epochs", type=float)
     a("--optimizer", choices=["sgd", "lars", "adamw"])
     a("--fsdp", action="store_const", const=True, help="FSDP2 (fully_shard) instead of DDP under torchrun")
+    a("--dist-timeout", dest="dist_timeout", type=float,
+      help="seconds a collective may wait for the other ranks before the run fails (default 1800)")
     a("--log-every", dest="log_every", type=int)
     a("--log", help=f"metric sinks: auto (jsonl, and tensorboard when installed) or a comma list of {', '.join(SINKS)}")
     a("--ckpt-every", dest="ckpt_every", type=int, help="checkpoint every N steps (and every epoch end)")
@@ -225,6 +227,10 @@ def train_main(argv: list[str] | None = None) -> int:
         return 130
     except KNOWN_ERRORS as e:
         return _fail(str(e).strip("'\""))
+    if out["preempted"]:
+        print(f"stopped by {out['preempted']} at step {out['step']}: every student is checkpointed; "
+              "rerun the same command with --resume auto to go on", file=sys.stderr)
+        return 0
     if out["results"]:
         print_table(out["results"], cfg)
     ckpts = ", ".join(str(c.out_dir / "checkpoint_last.pt") for c in student_configs(cfg))

@@ -97,6 +97,7 @@ class Config:
     compile: str = "auto"                # auto (on for cuda) | on | off
     compile_mode: str | None = None      # e.g. max-autotune
     fsdp: bool = False
+    dist_timeout: float = 1800.0         # seconds any collective may wait before the run fails
 
     # bookkeeping
     output: str = "output"

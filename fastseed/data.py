@@ -134,9 +134,63 @@ def _views_state_and_memory(previous_state, metadata, view_bytes: int):
             (AllocationQuery(shape, u8), AllocationQuery((max_pixels * np.uint64(3),), u8)))
 
 
+def _crop_draws():
+    """numba functions drawing RandomResizedCrop boxes from a counter-based generator: each
+    draw is a hash (splitmix64) of (seed, epoch, sample, view, draw number), so the crops of an
+    epoch depend on nothing else: not on the decode threads, not on what was decoded before,
+    not on a restart of the process. A resumed run (after a kill, a preemption, torchrun's
+    restart) draws exactly the crops the uninterrupted run would have drawn."""
+    import numba
+
+    golden, m1, m2 = np.uint64(0x9E3779B97F4A7C15), np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
+    s30, s27, s31, s11 = np.uint64(30), np.uint64(27), np.uint64(31), np.uint64(11)
+
+    @numba.njit(inline="always")
+    def mix(x):
+        x = (x ^ (x >> s30)) * m1
+        x = (x ^ (x >> s27)) * m2
+        return x ^ (x >> s31)
+
+    @numba.njit(inline="always")
+    def uniform(key, n):
+        """The n-th draw of stream `key`, uniform in [0, 1) with 53 random bits."""
+        return np.float64(mix(key + np.uint64(n + 1) * golden) >> s11) * (1.0 / 9007199254740992.0)
+
+    @numba.njit(inline="always")
+    def stream(seed, epoch, sample, view):
+        return mix(mix(mix(mix(seed) ^ epoch) ^ np.uint64(sample)) ^ np.uint64(view))
+
+    @numba.njit(inline="always")
+    def random_crop(key, height, width, scale, log_ratio):
+        """torchvision's RandomResizedCrop.get_params (as FFCV's get_random_crop), on `key`'s
+        draws: 10 tries of area share ~ U(scale) and log-aspect ~ U(log ratio), the first box
+        that fits at y ~ U{0..H-h}, x ~ U{0..W-w}; else the whole image clamped to the ratio
+        range, centred. Draws 0-29 at most; the flip uses draw 40."""
+        area = height * width
+        for t in range(10):
+            target = area * (scale[0] + (scale[1] - scale[0]) * uniform(key, 3 * t))
+            aspect = np.exp(log_ratio[0] + (log_ratio[1] - log_ratio[0]) * uniform(key, 3 * t + 1))
+            w = int(round(np.sqrt(target * aspect)))
+            h = int(round(np.sqrt(target / aspect)))
+            if 0 < w <= width and 0 < h <= height:
+                u = uniform(key, 3 * t + 2)
+                return int(u * (height - h + 1)), int(uniform(key, 30 + t) * (width - w + 1)), h, w
+        in_ratio = width / height
+        lo, hi = np.exp(log_ratio[0]), np.exp(log_ratio[1])
+        if in_ratio < lo:
+            w, h = width, int(round(width / lo))
+        elif in_ratio > hi:
+            h, w = height, int(round(height * hi))
+        else:
+            w, h = width, height
+        return (height - h) // 2, (width - w) // 2, h, w
+
+    return stream, uniform, random_crop
+
+
 def _multi_view_decoder():
     """Built lazily: importing ffcv pulls numba and OpenCV."""
-    from ffcv.fields.rgb_image import SimpleRGBImageDecoder, get_random_crop
+    from ffcv.fields.rgb_image import SimpleRGBImageDecoder
     from ffcv.libffcv import resize_crop
     from ffcv.pipeline.compiler import Compiler
 
@@ -144,14 +198,17 @@ def _multi_view_decoder():
     class MultiViewDecoder(SimpleRGBImageDecoder):
         """Decode each image once, then cut `len(sizes)` RandomResizedCrops (view v: sizes[v]
         px square, area share in scales[v]), each flipped with probability 1/2. Per sample
-        the output is one flat uint8 buffer: view v's (s, s, 3) pixels at offsets[v]."""
+        the output is one flat uint8 buffer: view v's (s, s, 3) pixels at offsets[v]. The
+        crops are drawn from (seed, epoch, sample, view) alone (`_crop_draws`): `state` holds
+        (seed, epoch), read by address, and the loader sets the epoch before each pass."""
 
-        def __init__(self, sizes, scales, flip=True):
+        def __init__(self, sizes, scales, flip=True, seed: int = 0):
             super().__init__()
             self.sizes = np.asarray(sizes, np.int64)
             self.scales = np.asarray(scales, np.float64).reshape(len(sizes), 2)
             self.offsets = np.concatenate([[0], np.cumsum(3 * self.sizes ** 2)]).astype(np.int64)
             self.flip = flip
+            self.state = np.array([seed, 0], np.uint64)
 
         def declare_state_and_memory(self, previous_state):
             return _views_state_and_memory(previous_state, self.metadata, self.offsets[-1])
@@ -159,21 +216,25 @@ def _multi_view_decoder():
         def generate_code(self):
             my_range = Compiler.get_iterator()
             read_c, resize_crop_c = _image_reader(self.memory_read), Compiler.compile(resize_crop)
-            get_crop_c, hflip_c = Compiler.compile(get_random_crop), Compiler.compile(_hflip)
+            hflip_c, state_c = Compiler.compile(_hflip), _address_view(self.state)
+            stream, uniform, random_crop = _crop_draws()
             sizes, scales, offsets, flip = self.sizes, self.scales, self.offsets, self.flip
-            ratio = np.asarray(RATIO)
+            log_ratio = np.log(np.asarray(RATIO))
 
             def decode(batch_indices, my_storage, metadata, storage_state):
                 destination, temp_storage = my_storage
+                state = state_c()
                 for dst_ix in my_range(len(batch_indices)):
-                    image = read_c(metadata[batch_indices[dst_ix]], storage_state, temp_storage[dst_ix])
+                    sample = batch_indices[dst_ix]
+                    image = read_c(metadata[sample], storage_state, temp_storage[dst_ix])
                     height, width = image.shape[0], image.shape[1]
                     for v in range(len(sizes)):
                         s = sizes[v]
                         out = destination[dst_ix][offsets[v]:offsets[v + 1]].reshape(s, s, 3)
-                        i, j, h, w = get_crop_c(height, width, scales[v], ratio)
+                        key = stream(state[0], state[1], sample, v)
+                        i, j, h, w = random_crop(key, height, width, scales[v], log_ratio)
                         resize_crop_c(image, i, i + h, j, j + w, out)
-                        if flip and np.random.rand() < 0.5:
+                        if flip and uniform(key, 40) < 0.5:
                             hflip_c(out)
                 return destination[:len(batch_indices)]
 
@@ -374,6 +435,17 @@ class BetonLoader:
         return self._split(images), labels.view(-1).clone()
 
 
+class CropLoader(BetonLoader):
+    """A BetonLoader over a `MultiViewDecoder`: tells it the epoch whose crops to draw."""
+
+    def __init__(self, path, crop_state: np.ndarray, **kwargs):
+        super().__init__(path, **kwargs)
+        self._crop_state = crop_state
+
+    def _begin(self, epoch: int) -> None:
+        self._crop_state[1] = epoch
+
+
 class ReplayLoader(BetonLoader):
     """A BetonLoader over a `BoxDecoder` whose table holds, per image, the stored crop that
     `cache` picks for the epoch; each batch also yields the teacher keys of those crops."""
@@ -420,7 +492,8 @@ def ssl_loader(path, *, batch_size: int, res: int, scale=(0.2, 1.0), num_global:
     """Training views: yields `(views, labels)`; `views` is a list of `num_global` uint8
     (B, res, res, 3) tensors then `num_small` uint8 (B, small_res, small_res, 3) tensors, all
     on `device`; labels int64 (B,). Each view is a RandomResizedCrop (area share in `scale` /
-    `small_scale`, aspect 3/4-4/3) of the one decoded image, flipped with p 1/2. RANDOM order.
+    `small_scale`, aspect 3/4-4/3) of the one decoded image, flipped with p 1/2, drawn from
+    (seed, epoch, sample, view) alone, so a resumed run sees the same crops. RANDOM order.
 
     The views are slices of one buffer: contiguous per sample (NHWC), with a sample stride of
     all views together; `torch.cat(views[:num_global])` makes one batch for one augment call.
@@ -434,13 +507,13 @@ def ssl_loader(path, *, batch_size: int, res: int, scale=(0.2, 1.0), num_global:
     for s in scales:
         if not 0 < s[0] <= s[1] <= 1:
             raise ValueError(f"crop scale must satisfy 0 < lo <= hi <= 1, got {s}")
-    decoder = _multi_view_decoder()(sizes, scales, flip=flip)
+    decoder = _multi_view_decoder()(sizes, scales, flip=flip, seed=seed)
     offsets = decoder.offsets.tolist()
 
     def split(flat):
         return [flat[:, offsets[v]:offsets[v + 1]].view(-1, s, s, 3) for v, s in enumerate(sizes)]
 
-    loader = BetonLoader(path, batch_size=batch_size, image_pipeline=[decoder], split=split,
+    loader = CropLoader(path, decoder.state, batch_size=batch_size, image_pipeline=[decoder], split=split,
                          device=device, num_workers=num_workers, order=OrderOption.RANDOM, seed=seed,
                          distributed=distributed, drop_last=drop_last, os_cache=os_cache,
                          batches_ahead=batches_ahead)
@@ -489,12 +562,13 @@ def box_loader(path, table: np.ndarray, *, size: int, indices, batch_size: int, 
 
 def eval_loader(path, *, batch_size: int, res: int, device="cpu", num_workers: int = 2,
                 distributed: bool = False, crop_ratio: float = 224 / 256, os_cache: bool = True,
-                batches_ahead: int = 3) -> BetonLoader:
+                batches_ahead: int = 3, indices=None) -> BetonLoader:
     """k-NN / linear-probe images: yields `(images, labels)`, images uint8 (B, res, res, 3) on
     `device`: the central square of side `crop_ratio` x the short side, resized to `res` (the
     usual resize-256 / center-crop-224). SEQUENTIAL order, last partial batch kept, no
     augmentation. With `distributed=True` each rank gets an interleaved shard (padded by
-    DistributedSampler to equal length, as torch does)."""
+    DistributedSampler to equal length, as torch does); `indices` reads just those samples, in
+    that order."""
     from ffcv.fields.rgb_image import CenterCropRGBImageDecoder
     from ffcv.loader import OrderOption
 
@@ -502,4 +576,5 @@ def eval_loader(path, *, batch_size: int, res: int, device="cpu", num_workers: i
                        image_pipeline=[CenterCropRGBImageDecoder((res, res), ratio=crop_ratio)],
                        split=lambda images: images, device=device, num_workers=num_workers,
                        order=OrderOption.SEQUENTIAL, seed=0, distributed=distributed, drop_last=False,
-                       os_cache=os_cache, batches_ahead=batches_ahead)
+                       os_cache=os_cache, batches_ahead=batches_ahead,
+                       indices=None if indices is None else np.asarray(indices, np.uint64))

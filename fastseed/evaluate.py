@@ -10,6 +10,7 @@ import math
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import nullcontext
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -17,8 +18,9 @@ from torch import nn
 from fastseed.augment import Normalize
 from fastseed.checkpoint import read_checkpoint
 from fastseed.config import Config
-from fastseed.data import eval_loader
+from fastseed.data import eval_loader, image_sizes
 from fastseed.models import resize
+from fastseed.runtime import gather_rows
 
 LINEAR_LRS = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0)
 
@@ -218,32 +220,55 @@ def evaluate_checkpoint(checkpoint: str, train_data: str, val_data: str, *, res:
     return result
 
 
+def shard(num_samples: int, rank: int, world: int) -> np.ndarray:
+    """Rank `rank`'s contiguous share of `num_samples` images, padded with the last image to
+    ceil(N / world), so every rank runs the same number of batches (FSDP's forward is a
+    collective) and the ranks' features, gathered in rank order, are the N images in order."""
+    size = -(-num_samples // world)
+    return np.minimum(np.arange(rank * size, (rank + 1) * size), num_samples - 1)
+
+
 class KnnMonitor:
     """k-NN top-1 of encoders during and at the end of a run: the labelled bank (`--knn-bank`,
     default the train data) against `--val-data`, at the eval resolution, normalised as the
     teacher's inputs. Its two loaders are built on first use and kept (each FFCV loader
-    JIT-compiles for seconds). `encoder` None scores raw pixels."""
+    JIT-compiles for seconds). `encoder` None scores raw pixels.
+
+    Under torchrun every rank calls it (`rank`, `world`): each extracts the features of its
+    shard of both sets, the shards are gathered in rank order, and every rank scores the whole
+    sets, so no rank waits in a collective while another works alone."""
 
     def __init__(self, cfg: Config, device: torch.device, mean_std, dtype: torch.dtype | None,
-                 batch_size: int = 512):
+                 batch_size: int = 512, rank: int = 0, world: int = 1):
         self.cfg, self.device, self.mean_std, self.dtype = cfg, device, mean_std, dtype or torch.float32
-        self.batch_size, self.loaders = batch_size, []
+        self.batch_size, self.rank, self.world, self.loaders = batch_size, rank, world, []
 
     @property
     def enabled(self) -> bool:
         return bool(self.cfg.val_data)
 
+    def _loader(self, path: str):
+        cfg = self.cfg
+        indices = None if self.world == 1 else shard(len(image_sizes(path)[0]), self.rank, self.world)
+        return eval_loader(path, batch_size=self.batch_size, res=cfg.eval_res or cfg.res, device=self.device,
+                           num_workers=cfg.workers, indices=indices)
+
+    def _features(self, encoder, loader, norm, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        feats, labels = extract_features(encoder, loader, device=self.device, transform=norm, dtype=dtype)
+        if self.world == 1:
+            return feats, labels
+        n = len(image_sizes(loader.path)[0])
+        return gather_rows(feats)[:n], gather_rows(labels)[:n]
+
     def __call__(self, encoder: nn.Module | None) -> dict:
         cfg = self.cfg
         if not self.loaders:
-            self.loaders = [eval_loader(p, batch_size=self.batch_size, res=cfg.eval_res or cfg.res, device=self.device,
-                                        num_workers=cfg.workers) for p in (cfg.knn_bank or cfg.data, cfg.val_data)]
+            self.loaders = [self._loader(p) for p in (cfg.knn_bank or cfg.data, cfg.val_data)]
         if encoder is None:
             encoder, norm, dtype = nn.Flatten(), None, torch.float32  # pixels in [0, 1]
         else:
             norm, dtype = Normalize(self.mean_std[0], self.mean_std[1]).to(self.device), self.dtype
-        (ftr, ytr), (fte, yte) = (extract_features(encoder, loader, device=self.device, transform=norm, dtype=dtype)
-                                  for loader in self.loaders)
+        (ftr, ytr), (fte, yte) = (self._features(encoder, loader, norm, dtype) for loader in self.loaders)
         return knn_classify(ftr, ytr, fte, yte, ks=sorted({1, cfg.knn_k}), temperature=cfg.knn_t)
 
 

@@ -1,16 +1,21 @@
 """Where and how a run executes: ranks and device, precision, compile policy, seeding, the
-DDP/FSDP2 wrapper, collectives, and the phase marks a profiler can hook.
+DDP/FSDP2 wrapper, collectives, preemption signals, and the phase marks a profiler can hook.
 
-torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; a plain `python` run is one rank. Nothing here
-knows which method, teacher or student a run has.
+torchrun sets RANK / WORLD_SIZE / LOCAL_RANK (on one node or many: its c10d rendezvous assigns
+the ranks), and TORCHELASTIC_RESTART_COUNT when its agent restarts a failed worker group; a
+plain `python` run is one rank. Every collective of the process group times out after
+`--dist-timeout` seconds instead of hanging, and `teardown` destroys the group at the end.
+Nothing here knows which method, teacher or student a run has.
 """
 from __future__ import annotations
 
 import os
 import random
+import signal
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
+from datetime import timedelta
 
 import numpy as np
 import torch
@@ -27,6 +32,7 @@ class Env:
     world: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
+    owns_group: bool = False  # setup_env made the process group: teardown destroys it
 
     @property
     def main(self) -> bool:
@@ -49,9 +55,31 @@ def setup_env(cfg: Config) -> Env:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Env(rank, world, local, device)
+    owns = world > 1 and not dist.is_initialized()
+    if owns:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(seconds=cfg.dist_timeout))
+    return Env(rank, world, local, device, owns)
+
+
+def teardown(env: Env) -> None:
+    """Destroy the process group setup_env made (at the end of a run, or on its failure)."""
+    if env.owns_group and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def restart_count() -> int:
+    """How often torchrun's elastic agent restarted this worker group (0: the first start)."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def local_main() -> bool:
+    """True on the first rank of each machine (and outside torchrun)."""
+    return int(os.environ.get("LOCAL_RANK", "0")) == 0
 
 
 def main_rank() -> bool:
@@ -116,6 +144,15 @@ def wrap_model(method: nn.Module, cfg: Config, env: Env) -> nn.Module:
     return model
 
 
+def gather_rows(rows: torch.Tensor) -> torch.Tensor:
+    """Every rank's `rows` (the same count on each) concatenated in rank order, on every rank."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return rows
+    out = rows.new_empty((dist.get_world_size() * rows.shape[0], *rows.shape[1:]))
+    dist.all_gather_into_tensor(out, rows.contiguous())
+    return out
+
+
 def gather_keys(keys: torch.Tensor) -> torch.Tensor:
     """All ranks' keys in rank order, so that every rank enqueues the same rows."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
@@ -123,6 +160,44 @@ def gather_keys(keys: torch.Tensor) -> torch.Tensor:
     out = keys.new_empty((dist.get_world_size() * keys.shape[0], *keys.shape[1:]))
     dist.all_gather_into_tensor(out, keys.contiguous())
     return out
+
+
+# ---------------------------------------------------------------- preemption
+PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # a scheduler's notice: SLURM sends SIGUSR1
+                                                    # with --signal, SIGTERM at the end of a job
+
+
+class Preemption:
+    """Notes SIGTERM / SIGUSR1 while a run trains (`with Preemption() as p:`): the first one sets
+    a flag instead of killing the process, so the loop can checkpoint at a step boundary and
+    exit cleanly; a second one kills as usual. `agreed()` is a collective: every rank calls it
+    at the same step and all get True when any rank got the signal."""
+
+    def __init__(self):
+        self.signal: int | None = None
+        self._previous: dict = {}
+
+    def __enter__(self) -> "Preemption":
+        for sig in PREEMPT_SIGNALS:
+            try:
+                self._previous[sig] = signal.signal(sig, self._note)
+            except ValueError:  # not the main thread: signals stay as they are
+                pass
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _note(self, signum, frame) -> None:
+        self.signal = signum
+        signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))  # a second one kills
+
+    def agreed(self, device: torch.device) -> bool:
+        flag = torch.tensor([self.signal is not None], dtype=torch.int32, device=device)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
 
 
 # ---------------------------------------------------------------- phase marks

@@ -249,3 +249,38 @@ def _non_finite(params) -> torch.Tensor:
     flags = [~torch.isfinite(p.detach().to_local() if hasattr(p, "to_local") else p.detach()).all()
              for p in params]
     return torch.stack(flags).any() if flags else torch.zeros((), dtype=torch.bool)
+
+
+def oom_advice(students: Students, views: list[torch.Tensor], batch, step_fn, world: int, lr_given: bool) -> str:
+    """The first step ran out of memory: for each student, beside the others, find the largest
+    per-rank batch that fits by halving, on copies of this batch's views (`step_fn(views, batch)`
+    runs one step), and say what to pass."""
+    per_rank = views[0].shape[0]
+    fits = {}
+    for s in students.live:
+        b = per_rank // 2
+        while b >= 1:
+            for other in students:
+                other.optimizer.zero_grad(set_to_none=True)
+            if views[0].device.type == "cuda":
+                torch.cuda.empty_cache()
+            try:
+                with students.only(s):
+                    step_fn([v[:b].clone() for v in views], None if batch is None else [x[:b].clone() for x in batch])
+                break
+            except torch.OutOfMemoryError:
+                b //= 2
+        fits[s.name] = b * world
+    asked = per_rank * world
+    lr_hint = " (and scale --lr with it)" if lr_given else ""
+    if len(fits) == 1:
+        (fit,) = fits.values()
+        if fit < 1:
+            return "out of memory at the first step even with 1 image per rank: use a smaller --arch or --res"
+        return (f"out of memory at the first step with --batch-size {asked}; the largest batch "
+                f"that fits is {fit}: rerun with --batch-size {fit}{lr_hint}")
+    none = [n for n, f in fits.items() if f < 1]
+    advice = (f"leave out {', '.join(none)} (not even 1 image per rank fits) or use a smaller --res" if none
+              else f"rerun with --batch-size {min(fits.values())}{lr_hint}")
+    return (f"out of memory at the first step with --batch-size {asked}; the largest batch each student fits "
+            f"beside the others: {', '.join(f'{n} {f}' for n, f in fits.items())}: {advice}")

@@ -36,7 +36,7 @@ from fastseed.cache import TeacherCache, teacher_record
 from fastseed.checkpoint import sha256
 from fastseed.config import Config
 from fastseed.methods import method_class, resolve_preset, teacher_target
-from fastseed.runtime import Env, amp_dtype, compiler
+from fastseed.runtime import Env, amp_dtype, barrier, compiler, local_main
 from fastseed.teachers import load_teacher, release_res
 from fastseed.teachers.base import TeacherBundle
 from fastseed.teachers.bundled import BUNDLED
@@ -130,7 +130,9 @@ def cached_targets(cfg: Config, device: torch.device, *, dtype: torch.dtype | No
     fmt = header["teacher"]["format"]
     cache.check(teacher=claimed_teacher(cfg), target=teacher_target(cfg), small_crops=cfg.small_crops,
                 teacher_res=teacher_side(cfg), crop_scale=resolve_preset(cfg, fmt).crop_scale, beton=cfg.data)
-    cache.verify()
+    if local_main():  # one read of the whole file per machine: the other ranks there wait for it
+        cache.verify()
+    barrier()
     t = header["teacher"]
     mean_std = (tuple(t["mean"]), tuple(t["std"]))
     teacher = None

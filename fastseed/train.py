@@ -12,13 +12,14 @@ NaN guard are read only at log and checkpoint steps); queue enqueue without a ho
 """
 from __future__ import annotations
 
+import signal
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from fastseed.augment import preset_augment
-from fastseed.checkpoint import resume, save_checkpoints
+from fastseed.checkpoint import check_not_stopped, mark_stopped, resume, save_checkpoints
 from fastseed.config import Config
 from fastseed.data import replay_loader, ssl_loader
 from fastseed.errors import ConfigError, TrainingError
@@ -26,8 +27,9 @@ from fastseed.evaluate import KnnMonitor, Resized
 from fastseed.logs import Logger, Throughput, progress_bar
 from fastseed.methods import method_class, resolve_preset
 from fastseed.optim import Schedule
-from fastseed.runtime import Env, amp_dtype, autocast, compiler, phase, seed_everything, setup_env
-from fastseed.students import Students, build_student, student_configs
+from fastseed.runtime import (Env, Preemption, amp_dtype, autocast, compiler, phase, restart_count, seed_everything,
+                              setup_env, teardown)
+from fastseed.students import Students, build_student, oom_advice, student_configs
 from fastseed.targets import CachedTargets, build_targets, resolve_teacher_res
 from fastseed.teachers.base import IMAGENET_MEAN, IMAGENET_STD
 
@@ -50,9 +52,14 @@ class Run:
     total: int
     steps_per_epoch: int
     resumed_at: int = 0        # the step the run started (or resumed) from
+    preemption: Preemption | None = None  # SIGTERM / SIGUSR1 noted while `train` runs
 
     def autocast(self):
         return autocast(self.env.device, self.dtype)
+
+
+class Preempted(Exception):
+    """A scheduler's signal arrived; every student was checkpointed at a step boundary."""
 
 
 def build_loader(cfg: Config, env: Env, source):
@@ -71,6 +78,9 @@ def prepare(cfg: Config, loader=None) -> Run:
     synthetic-data benchmarks): any sized iterable of `(views, labels)` (with a teacher cache,
     `(views, labels, keys)`) with `resume(epoch, batch)`."""
     env = setup_env(cfg)
+    check_not_stopped(cfg.out_dir)  # a restarted group must not run into the same NaN again
+    if restart_count() and cfg.resume is None:  # torchrun's agent restarted the group after a failure
+        cfg = cfg.replace(resume="auto")
     method = method_class(cfg.method)
     configs = student_configs(cfg)  # validates -a / --lr before anything is written
     if env.main:
@@ -122,47 +132,15 @@ def train_step(run: Run, views: list[torch.Tensor], step: int, batch=None) -> li
     return losses
 
 
-def oom_advice(run: Run, views: list[torch.Tensor], batch) -> str:
-    """The first step ran out of memory: for each student, beside the others, find the largest
-    per-rank batch that fits by halving, on copies of this batch's views, and say what to pass."""
-    per_rank = views[0].shape[0]
-    fits = {}
-    for s in run.students.live:
-        b = per_rank // 2
-        while b >= 1:
-            for other in run.students:
-                other.optimizer.zero_grad(set_to_none=True)
-            if run.env.device.type == "cuda":
-                torch.cuda.empty_cache()
-            try:
-                with run.students.only(s):
-                    train_step(run, [v[:b].clone() for v in views], 0,
-                               None if batch is None else [x[:b].clone() for x in batch])
-                break
-            except torch.OutOfMemoryError:
-                b //= 2
-        fits[s.name] = b * run.env.world
-    asked = per_rank * run.env.world
-    lr_hint = "" if run.cfg.lr is None else " (and scale --lr with it)"
-    if len(fits) == 1:
-        (fit,) = fits.values()
-        if fit < 1:
-            return "out of memory at the first step even with 1 image per rank: use a smaller --arch or --res"
-        return (f"out of memory at the first step with --batch-size {asked}; the largest batch "
-                f"that fits is {fit}: rerun with --batch-size {fit}{lr_hint}")
-    none = [n for n, f in fits.items() if f < 1]
-    advice = (f"leave out {', '.join(none)} (not even 1 image per rank fits) or use a smaller --res" if none
-              else f"rerun with --batch-size {min(fits.values())}{lr_hint}")
-    return (f"out of memory at the first step with --batch-size {asked}; the largest batch each student fits "
-            f"beside the others: {', '.join(f'{n} {f}' for n, f in fits.items())}: {advice}")
-
-
 def guard(run: Run, step: int, weights: bool = False) -> None:
     """Stop the students whose loss (or, with `weights`, weights) went NaN/inf; TrainingError
     when none is left."""
     run.students.stop_non_finite(step, weights)
     if not run.students.live:
-        raise TrainingError(" | ".join(run.students.failures()))
+        message = " | ".join(run.students.failures())
+        if run.env.main:
+            mark_stopped(run.cfg.out_dir, message)  # a restarted worker group refuses at once
+        raise TrainingError(message)
 
 
 def checkpoint(run: Run, step: int, epoch: int, batch_in_epoch: int) -> None:
@@ -182,7 +160,9 @@ def train_epoch(run: Run, epoch: int, skip: int, step: int, logger: Logger, mete
         except torch.OutOfMemoryError:
             if step > run.resumed_at:
                 raise
-            raise TrainingError(oom_advice(run, views, batch)) from None
+            advice = oom_advice(run.students, views, batch, lambda v, b: train_step(run, v, 0, b), run.env.world,
+                                cfg.lr is not None)
+            raise TrainingError(advice) from None
         step += 1
         meter.add(views[0].shape[0] * run.env.world)
         if bar is not None:
@@ -194,6 +174,9 @@ def train_epoch(run: Run, epoch: int, skip: int, step: int, logger: Logger, mete
             if bar is not None:
                 bar.set_postfix(run.students.postfix(record))
             meter.reset()
+            if run.preemption is not None and run.preemption.agreed(run.env.device):
+                checkpoint(run, step, epoch, i + 1)
+                raise Preempted(step)
         if step % cfg.ckpt_every == 0:
             checkpoint(run, step, epoch, i + 1)
         if step >= run.total:
@@ -216,29 +199,31 @@ def final_knn(run: Run, monitor: KnnMonitor) -> dict:
 
 def train(cfg: Config, loader=None) -> dict:
     """Run `cfg` to its end (`loader`: as `prepare`). Returns {"step", "results" (k-NN), "failed"
-    (one line per student stopped on NaN/inf while others went on)}; raises TrainingError when
-    no student is left."""
+    (one line per student stopped on NaN/inf while others went on), "preempted" (the signal's
+    name when SIGTERM/SIGUSR1 stopped it after a checkpoint, else None)}; raises TrainingError
+    when no student is left. Every rank evaluates its shard; the main rank logs."""
     run = prepare(cfg, loader)
     cfg, env, students, spe = run.cfg, run.env, run.students, run.steps_per_epoch  # cfg: preset resolved
-    step = run.resumed_at = resume(run)
-    monitor = KnnMonitor(cfg, env.device, run.mean_std, run.dtype)
-    evaluate = monitor.enabled and env.main
-    results = ({s.key("student_init"): monitor(s.method.encoder) for s in students}
-               if cfg.final_table and evaluate and step == 0 else {})
-    logger, meter = Logger(cfg.out_dir, env.main, cfg.log), Throughput()
+    logger, meter, preempted, results = Logger(cfg.out_dir, env.main, cfg.log), Throughput(), None, {}
     try:
+        step = run.resumed_at = resume(run)
+        monitor = KnnMonitor(cfg, env.device, run.mean_std, run.dtype, rank=env.rank, world=env.world)
+        evaluate = monitor.enabled
+        if cfg.final_table and evaluate and step == 0:
+            results = {s.key("student_init"): monitor(s.method.encoder) for s in students}
         students.train()
         start_epoch, skip = divmod(step, spe)
-        for epoch in range(start_epoch, cfg.epochs):
-            if step >= run.total:
-                break
-            step, skip = train_epoch(run, epoch, skip, step, logger, meter), 0
-            if step % spe == 0:
-                checkpoint(run, step, epoch + 1, 0)
-                if evaluate and cfg.knn_every and (epoch + 1) % cfg.knn_every == 0 and step < run.total:
-                    logger.log({"step": step, "epoch": epoch + 1, **{s.key(k): v for s in students.live
-                                                                     for k, v in monitor(s.method.encoder).items()}})
-                    students.train()
+        with Preemption() as run.preemption:
+            for epoch in range(start_epoch, cfg.epochs):
+                if step >= run.total:
+                    break
+                step, skip = train_epoch(run, epoch, skip, step, logger, meter), 0
+                if step % spe == 0:
+                    checkpoint(run, step, epoch + 1, 0)
+                    if evaluate and cfg.knn_every and (epoch + 1) % cfg.knn_every == 0 and step < run.total:
+                        logger.log({"step": step, "epoch": epoch + 1, **{s.key(k): v for s in students.live
+                                                                         for k, v in monitor(s.method.encoder).items()}})
+                        students.train()
         if step % spe:  # stopped mid-epoch (max_steps): epoch ends were saved above
             checkpoint(run, step, step // spe, step % spe)
         guard(run, step)
@@ -246,6 +231,10 @@ def train(cfg: Config, loader=None) -> dict:
             results |= final_knn(run, monitor)
             logger.log({"step": step, "final": True, **{f"{k}/{m}": v for k, r in results.items()
                                                         for m, v in r.items()}})
+    except Preempted as stop:  # every rank agreed; this one may not have had the signal itself
+        sig = run.preemption.signal
+        step, preempted = stop.args[0], signal.Signals(sig).name if sig else "another rank's signal"
     finally:
         logger.close()
-    return {"step": step, "results": results, "failed": students.failures()}
+        teardown(env)
+    return {"step": step, "results": results, "failed": students.failures(), "preempted": preempted}

@@ -54,17 +54,32 @@ def test_ssl_epoch_covers_dataset_in_random_order(ssl):
 
 
 def test_resume_mid_epoch(ssl):
+    """The rest of an epoch, resumed: the same images in the same order, cropped the same way."""
     loader, epoch0 = ssl
     loader.resume(0, batch=2)
-    rest = [labels.clone() for _, labels in loader]
+    rest = [([v.clone() for v in views], labels.clone()) for views, labels in loader]
     assert len(rest) == len(epoch0) - 2
-    for got, (_, want) in zip(rest, epoch0[2:]):
+    for (views, got), (want_views, want) in zip(rest, epoch0[2:]):
         torch.testing.assert_close(got, want)
+        assert all(torch.equal(a, b) for a, b in zip(views, want_views))
     assert loader.epoch == 1
     first = next(iter(loader))[1].clone()  # epoch 1: full length again, another permutation
     assert not torch.equal(first, epoch0[0][1])
     loader.epoch = 0
     assert torch.equal(next(iter(loader))[1], epoch0[0][1])
+
+
+def test_crops_depend_on_seed_epoch_and_sample_only(ssl, betons):
+    """Another loader of the same beton and seed, decoding on one thread instead of two, cuts
+    exactly the same crops: they are drawn from (seed, epoch, sample, view), not from a
+    thread's random state, which is what lets a restarted run continue exactly."""
+    _, epoch0 = ssl
+    other = ssl_loader(betons.mixed, batch_size=64, res=24, num_global=2, num_small=3, small_res=12, seed=3,
+                       num_workers=1)
+    for (views, labels), (want_views, want) in zip(other, epoch0):
+        assert torch.equal(labels, want) and all(torch.equal(a, b) for a, b in zip(views, want_views))
+    again = next(iter(other))[0][0]  # epoch 1: other crops
+    assert not torch.equal(again, epoch0[0][0][0])
 
 
 def test_a_pass_left_early_stops_ffcv_thread(ssl):
