@@ -57,8 +57,22 @@ def setup_env(cfg: Config) -> Env:
         torch.backends.cudnn.benchmark = True
     owns = world > 1 and not dist.is_initialized()
     if owns:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(seconds=cfg.dist_timeout))
+        timeout = timedelta(seconds=cfg.dist_timeout)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout,
+                                store=_attempt_store(world, timeout), rank=rank, world_size=world)
     return Env(rank, world, local, device, owns)
+
+
+def _attempt_store(world: int, timeout: timedelta):
+    """Under torchrun's agent store, this attempt's own key space in it. The agent keeps one
+    store across restarts, and the keys a killed group left there (its ranks' gloo addresses)
+    would send a restarted group's ranks to ports nobody listens on (seen: 'Gloo connectFullMesh
+    failed ... Connection refused' after a restart); None elsewhere (env:// as usual)."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False,
+                          timeout=timeout)
+    return dist.PrefixStore(f"fastseed/attempt{restart_count()}", store)
 
 
 def teardown(env: Env) -> None:
