@@ -15,7 +15,7 @@ from pathlib import Path
 from fastseed.augment import PRESETS
 from fastseed.cache import TeacherCache, build_cache
 from fastseed.config import Config, demo, fit_workers
-from fastseed.data import check_beton
+from fastseed.data import check_beton, image_sizes
 from fastseed.data_prep import main as data_prep_main
 from fastseed.data_prep import write_beton
 from fastseed.errors import BetonError, ConfigError, FastseedError
@@ -143,7 +143,8 @@ def train_parser() -> argparse.ArgumentParser:
     return p
 
 
-def config_from_args(argv: list[str] | None) -> Config:
+def config_from_args(argv: list[str] | None, notes: list[str] | None = None) -> Config:
+    """The run's Config from the command line; what was chosen for the user goes to `notes`."""
     args = vars(train_parser().parse_args(argv))
     if args.pop("recipe", "fastseed") == "official":
         base = official(args.get("method", Config.method))
@@ -152,7 +153,22 @@ def config_from_args(argv: list[str] | None) -> Config:
     if "teacher_cache" in args and "teacher_arch" not in args:
         # the cache names its teacher: no -k needed (one given is checked against it)
         args["teacher_arch"] = TeacherCache.open(args["teacher_cache"]).header["teacher"]["arch"]
+    if "res" not in args and "data" in args and Path(args["data"]).is_file():
+        args["res"] = res_from_data(args["data"], notes if notes is not None else [])
     return _config(base, args)
+
+
+def res_from_data(beton: str, notes: list[str], most: int = Config.res) -> int:
+    """The student's side when --res is not given: the largest side the beton stores, at most
+    224 (64-px images are not upsampled to 224 px, 12x the pixels of each step for nothing)."""
+    try:
+        heights, widths = image_sizes(beton)
+    except (FileNotFoundError, BetonError):
+        return most  # check_inputs says what is wrong with the file
+    largest = int(max(heights.max(initial=0), widths.max(initial=0)))
+    side = min(most, largest) or most
+    notes.append(f"--res not given: training at {side} px (the largest side in {beton} is {largest} px)")
+    return side
 
 
 def _config(base: Config, args: dict) -> Config:
@@ -214,10 +230,13 @@ def check_inputs(cfg: Config) -> None:
 
 def train_main(argv: list[str] | None = None) -> int:
     try:
-        cfg = config_from_args(argv)
+        notes = []
+        cfg = config_from_args(argv, notes)
         if cfg.data == demo().data:
             prepare_demo_data(cfg)
         check_inputs(cfg)
+        for note in notes:
+            print(note, file=sys.stderr)
         t0 = time.time()
         if cfg.profile:
             profile(cfg)

@@ -221,8 +221,8 @@ def train(cfg: Config, loader=None) -> dict:
                 if step % spe == 0:
                     checkpoint(run, step, epoch + 1, 0)
                     if evaluate and cfg.knn_every and (epoch + 1) % cfg.knn_every == 0 and step < run.total:
-                        logger.log({"step": step, "epoch": epoch + 1, **{s.key(k): v for s in students.live
-                                                                         for k, v in monitor(s.method.encoder).items()}})
+                        knn = {s.key(k): v for s in students.live for k, v in monitor(s.method.encoder).items()}
+                        logger.log({"step": step, "epoch": epoch + 1, **knn})
                         students.train()
         if step % spe:  # stopped mid-epoch (max_steps): epoch ends were saved above
             checkpoint(run, step, step // spe, step % spe)

@@ -50,8 +50,8 @@ def test_teacher_checkpoint_of_other_arch(tmp_path, beton):
     out = tmp_path / "out"
     out.mkdir()
     (out / "checkpoint_last.pt").write_bytes(b"precious")
-    proc = run_cli("--data", str(beton), "-k", "resnet50", "--distill", str(ckpt), "--output", str(out),
-                   "--device", "cpu", cwd=tmp_path)
+    proc = run_cli("--data", str(beton), "--res", "32", "-k", "resnet50", "--distill", str(ckpt), "--output",
+                   str(out), "--device", "cpu", cwd=tmp_path)
     refusal(proc.returncode, proc.stderr, "r18.pth")
     assert (out / "checkpoint_last.pt").read_bytes() == b"precious"
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint_last.pt"]
@@ -76,3 +76,12 @@ def test_no_arguments_is_the_demo():
     cfg = config_from_args([])
     assert cfg.data.endswith("fashion_mnist_train_32k.beton") and cfg.teacher_arch == "efficientnet_lite0"
     assert cfg.final_table
+
+
+def test_student_side_comes_from_the_data_when_res_is_not_given(beton):
+    """28-px Fashion-MNIST trains at 28 px, not upsampled to 224; --res given wins."""
+    notes = []
+    assert config_from_args(["--data", str(beton)], notes).res == 28
+    assert notes == [f"--res not given: training at 28 px (the largest side in {beton} is 28 px)"]
+    assert config_from_args(["--data", str(beton), "--res", "64"]).res == 64
+    assert config_from_args(["--data", "missing.beton"]).res == 224  # check_inputs names the missing file

@@ -56,7 +56,7 @@ def test_fastseed_train_refuses_a_payload_in_one_line(tmp_path, beton, r10_state
     out = tmp_path / "out"
     out.mkdir()
     (out / "checkpoint_last.pt").write_bytes(b"precious")
-    proc = run_cli("--data", str(beton), "-a", "resnet10t", "-k", "resnet10t", "--distill", str(path),
+    proc = run_cli("--data", str(beton), "--res", "32", "-a", "resnet10t", "-k", "resnet10t", "--distill", str(path),
                    "--output", str(out), "--device", "cpu", cwd=tmp_path)
     refusal(proc.returncode, proc.stderr, "teacher.pth", "--trust-checkpoint")
     assert not marker.exists()
