@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from fastseed.config import Config, demo, fit_workers, official
+from fastseed.folders import resolve_config
 
 USAGE_ERROR = 2
 
@@ -48,12 +49,13 @@ def train_parser() -> argparse.ArgumentParser:
     a("--trust-checkpoint", dest="trust_checkpoint", action="store_const", const=True,
       help="let --distill/--resume files hold arbitrary Python objects; unpickling them runs code "
            "from the file: only for files you trust")
-    a("--data", help="train .beton (from fastseed-prep)")
+    a("--data", help="train .beton (from fastseed-prep), or an image folder (written once to a cached .beton "
+                     "beside --output)")
     a("--teacher-cache", dest="teacher_cache",
       help="train from a fastseed-cache file of --data: each image's stored crop of the epoch and the teacher's "
            "stored key (no teacher forward). Its header names the teacher: -k/--distill may be left out; "
            "given, they must match it")
-    a("--val-data", dest="val_data", help="val .beton for k-NN monitoring")
+    a("--val-data", dest="val_data", help="val .beton (or image folder) for k-NN monitoring")
     a("--knn-bank", dest="knn_bank", help="labelled .beton used as the k-NN memory bank (default --data)")
     a("--output", help="output directory (checkpoints, metrics.jsonl)")
     a("--resume", help="checkpoint path, or 'auto' for OUTPUT/checkpoint_last.pt (several students: 'auto', or "
@@ -177,6 +179,7 @@ def train_main(argv: list[str] | None = None) -> int:
         cfg = config_from_args(argv)
         if cfg.data == demo().data:
             prepare_demo_data(cfg)
+        cfg = resolve_config(cfg)
         check_inputs(cfg)
         from fastseed.train import train
         t0 = time.time()
@@ -280,7 +283,8 @@ def cache_parser() -> argparse.ArgumentParser:
                     "teacher in the loop. Resumable: rerun the same command after a kill.",
         argument_default=argparse.SUPPRESS)
     a = p.add_argument
-    a("--data", required=True, help="train .beton (from fastseed-prep)")
+    a("--data", required=True, help="train .beton (from fastseed-prep), or an image folder (written once to a "
+                                    "cached .beton beside --output)")
     a("--output", required=True, help="the cache file to write, e.g. train.tcache")
     a("-k", "--teacher-arch", dest="teacher_arch", help="teacher arch (resnet50, efficientnet_lite0, ...)")
     a("--teacher-ssl", dest="teacher_ssl", help="teacher checkpoint format (default auto-detect)")
@@ -318,7 +322,7 @@ def cache_main(argv: list[str] | None = None) -> int:
     args = vars(cache_parser().parse_args(argv))
     build = {k: args.pop(k) for k in CACHE_ONLY}
     try:
-        cfg = Config().replace(**args)
+        cfg = resolve_config(Config().replace(**args), beside=build["output"])
         check_inputs(cfg)
         from fastseed.cache import build_cache
         t0 = time.time()
@@ -333,3 +337,4 @@ def cache_main(argv: list[str] | None = None) -> int:
               f"{h['teacher']['arch']} at {h['teacher_res']} px, {cache.path.stat().st_size / 1e6:.1f} MB "
               f"({time.time() - t0:.0f} s)")
     return 0
+
