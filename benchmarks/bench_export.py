@@ -56,7 +56,10 @@ def timed(fn, x, min_time: float, min_repeats: int) -> list[float]:
 def backends(student, onnx_dir: Path, threads: int) -> dict:
     """backend -> (features of a normalised NCHW float batch, as a float tensor)."""
     module = student.module
-    compiled = torch.compile(module)
+    # static shapes: one graph per input shape (the k-NN's 32 px batches, then each timed batch),
+    # as a deployment at a fixed batch size compiles it; automatic dynamic shapes would time the
+    # 224 px batches through a shape-generic graph
+    compiled = torch.compile(module, dynamic=False)
     fp32, int8 = onnx_session(onnx_dir / "student.onnx", threads), onnx_session(onnx_dir / "student.int8.onnx", threads)
 
     def torch_fn(m):
