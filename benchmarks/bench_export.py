@@ -83,12 +83,12 @@ def uptime() -> str:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| student (steps) | backend | batch | ms / batch | images/s | k-NN top-1 (32 px) | load avg 1 min |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| student (steps) | backend | batch | ms / batch (median, min) | images/s (median) | k-NN top-1 (32 px) "
+             "| load avg 1 min |", "|---|---|---|---|---|---|---|"]
     order = {b: i for i, b in enumerate(BACKENDS)}
     for r in sorted(rows, key=lambda r: (ARCHS.index(r["arch"]) if r["arch"] in ARCHS else 9, r["batch"],
                                          order.get(r["backend"], 9))):
-        lines.append(f"| {r['arch']} ({r['step']}) | {r['backend']} | {r['batch']} | {r['ms_per_batch']:.1f} | "
+        lines.append(f"| {r['arch']} ({r['step']}) | {r['backend']} | {r['batch']} | {r['ms_per_batch']:.1f}, {r['min_ms']:.1f} | "
                      f"{r['images_per_s']:.1f} | {r['knn_top1@20']:.2f} | "
                      f"{r['loadavg_before'][0]:.1f} → {r['loadavg_after'][0]:.1f} |")
     return "\n".join(lines)
