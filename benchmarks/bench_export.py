@@ -79,12 +79,12 @@ def knn(fn, bank, bank_labels, queries, query_labels, batch: int = 250) -> float
 
 
 def uptime() -> str:
-    return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+    return subprocess.run(["uptime"], capture_output=True, text=True, check=True).stdout.strip()
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| student (steps) | backend | batch | ms / batch (median, min) | images/s (median) | k-NN top-1 (32 px) "
-             "| load avg 1 min |", "|---|---|---|---|---|---|---|"]
+    lines = [("| student (steps) | backend | batch | ms / batch (median, min) | images/s (median) | k-NN top-1 (32 px) "
+              "| load avg 1 min |"), "|---|---|---|---|---|---|---|"]
     order = {b: i for i, b in enumerate(BACKENDS)}
     for r in sorted(rows, key=lambda r: (ARCHS.index(r["arch"]) if r["arch"] in ARCHS else 9, r["batch"],
                                          order.get(r["backend"], 9))):
@@ -123,7 +123,7 @@ def main(argv=None) -> list[dict]:
         queries = beton_images(a.queries, student.res, mean, std, a.knn_images)
         with tempfile.TemporaryDirectory() as tmp:
             export(a.run, "onnx", Path(tmp) / "student.onnx", arch=arch, check_data=a.queries, calib_data=a.bank,
-                   images=a.calib_images, log=lambda line: print(f"{arch}: {line}", file=sys.stderr))
+                   images=a.calib_images, log=lambda line, arch=arch: print(f"{arch}: {line}", file=sys.stderr))
             fns = backends(student, Path(tmp), threads)
             scores = {}
             for backend, batch in todo:
