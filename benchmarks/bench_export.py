@@ -131,7 +131,7 @@ def main(argv=None) -> list[dict]:
                 if backend not in scores:
                     scores[backend] = knn(fn, *bank, *queries)
                 x = torch.randn(batch, 3, a.res, a.res, generator=torch.Generator().manual_seed(0))
-                load_before = os.getloadavg()
+                load_before = list(os.getloadavg())
                 times = timed(fn, x, a.min_time, a.min_repeats)
                 ms = statistics.median(times) * 1e3
                 row = {"bench": "export", "arch": arch, "backend": backend, "batch": batch, "res": a.res,
@@ -139,7 +139,7 @@ def main(argv=None) -> list[dict]:
                        "min_ms": min(times) * 1e3, "knn_top1@20": scores[backend], "knn_res": student.res,
                        "knn_images": a.knn_images, "step": student.meta["step"],
                        "method": student.meta["method"], "teacher": student.meta["teacher"]["arch"],
-                       "threads": threads, "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
+                       "threads": threads, "loadavg_before": load_before, "loadavg_after": list(os.getloadavg()),
                        "uptime": uptime(), **provenance("cpu")}
                 rows.append(row)
                 print(append_row(out, row), file=sys.stderr)

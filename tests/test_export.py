@@ -245,3 +245,23 @@ def test_importing_fastseed_stays_light():
     code = "import sys, fastseed; print('torch' in sys.modules, callable(fastseed.load_encoder))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["False", "True"]
+
+
+def test_bench_export_tiny_appends_and_resumes(run, betons, tmp_path):
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_export.py"
+    spec = importlib.util.spec_from_file_location("bench_export", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "export.jsonl"
+    argv = ["--run", str(run), "--archs", "test_resnet", "--backends", "eager", "ort-int8", "--batches", "2",
+            "--res", "40", "--bank", betons[1], "--queries", betons[0], "--knn-images", "64", "--calib-images", "32",
+            "--min-time", "0", "--min-repeats", "2", "--out", str(out)]
+    rows = bench.main(argv)
+    assert [(r["backend"], r["batch"], r["res"], r["knn_res"]) for r in rows] == [("eager", 2, 40, RES),
+                                                                                 ("ort-int8", 2, 40, RES)]
+    assert all(r["ms_per_batch"] > 0 and 0 <= r["knn_top1@20"] <= 100 and len(r["loadavg_before"]) == 3
+               and "load average" in r["uptime"] and r["commit"] == git_commit() for r in rows)
+    assert bench.main(argv) == rows and len(out.read_text().splitlines()) == 2  # done rows are not run again
+    assert "| test_resnet (5) | ort-int8 | 2 |" in out.with_suffix(".md").read_text()
