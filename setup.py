@@ -27,6 +27,7 @@ setup(
     extras_require={
         "dev": ["pytest", "pytest-benchmark", "pytest-timeout", "matplotlib"],
         "plot": ["matplotlib"],
+        "export": ["onnx", "onnxruntime", "onnxscript", "safetensors"],
     },
     entry_points={
         "console_scripts": [
@@ -34,6 +35,8 @@ setup(
             "fastseed-eval=fastseed.cli:eval_main",
             "fastseed-prep=fastseed.cli:prep_main",
             "fastseed-cache=fastseed.cli:cache_main",
+            "fastseed-export=fastseed.cli:export_main",
+            "fastseed-embed=fastseed.cli:embed_main",
         ]
     },
 )

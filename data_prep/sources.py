@@ -6,6 +6,7 @@ reason and leaves that input out.
 
 Kinds, told apart by `open_source`:
   * an ImageFolder directory (`root/<class>/<image>`; classes sorted, as torchvision does),
+    or a flat folder of images (`root/<image>`, all label 0),
   * a `.npz` with `images` (N, H, W[, C]) uint8 and `labels` (N,),
   * `fashion-mnist:train` / `fashion-mnist:test` (idx files, gzipped or not),
   * a CIFAR-10/100 python-pickle directory (training batches) or one of its batch files.
@@ -140,6 +141,25 @@ class ImageFolderSource:
         return self.paths[i]
 
 
+class FlatFolderSource(ImageFolderSource):
+    """`root/<image>` with no class folders: every image gets label 0, file names sorted."""
+
+    def __init__(self, root: str):
+        self.root, self.classes = root, []
+        self.paths = sorted(e.path for e in os.scandir(root)
+                            if e.is_file() and e.name.lower().endswith(IMG_EXTENSIONS))
+        if not self.paths:
+            raise PrepError(f"{root}: no image files ({', '.join(IMG_EXTENSIONS)}) and no class folders")
+        self.labels = np.zeros(len(self.paths), dtype=np.int64)
+        self.max_side = None
+
+
+def image_folder(root: str) -> ImageFolderSource:
+    """ROOT/CLASS/IMAGE as an ImageFolder; a folder of images without class folders as one class."""
+    has_classes = any(e.is_dir() and not e.name.startswith(".") for e in os.scandir(root))
+    return ImageFolderSource(root) if has_classes else FlatFolderSource(root)
+
+
 def read_idx(path: str) -> np.ndarray:
     opener = gzip.open if path.endswith(".gz") else open
     with opener(path, "rb") as f:
@@ -224,7 +244,7 @@ def open_source(source: str):
     if is_cifar(source):
         return cifar(source)
     if os.path.isdir(source):
-        return ImageFolderSource(source)
+        return image_folder(source)
     raise PrepError(f"{source}: unknown source type (expected an image folder, a .npz file, "
                     "a CIFAR python directory or batch file, or fashion-mnist:train|test)")
 

@@ -7,3 +7,11 @@ checkout imports them (``PYTHONPATH=. python -c 'import fastseed.kernels'``) and
 them without an install; setup.py's ``package_dir`` maps the same folders into wheels.
 The layers and the way data flows through them: docs/ARCHITECTURE.md.
 """
+
+
+def __getattr__(name: str):
+    # `fastseed.load_encoder` without importing torch and timm at `import fastseed`
+    if name == "load_encoder":
+        from fastseed.export import load_encoder
+        return load_encoder
+    raise AttributeError(f"module 'fastseed' has no attribute {name!r}")

@@ -1,4 +1,5 @@
-"""Entry points: `fastseed-train`, `fastseed-eval`, `fastseed-prep`, `fastseed-cache`.
+"""Entry points: `fastseed-train`, `fastseed-eval`, `fastseed-prep`, `fastseed-cache`, `fastseed-export`,
+`fastseed-embed`.
 
 Bad input (missing data, unknown arch, a teacher checkpoint that does not fit) ends with one
 line on stderr naming the problem and what to do, exit code 2, and nothing written over.
@@ -16,11 +17,12 @@ from fastseed.augment import PRESETS
 from fastseed.cache import TeacherCache, build_cache
 from fastseed.config import Config, demo, fit_workers
 from fastseed.data import check_beton, image_sizes
-from fastseed.data_prep import main as data_prep_main
-from fastseed.data_prep import write_beton
+from fastseed.data_prep.write import main as data_prep_main
+from fastseed.data_prep.write import write_beton
 from fastseed.errors import BetonError, ConfigError, FastseedError
 from fastseed.evaluate import evaluate_checkpoint
-from fastseed.export import export_timm_state_dict
+from fastseed.export import FORMATS, embed, export, export_timm_state_dict
+from fastseed.folders import cache_dir_beside, resolve_config, resolve_data
 from fastseed.logs import SINKS
 from fastseed.methods import METHODS, method_class, official
 from fastseed.models import create_student
@@ -104,12 +106,13 @@ def train_parser() -> argparse.ArgumentParser:
            "lr, epochs, weight decay, per-epoch schedule (README, Defaults). Flags given win over either")
     a("-a", "--arch", help="student: any timm model name (default resnet18), or a comma list to distil them "
                            "all in one run: one loader, augmentation, teacher forward and queue")
-    a("--data", help="train .beton (from fastseed-prep)")
+    a("--data", help="train .beton (from fastseed-prep), or an image folder (written once to a cached .beton "
+                     "beside --output)")
     a("--teacher-cache", dest="teacher_cache",
       help="train from a fastseed-cache file of --data: each image's stored crop of the epoch and the teacher's "
            "stored key (no teacher forward). Its header names the teacher: -k/--distill may be left out; "
            "given, they must match it")
-    a("--val-data", dest="val_data", help="val .beton for k-NN monitoring")
+    a("--val-data", dest="val_data", help="val .beton (or image folder) for k-NN monitoring")
     a("--knn-bank", dest="knn_bank", help="labelled .beton used as the k-NN memory bank (default --data)")
     a("--output", help="output directory (checkpoints, metrics.jsonl)")
     a("--resume", help="checkpoint path, or 'auto' for OUTPUT/checkpoint_last.pt (several students: 'auto', or "
@@ -234,6 +237,7 @@ def train_main(argv: list[str] | None = None) -> int:
         cfg = config_from_args(argv, notes)
         if cfg.data == demo().data:
             prepare_demo_data(cfg)
+        cfg = resolve_config(cfg)
         check_inputs(cfg)
         for note in notes:
             print(note, file=sys.stderr)
@@ -334,7 +338,8 @@ def cache_parser() -> argparse.ArgumentParser:
                     "teacher in the loop. Resumable: rerun the same command after a kill.",
         argument_default=argparse.SUPPRESS)
     a = p.add_argument
-    a("--data", required=True, help="train .beton (from fastseed-prep)")
+    a("--data", required=True, help="train .beton (from fastseed-prep), or an image folder (written once to a "
+                                    "cached .beton beside --output)")
     a("--output", required=True, help="the cache file to write, e.g. train.tcache")
     with_teacher = [m for m in METHODS.values() if m.needs_teacher]
     a("--method", choices=[m.name for m in with_teacher],
@@ -356,7 +361,7 @@ def cache_main(argv: list[str] | None = None) -> int:
     args = vars(cache_parser().parse_args(argv))
     build = {k: args.pop(k) for k in CACHE_ONLY}
     try:
-        cfg = resolve_teacher_res(_config(Config(), args))
+        cfg = resolve_teacher_res(resolve_config(_config(Config(), args), beside=build["output"]))
         check_inputs(cfg)
         t0 = time.time()
         env = setup_env(cfg)
@@ -370,4 +375,80 @@ def cache_main(argv: list[str] | None = None) -> int:
         print(f"{cache.path}: {cache.num_samples} images x {cache.crops} crops, {cache.dim}-d {h['dtype']} keys of "
               f"{h['teacher']['arch']} at {h['teacher_res']} px, {cache.path.stat().st_size / 1e6:.1f} MB "
               f"({time.time() - t0:.0f} s)")
+    return 0
+
+
+def export_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="fastseed-export",
+        description="Write a distilled student for deployment, with its preprocessing (resolution, mean/std, "
+                    "channel order, crop) and provenance (arch, method, teacher, commit) recorded in the file.",
+        epilog="onnx: OUTPUT.onnx, dynamic batch (and height/width where the arch allows), checked with ONNX "
+               "Runtime against PyTorch (fails above 1e-4 in fp32); timm, safetensors: a folder OUTPUT with the "
+               "weights and a config.json timm reads; torchscript: one traced file.")
+    a = p.add_argument
+    a("checkpoint", help="fastseed checkpoint, or a run folder (with several students, pick one with --arch)")
+    a("--format", required=True, choices=FORMATS)
+    a("--output", required=True)
+    a("--arch", help="the student of a run of several (OUTPUT/<arch>/checkpoint_last.pt)")
+    a("--with-head", action="store_true", help="backbone + the method's head (onnx, torchscript)")
+    a("--res", type=int, help="input resolution to record and trace at (default: the checkpoint's)")
+    a("--fp16", action="store_true", help="onnx: float16 weights and compute, float32 in and out")
+    a("--check-data", help="onnx: labelled .beton (or image folder) whose images check ONNX Runtime against "
+                           "PyTorch (default: random inputs)")
+    a("--calib-data", help="onnx: also write OUTPUT.int8.onnx, ONNX Runtime static int8 calibrated on these "
+                           "images, and print the k-NN top-1 it costs on --check-data")
+    a("--images", type=int, default=256, help="images read from --check-data and from --calib-data")
+    a("--trust-checkpoint", action="store_true", help="let the checkpoint hold arbitrary Python objects; "
+      "unpickling them runs code from the file: only for files you trust")
+    a("--workers", type=int, default=2)
+    return p
+
+
+def export_main(argv: list[str] | None = None) -> int:
+    args = export_parser().parse_args(argv)
+    try:
+        cache = cache_dir_beside(args.output)
+        written = export(args.checkpoint, args.format, args.output, arch=args.arch, with_head=args.with_head,
+                         trust=args.trust_checkpoint, res=args.res, fp16=args.fp16,
+                         check_data=resolve_data(args.check_data, cache), calib_data=resolve_data(args.calib_data, cache),
+                         images=args.images, workers=fit_workers(args.workers),
+                         log=lambda line: print(line, file=sys.stderr))
+    except KeyboardInterrupt:
+        return 130
+    except KNOWN_ERRORS as e:
+        return _fail(str(e).strip("'\""))
+    print(f"wrote {', '.join(map(str, written))}", file=sys.stderr)
+    return 0
+
+
+def embed_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fastseed-embed", description="L2-normalised features of every image of a "
+                                ".beton or image folder (in its order), saved as a float32 [N, D] .npy.")
+    a = p.add_argument
+    a("--checkpoint", required=True, help="fastseed checkpoint or run folder, or a timm/safetensors export folder")
+    a("--data", required=True, help=".beton, or an image folder (written once to a cached .beton beside OUTPUT)")
+    a("--output", required=True, help="features .npy")
+    a("--arch", help="the student of a run of several")
+    a("--trust-checkpoint", action="store_true", help="let the checkpoint hold arbitrary Python objects; "
+      "unpickling them runs code from the file: only for files you trust")
+    a("--device", default="auto")
+    a("--batch-size", type=int, default=256)
+    a("--workers", type=int, default=2)
+    a("--no-progress", dest="progress", action="store_false")
+    return p
+
+
+def embed_main(argv: list[str] | None = None) -> int:
+    args = embed_parser().parse_args(argv)
+    try:
+        data = resolve_data(args.data, cache_dir_beside(args.output), progress=args.progress)
+        n, dim = embed(args.checkpoint, data, args.output, arch=args.arch, trust=args.trust_checkpoint,
+                       device=args.device, batch_size=args.batch_size, workers=fit_workers(args.workers),
+                       progress=args.progress)
+    except KeyboardInterrupt:
+        return 130
+    except KNOWN_ERRORS as e:
+        return _fail(str(e).strip("'\""))
+    print(f"wrote {args.output}: {n} x {dim} float32, L2-normalised", file=sys.stderr)
     return 0

@@ -42,3 +42,7 @@ class PrepError(FastseedError, ValueError):
     def __init__(self, message: str, report=None):
         super().__init__(message)
         self.report = report
+
+
+class ExportError(FastseedError, ValueError):
+    """An export that cannot be made (fastseed-export, fastseed-embed); the message says why and what to do."""

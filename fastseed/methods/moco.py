@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from fastseed.errors import ConfigError
-from fastseed.kernels import info_nce_loss
+from fastseed.kernels.seed_loss import info_nce_loss
 from fastseed.models import projection_head
 
 from ._common import QUEUE_SIZE, TEMP, Queues, flag
@@ -49,6 +49,11 @@ class MoCo(nn.Module):
     @classmethod
     def from_config(cls, student: nn.Module, queues: Queues, dim: int, cfg, compile_fn=None) -> "MoCo":
         return cls(student, queues, dim=dim, temp=cfg.temp, moco_m=cfg.moco_m, compile_fn=compile_fn)
+
+    @staticmethod
+    def make_head(in_dim: int, out_dim: int) -> nn.Module:
+        """Its head, as `__init__` builds it (fastseed-export rebuilds it from a checkpoint)."""
+        return projection_head(in_dim, out_dim)
 
     @staticmethod
     def teacher_target(cfg) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fastseed.kernels import seed_loss
+from fastseed.kernels.seed_loss import seed_loss
 from fastseed.models import projection_head
 
 from ._common import QUEUE_SIZE, TEMP, Queues, flag
@@ -48,6 +48,11 @@ class SEED(nn.Module):
     @classmethod
     def from_config(cls, student: nn.Module, queues: Queues, dim: int, cfg, compile_fn=None) -> "SEED":
         return cls(student, queues, dim=dim, temp=cfg.temp, distill_t=cfg.distill_t)
+
+    @staticmethod
+    def make_head(in_dim: int, out_dim: int) -> nn.Module:
+        """Its head, as `__init__` builds it (fastseed-export rebuilds it from a checkpoint)."""
+        return projection_head(in_dim, out_dim)
 
     @staticmethod
     def teacher_target(cfg) -> str:

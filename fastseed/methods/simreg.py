@@ -35,6 +35,11 @@ class SimReg(nn.Module):
         return cls(student, queues, dim=dim)
 
     @staticmethod
+    def make_head(in_dim: int, out_dim: int) -> nn.Module:
+        """Its head, as `__init__` builds it (fastseed-export rebuilds it from a checkpoint)."""
+        return simreg_predictor(in_dim, out_dim)
+
+    @staticmethod
     def teacher_target(cfg) -> str:
         """The pooled backbone (fc removed) unless --simreg-target projection (SimReg's --teacher_fc)."""
         return "head" if cfg.teacher_use_head and cfg.simreg_target == "projection" else "backbone"
