@@ -74,18 +74,22 @@ def sink_names(spec: str) -> list[str]:
 
 
 class Logger:
-    """Sends each record to the run's sinks (nothing on ranks other than the main one)."""
+    """Sends each record to the run's sinks (nothing on ranks other than the main one). The
+    sinks open at the first record: a run refused before its first step writes no file."""
 
     def __init__(self, out_dir: Path, enabled: bool, sinks: str = "auto"):
-        self.sinks = [SINKS[n](Path(out_dir)) for n in sink_names(sinks)] if enabled else []
+        self.out_dir, self.names = Path(out_dir), sink_names(sinks) if enabled else []
+        self.sinks: list | None = None
 
     def log(self, record: dict) -> None:
+        if self.sinks is None:
+            self.sinks = [SINKS[n](self.out_dir) for n in self.names]
         record = {"time": round(time.time(), 3), **record}
         for sink in self.sinks:
             sink.write(record)
 
     def close(self) -> None:
-        for sink in self.sinks:
+        for sink in self.sinks or ():
             sink.close()
 
 

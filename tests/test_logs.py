@@ -43,4 +43,10 @@ def test_a_record_reaches_every_sink_with_its_time(tmp_path, monkeypatch):
     line = json.loads((tmp_path / "metrics.jsonl").read_text())
     assert line["step"] == 3 and line["loss"] == 1.5 and line["time"] > 0
     assert seen == [line, "closed"]
-    assert logs.Logger(tmp_path / "absent", False, "jsonl").sinks == []  # other ranks write nothing
+    quiet = logs.Logger(tmp_path / "absent", False, "jsonl")  # other ranks write nothing
+    quiet.log({"step": 1})
+    assert quiet.sinks == [] and not (tmp_path / "absent").exists()
+    unused = logs.Logger(tmp_path, True, "jsonl")  # nothing logged: no file opened, none written
+    (tmp_path / "metrics.jsonl").unlink()
+    unused.close()
+    assert not (tmp_path / "metrics.jsonl").exists()
