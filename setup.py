@@ -5,7 +5,7 @@ setup(
     version="0.1.0",
     description="Fast, faithful self-supervised distillation (SEED, SimReg, MoCo-v2) of small vision encoders",
     python_requires=">=3.10",
-    packages=["fastseed", "fastseed.methods", "fastseed.kernels", "fastseed.data_prep"],
+    packages=["fastseed", "fastseed.methods", "fastseed.teachers", "fastseed.kernels", "fastseed.data_prep"],
     # kernels/ and data_prep/ are top-level folders (the project's layout) imported as
     # fastseed.kernels and fastseed.data_prep: this maps them into wheels and editable installs;
     # fastseed/kernels and fastseed/data_prep are symlinks to them, so a plain checkout (and an
