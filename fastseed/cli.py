@@ -17,8 +17,8 @@ from fastseed.augment import PRESETS
 from fastseed.cache import TeacherCache, build_cache
 from fastseed.config import Config, demo, fit_workers
 from fastseed.data import check_beton, image_sizes
-from fastseed.data_prep.write import main as data_prep_main
-from fastseed.data_prep.write import write_beton
+from fastseed.data_prep import main as data_prep_main
+from fastseed.data_prep import write_beton
 from fastseed.errors import BetonError, ConfigError, FastseedError
 from fastseed.evaluate import evaluate_checkpoint
 from fastseed.export import FORMATS, embed, export, export_timm_state_dict

@@ -19,7 +19,7 @@ def fmnist(tmp_path_factory):
     """fmnist(split, n, jpeg=0.0) -> the path of a beton of the first n images (in
     `subset_indices` order) of Fashion-MNIST's `split`, a share `jpeg` of them JPEG-encoded. Each
     one is written once per session and shared by every test file: tests only read them."""
-    from fastseed.data_prep.write import write_beton
+    from fastseed.data_prep import write_beton
     root, made = tmp_path_factory.mktemp("betons"), {}
 
     def make(split: str, n: int, jpeg: float = 0.0):

@@ -240,8 +240,7 @@ def test_trimmed_fashion_mnist_writes_the_betons_the_full_files_write(tmp_path, 
     trimmed files is the full files' byte for byte (small files and subsets here; make
     gpu-wheels passes the demo's jobs). One writer worker: with two, FFCV lays out its pages
     in the order the workers finish, so two writes of the same images differ."""
-    from fastseed.data_prep import sources
-    from fastseed.data_prep.write import write_beton
+    from fastseed.data_prep import sources, write_beton
     from gpu_wheels import demo_fashion_mnist
 
     full, trimmed = tmp_path / "full", tmp_path / "trimmed"

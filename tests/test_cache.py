@@ -34,7 +34,7 @@ from fastseed.cache import (
 from fastseed.cli import cache_main
 from fastseed.config import Config
 from fastseed.data import FLIP_BIT, RATIO, _address_view, random_boxes, replay_loader
-from fastseed.data_prep.sources import subset_indices
+from fastseed.data_prep import subset_indices
 from fastseed.data_prep.sources import fashion_mnist
 from fastseed.errors import CacheError
 from fastseed.teachers import load_teacher

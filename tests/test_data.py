@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fastseed.data import check_beton, eval_loader, ssl_loader
-from fastseed.data_prep.sources import subset_indices
+from fastseed.data_prep import subset_indices
 from fastseed.data_prep.sources import fashion_mnist
 
 N = 256

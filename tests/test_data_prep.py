@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fastseed.data_prep.write import PrepReport, main, write_beton
-from fastseed.data_prep.sources import subset_indices
+from fastseed.data_prep import PrepReport, main, subset_indices, write_beton
 from fastseed.data_prep.sources import fashion_mnist
 from fastseed.errors import PrepError
 

@@ -20,8 +20,7 @@ import torch.nn.functional as F
 from helpers import refusal
 
 from fastseed.errors import TeacherLoadError
-from fastseed.teachers.official import detect_format
-from fastseed.teachers import load_teacher
+from fastseed.teachers import detect_format, load_teacher
 from fastseed.teachers.dino import RELEASES, build, find_release, load
 
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))

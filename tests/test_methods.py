@@ -6,8 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastseed.kernels import reference
-from fastseed.kernels.seed_loss import seed_loss
+from fastseed.kernels import reference, seed_loss
 from fastseed.methods import METHODS
 from helpers import frozen_teacher
 from fastseed.methods.moco import MoCo

@@ -31,8 +31,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from fastseed.errors import CheckpointReadError, TeacherLoadError
-from fastseed.teachers.official import detect_format
-from fastseed.teachers import load_teacher
+from fastseed.teachers import detect_format, load_teacher
 from fastseed.teachers.base import IMAGENET_MEAN, IMAGENET_STD
 from fastseed.teachers.bundled import load_bundled
 from fastseed.teachers.official import build_backbone

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastseed.kernels.enqueue import enqueue_
+from fastseed.kernels import enqueue_
 from fastseed.runtime import gather_keys
 
 

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from fastseed.errors import ConfigError
-from fastseed.kernels.seed_loss import info_nce_loss
+from fastseed.kernels import info_nce_loss
 from fastseed.models import projection_head
 
 from ._common import QUEUE_SIZE, TEMP, Queues, flag
@@ -36,7 +36,7 @@ class MoCo(nn.Module):
                  moco_m: float = 0.999, bn_groups: int = 4, compile_fn=None, **_):
         super().__init__()
         self.student = student
-        self.head = projection_head(student.num_features, dim)
+        self.head = self.make_head(student.num_features, dim)
         self.key_encoder = nn.Sequential(copy.deepcopy(student), copy.deepcopy(self.head))
         for p in self.key_encoder.parameters():
             p.requires_grad_(False)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fastseed.kernels.seed_loss import seed_loss
+from fastseed.kernels import seed_loss
 from fastseed.models import projection_head
 
 from ._common import QUEUE_SIZE, TEMP, Queues, flag
@@ -41,7 +41,7 @@ class SEED(nn.Module):
                  distill_t: float = 1e-4, **_):
         super().__init__()
         self.student = student
-        self.head = projection_head(student.num_features, dim)
+        self.head = self.make_head(student.num_features, dim)
         self.queue, self.small_queue = queues.queue, queues.small_queue  # shared by every student
         self.temp, self.distill_t = temp, distill_t
 

@@ -28,7 +28,7 @@ class SimReg(nn.Module):
     def __init__(self, student: nn.Module, queues=None, *, dim: int, **_):
         super().__init__()
         self.student = student
-        self.head = simreg_predictor(student.num_features, dim)
+        self.head = self.make_head(student.num_features, dim)
 
     @classmethod
     def from_config(cls, student: nn.Module, queues, dim: int, cfg, compile_fn=None) -> "SimReg":
