@@ -159,20 +159,12 @@ def wrap_model(method: nn.Module, cfg: Config, env: Env) -> nn.Module:
 
 
 def gather_rows(rows: torch.Tensor) -> torch.Tensor:
-    """Every rank's `rows` (the same count on each) concatenated in rank order, on every rank."""
+    """Every rank's `rows` (the same count on each) concatenated in rank order, on every rank:
+    the keys every rank enqueues alike, the k-NN monitor's feature shards."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return rows
     out = rows.new_empty((dist.get_world_size() * rows.shape[0], *rows.shape[1:]))
     dist.all_gather_into_tensor(out, rows.contiguous())
-    return out
-
-
-def gather_keys(keys: torch.Tensor) -> torch.Tensor:
-    """All ranks' keys in rank order, so that every rank enqueues the same rows."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return keys
-    out = keys.new_empty((dist.get_world_size() * keys.shape[0], *keys.shape[1:]))
-    dist.all_gather_into_tensor(out, keys.contiguous())
     return out
 
 

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastseed.kernels import enqueue_
-from fastseed.runtime import gather_keys
+from fastseed.runtime import gather_rows
 
 
 def flag(*names: str, **kwargs) -> tuple[tuple[str, ...], dict]:
@@ -31,7 +31,7 @@ class Queue(nn.Module):
 
     @torch.no_grad()
     def push(self, keys: torch.Tensor) -> None:
-        enqueue_(self.keys, self.ptr, gather_keys(keys.detach()))
+        enqueue_(self.keys, self.ptr, gather_rows(keys.detach()))  # every rank enqueues the same rows
 
 
 class Queues(nn.Module):
