@@ -257,7 +257,7 @@ class KnnMonitor:
         feats, labels = extract_features(encoder, loader, device=self.device, transform=norm, dtype=dtype)
         if self.world == 1:
             return feats, labels
-        n = len(image_sizes(loader.path)[0])
+        n = loader.num_samples  # the whole beton's: the shards' padding is cut off
         return gather_rows(feats)[:n], gather_rows(labels)[:n]
 
     def __call__(self, encoder: nn.Module | None) -> dict:
