@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import sys
 import time
@@ -182,6 +183,20 @@ def _config(base: Config, args: dict) -> Config:
                         method_args={**base.method_args, **own})
 
 
+def _entry_point(main):
+    """An entry point's contract: bad input (a FastseedError, a missing file) ends as one
+    `error: ...` line and exit code 2, Ctrl-C as exit code 130; anything else is a bug."""
+    @functools.wraps(main)
+    def run(argv: list[str] | None = None) -> int:
+        try:
+            return main(argv)
+        except KeyboardInterrupt:
+            return 130
+        except KNOWN_ERRORS as e:
+            return _fail(str(e).strip("'\""))
+    return run
+
+
 def _fail(msg: str) -> int:
     print(f"error: {msg}", file=sys.stderr)
     return USAGE_ERROR
@@ -231,25 +246,21 @@ def check_inputs(cfg: Config) -> None:
         raise ConfigError("a teacher cache holds CLS embeddings: drop --teacher-pool or --teacher-cache")
 
 
+@_entry_point
 def train_main(argv: list[str] | None = None) -> int:
-    try:
-        notes = []
-        cfg = config_from_args(argv, notes)
-        if cfg.data == demo().data:
-            prepare_demo_data(cfg)
-        cfg = resolve_config(cfg)
-        check_inputs(cfg)
-        for note in notes:
-            print(note, file=sys.stderr)
-        t0 = time.time()
-        if cfg.profile:
-            profile(cfg)
-            return 0
-        out = train(cfg)
-    except KeyboardInterrupt:
-        return 130
-    except KNOWN_ERRORS as e:
-        return _fail(str(e).strip("'\""))
+    notes = []
+    cfg = config_from_args(argv, notes)
+    if cfg.data == demo().data:
+        prepare_demo_data(cfg)
+    cfg = resolve_config(cfg)
+    check_inputs(cfg)
+    for note in notes:
+        print(note, file=sys.stderr)
+    t0 = time.time()
+    if cfg.profile:
+        profile(cfg)
+        return 0
+    out = train(cfg)
     if out["preempted"]:
         print(f"stopped by {out['preempted']} at step {out['step']}: every student is checkpointed; "
               "rerun the same command with --resume auto to go on", file=sys.stderr)
@@ -303,22 +314,20 @@ def eval_parser() -> argparse.ArgumentParser:
     return p
 
 
+@_entry_point
 def eval_main(argv: list[str] | None = None) -> int:
     args = eval_parser().parse_args(argv)
     if not args.export and not (args.train_data and args.val_data):
         return _fail("pass --train-data and --val-data to evaluate, and/or --export PATH")
-    try:
-        if args.export:
-            meta = export_timm_state_dict(args.checkpoint, args.export, args.trust_checkpoint)
-            print(f"wrote {args.export}: {meta['arch']} backbone, step {meta['step']}", file=sys.stderr)
-            if not (args.train_data and args.val_data):
-                return 0
-        result = evaluate_checkpoint(args.checkpoint, args.train_data, args.val_data, res=args.res, ks=args.k,
-                                     temperature=args.temperature, linear=args.linear, device=args.device,
-                                     batch_size=args.batch_size, workers=fit_workers(args.workers),
-                                     trust=args.trust_checkpoint)
-    except KNOWN_ERRORS as e:
-        return _fail(str(e).strip("'\""))
+    if args.export:
+        meta = export_timm_state_dict(args.checkpoint, args.export, args.trust_checkpoint)
+        print(f"wrote {args.export}: {meta['arch']} backbone, step {meta['step']}", file=sys.stderr)
+        if not (args.train_data and args.val_data):
+            return 0
+    result = evaluate_checkpoint(args.checkpoint, args.train_data, args.val_data, res=args.res, ks=args.k,
+                                 temperature=args.temperature, linear=args.linear, device=args.device,
+                                 batch_size=args.batch_size, workers=fit_workers(args.workers),
+                                 trust=args.trust_checkpoint)
     print(json.dumps(result, indent=2))
     return 0
 
@@ -357,19 +366,15 @@ def cache_parser() -> argparse.ArgumentParser:
     return p
 
 
+@_entry_point
 def cache_main(argv: list[str] | None = None) -> int:
     args = vars(cache_parser().parse_args(argv))
     build = {k: args.pop(k) for k in CACHE_ONLY}
-    try:
-        cfg = resolve_teacher_res(resolve_config(_config(Config(), args), beside=build["output"]))
-        check_inputs(cfg)
-        t0 = time.time()
-        env = setup_env(cfg)
-        cache = build_cache(cfg, build.pop("output"), live_targets(cfg, env), env, progress=cfg.progress, **build)
-    except KeyboardInterrupt:
-        return 130
-    except KNOWN_ERRORS as e:
-        return _fail(str(e).strip("'\""))
+    cfg = resolve_teacher_res(resolve_config(_config(Config(), args), beside=build["output"]))
+    check_inputs(cfg)
+    t0 = time.time()
+    env = setup_env(cfg)
+    cache = build_cache(cfg, build.pop("output"), live_targets(cfg, env), env, progress=cfg.progress, **build)
     if cache is not None:
         h = cache.header
         print(f"{cache.path}: {cache.num_samples} images x {cache.crops} crops, {cache.dim}-d {h['dtype']} keys of "
@@ -405,19 +410,15 @@ def export_parser() -> argparse.ArgumentParser:
     return p
 
 
+@_entry_point
 def export_main(argv: list[str] | None = None) -> int:
     args = export_parser().parse_args(argv)
-    try:
-        cache = cache_dir_beside(args.output)
-        written = export(args.checkpoint, args.format, args.output, arch=args.arch, with_head=args.with_head,
-                         trust=args.trust_checkpoint, res=args.res, fp16=args.fp16,
-                         check_data=resolve_data(args.check_data, cache), calib_data=resolve_data(args.calib_data, cache),
-                         images=args.images, workers=fit_workers(args.workers),
-                         log=lambda line: print(line, file=sys.stderr))
-    except KeyboardInterrupt:
-        return 130
-    except KNOWN_ERRORS as e:
-        return _fail(str(e).strip("'\""))
+    cache = cache_dir_beside(args.output)
+    written = export(args.checkpoint, args.format, args.output, arch=args.arch, with_head=args.with_head,
+                     trust=args.trust_checkpoint, res=args.res, fp16=args.fp16,
+                     check_data=resolve_data(args.check_data, cache), calib_data=resolve_data(args.calib_data, cache),
+                     images=args.images, workers=fit_workers(args.workers),
+                     log=lambda line: print(line, file=sys.stderr))
     print(f"wrote {', '.join(map(str, written))}", file=sys.stderr)
     return 0
 
@@ -439,16 +440,12 @@ def embed_parser() -> argparse.ArgumentParser:
     return p
 
 
+@_entry_point
 def embed_main(argv: list[str] | None = None) -> int:
     args = embed_parser().parse_args(argv)
-    try:
-        data = resolve_data(args.data, cache_dir_beside(args.output), progress=args.progress)
-        n, dim = embed(args.checkpoint, data, args.output, arch=args.arch, trust=args.trust_checkpoint,
-                       device=args.device, batch_size=args.batch_size, workers=fit_workers(args.workers),
-                       progress=args.progress)
-    except KeyboardInterrupt:
-        return 130
-    except KNOWN_ERRORS as e:
-        return _fail(str(e).strip("'\""))
+    data = resolve_data(args.data, cache_dir_beside(args.output), progress=args.progress)
+    n, dim = embed(args.checkpoint, data, args.output, arch=args.arch, trust=args.trust_checkpoint,
+                   device=args.device, batch_size=args.batch_size, workers=fit_workers(args.workers),
+                   progress=args.progress)
     print(f"wrote {args.output}: {n} x {dim} float32, L2-normalised", file=sys.stderr)
     return 0
