@@ -28,14 +28,14 @@ from fastseed.provenance import append_row, provenance
 from fastseed.teachers import load_teacher
 
 
-def official_vits14_file(path: Path, seed: int = 0) -> None:
-    """dinov2_vits14_pretrain.pth's keys and shapes (timm's converter maps them; mask_token and a
+def official_dinov2_file(path: Path, timm_name: str = "vit_small_patch14_dinov2", seed: int = 0) -> None:
+    """dinov2_vit*14_pretrain.pth's keys and shapes (timm's converter maps them; mask_token and a
     518-px position grid as the release), random values."""
     with torch.device("meta"):
-        ref = timm.create_model("vit_small_patch14_dinov2", num_classes=0)
+        ref = timm.create_model(timm_name, num_classes=0)
     g = torch.Generator().manual_seed(seed)
     state = {k: torch.randn(v.shape, generator=g) * 0.02 for k, v in ref.state_dict().items()}
-    state["mask_token"] = torch.zeros(1, 384)
+    state["mask_token"] = torch.zeros(1, ref.num_features)
     torch.save(state, path)
 
 
@@ -54,7 +54,7 @@ def _sync(device):
 def run(*, res=224, batch=32, repeats=5, warmup=1, device="cpu"):
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "dinov2_vits14_pretrain.pth"
-        official_vits14_file(path)
+        official_dinov2_file(path)
         ours = load_teacher("dinov2_vits14", str(path), res=res).model
         theirs = timm_vits14(path, res)
     dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
@@ -101,7 +101,7 @@ def test_teacher_forward_speed(benchmark):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "dinov2_vits14_pretrain.pth"
-        official_vits14_file(path)
+        official_dinov2_file(path)
         model = load_teacher("dinov2_vits14", str(path), res=56).model.to(device)
     x = torch.randn(4, 3, 56, 56, device=device)
 

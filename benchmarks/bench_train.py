@@ -28,6 +28,8 @@ from bench_data import jpeg_set, shm_prefetch  # the same synthetic JPEGs as the
 from fastseed.provenance import provenance
 
 PAIRS = [("resnet50", "resnet18"), ("resnet50", "efficientnet_b0"), ("resnet50", "mobilenetv3_large_100")]
+# a DINOv2 teacher by its hub name, built by timm under this name in the official-style loop
+DINO_TIMM = {"dinov2_vits14": "vit_small_patch14_dinov2", "dinov2_vitb14": "vit_base_patch14_dinov2"}
 TINY_PAIRS = [("resnet10t", "resnet10t")]
 
 
@@ -67,14 +69,18 @@ def official_loop(teacher_arch, student_arch, image_dir, *, batch, res, queue, s
     loader = torch.utils.data.DataLoader(ImageFolder(str(image_dir), aug), batch_size=batch, shuffle=True,
                                          num_workers=workers, pin_memory=device.type == "cuda", drop_last=True,
                                          persistent_workers=workers > 0, prefetch_factor=prefetch)
-    teacher = timm.create_model(teacher_arch, num_classes=128).to(device).eval()
+    teacher = (timm.create_model(DINO_TIMM[teacher_arch], num_classes=0, img_size=res) if teacher_arch in DINO_TIMM
+               else timm.create_model(teacher_arch, num_classes=128)).to(device).eval()
     student = timm.create_model(student_arch, num_classes=0)
     head = torch.nn.Sequential(torch.nn.Linear(student.num_features, student.num_features), torch.nn.ReLU(),
                                torch.nn.Linear(student.num_features, 128))
     model = torch.nn.Sequential(student, head).to(device)
     opt = torch.optim.SGD(model.parameters(), lr=0.03, momentum=0.9, weight_decay=1e-4)
     scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda")
-    q = F.normalize(torch.randn(queue, 128, device=device), dim=1)
+    dim = 128 if teacher_arch not in DINO_TIMM else teacher.num_features
+    if dim != 128:  # the student's head regresses into the teacher's space
+        head[-1] = torch.nn.Linear(student.num_features, dim).to(device)
+    q = F.normalize(torch.randn(queue, dim, device=device), dim=1)
     ptr = torch.zeros(1, dtype=torch.long, device=device)
     it = iter(loader)
 
@@ -111,7 +117,7 @@ def fastseed_run(teacher_ckpt, teacher_arch, student_arch, beton, *, batch, res,
     from fastseed.train import prepare, train_step
 
     cfg = Config(method="seed", arch=student_arch, teacher_arch=teacher_arch, distill=str(teacher_ckpt),
-                 teacher_use_head=True, data=str(beton), res=res, batch_size=batch, queue_size=queue,
+                 teacher_use_head=teacher_arch not in DINO_TIMM, data=str(beton), res=res, batch_size=batch, queue_size=queue,
                  workers=workers, device=device.type, compile="on" if compile_ else "off",
                  output=tempfile.mkdtemp(), progress=False, epochs=10**6)
     run = prepare(cfg)
@@ -142,8 +148,13 @@ def fastseed_run(teacher_ckpt, teacher_arch, student_arch, beton, *, batch, res,
 
 
 def teacher_checkpoint(arch: str, path: Path) -> Path:
-    """A MoCo-style projection teacher (random weights: speed does not depend on them)."""
+    """A MoCo-style projection teacher, or a DINOv2 one in its hub file's layout (random weights:
+    speed does not depend on them)."""
     import timm
+    if arch in DINO_TIMM:
+        from bench_teachers import official_dinov2_file
+        official_dinov2_file(path, DINO_TIMM[arch])
+        return path
     m = timm.create_model(arch, num_classes=0)
     d = m.num_features
     state = {f"module.encoder_q.{k}": v for k, v in m.state_dict().items()}

@@ -433,6 +433,88 @@ def step_demo(ctx: Ctx) -> dict:
     return {"stdout": "\n".join(lines[-200:]), "table": "\n".join(table)}
 
 
+def _workers_of(agent_pid: int) -> dict[str, int]:
+    """torchrun's worker processes under `agent_pid`, by LOCAL_RANK."""
+    def children(pid):
+        kids = []
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            try:
+                kids += [int(k) for k in (task / "children").read_text().split()]
+            except OSError:
+                pass
+        return kids + [g for k in kids for g in children(k)]
+    found = {}
+    for pid in children(agent_pid):
+        try:
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        rank = next((e.split(b"=", 1)[1].decode() for e in env if e.startswith(b"LOCAL_RANK=")), None)
+        if rank is not None:
+            found.setdefault(rank, pid)
+    return found
+
+
+def step_restart(ctx: Ctx) -> dict:
+    """Kill one of two ranks mid-run under `torchrun --max-restarts 1` and time the restarted
+    group back to a logged step (it resumes by itself from the last checkpoint). Needs two
+    devices: on a machine with one it says so and runs nothing (two NCCL ranks cannot share a
+    GPU). The dry run does it on the CPU with two gloo ranks."""
+    import torch
+
+    n = torch.cuda.device_count() if not ctx.dry else 0
+    if not ctx.dry and n < 2:
+        return {"devices": n, "note": f"single device ({n} CUDA device): the kill/restart of one of several ranks "
+                                      "needs two; tests/test_cluster.py does it on the CPU with gloo ranks",
+                "table": f"not run: {n} CUDA device on this machine"}
+    bin_dir = ctx.site / "bin"
+    work = ctx.scratch / "restart"
+    (work / "data").mkdir(parents=True, exist_ok=True)
+    beton = work / "data" / "train_2048.beton"
+    if not beton.is_file():
+        subprocess.run([str(bin_dir / "fastseed-prep"), "fashion-mnist:train", str(beton), "--subset", "2048",
+                        "--no-progress"], cwd=work, check=True)
+    out = work / "run"
+    shutil.rmtree(out, ignore_errors=True)
+    steps = 24
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "--max-restarts", "1", str(bin_dir / "fastseed-train"), "--data", str(beton), "--output", str(out),
+           "-a", "resnet18", "-k", "efficientnet_lite0", "--res", "32", "--teacher-res", "48", "-b", "64",
+           "--max-steps", str(steps), "--ckpt-every", "10", "--log-every", "1", "--knn-every", "0",
+           "--no-progress", "--device", ctx.device, "--workers", "2"]
+    metrics = out / "metrics.jsonl"
+
+    def logged() -> list[dict]:
+        try:
+            return [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
+        except (OSError, json.JSONDecodeError):
+            return []
+
+    agent = subprocess.Popen(cmd, cwd=work, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                             env=dict(os.environ, OMP_NUM_THREADS="1"))
+    deadline = time.monotonic() + (DRY_CAP_S if ctx.dry else 150)
+    while not any(r.get("step", 0) > 12 and "loss" in r for r in logged()):  # past the first checkpoint
+        if agent.poll() is not None or time.monotonic() > deadline:
+            agent.kill()
+            return {"failed": "the run ended or stalled before step 12: " + (agent.stderr.read() or "")[-500:]}
+        time.sleep(0.05)
+    victim = _workers_of(agent.pid)["1"]
+    killed_wall = time.time()
+    os.kill(victim, signal.SIGKILL)
+    _, stderr = agent.communicate(timeout=max(10.0, deadline - time.monotonic()))
+    after = [r for r in logged() if "loss" in r and r.get("time", 0) > killed_wall]
+    resumed = [x for x in stderr.splitlines() if "resumed from" in x]
+    if agent.returncode or not after or not resumed:
+        return {"failed": f"torchrun exited {agent.returncode}; resumed lines {len(resumed)}; "
+                          f"steps logged after the kill {len(after)}: {stderr[-500:]}"}
+    back_s = min(r["time"] for r in after) - killed_wall
+    row = {"devices": n or "2 gloo ranks (CPU)", "kill_to_first_step_s": round(back_s, 1),
+           "resumed": resumed[0].strip(), "final_step": max(r["step"] for r in after)}
+    ctx.record(row=row)
+    return {**row, "table": md_table(["devices", "SIGKILL -> first logged step s", "resumed", "last step"],
+                                     [[row["devices"], row["kill_to_first_step_s"], row["resumed"], row["final_step"]]])}
+
+
 def run_optional(script: str, args: list[str]) -> Callable[[Ctx], dict]:
     """A benchmark another change adds, in its program mode (`--out FILE`, JSON)."""
     def step(ctx: Ctx) -> dict:
@@ -520,6 +602,13 @@ STEPS = [
     Step("i-train-pairs", train_pairs([("resnet50", "efficientnet_b0"), ("resnet50", "mobilenetv3_large_100")]),
          150, 240, "two more students, a cold compile each (60-90 s); ResNet-50's forward from the on-disk "
          "Inductor cache f-train filled (~15 s)", compiles=True, dry_as="f-train"),
+    Step("l-vit-teacher", train_pairs([("dinov2_vitb14", "resnet18")]), 100, 180,
+         "DINOv2 ViT-B/14 (random weights, hub layout) -> ResNet-18 at 224 px: a cold compile of the ViT's forward "
+         "(30-60 s); the student's step from the on-disk Inductor cache f-train filled; f-train's ResNet-50 row is "
+         "the figure to compare", compiles=True, dry_as="f-train"),
+    Step("m-restart", step_restart, 5, 150,
+         "one CUDA device: says so and ends (~5 s); with two: a 2-rank run of 24 steps at 32 px, one rank "
+         "SIGKILLed after step 12, torchrun's restart and resume (~60 s)"),
     Step("j-cache", run_optional("bench_cache.py", ["--res", "224", "--device", "cuda", "--epochs", "1",
                                                     "--compile", "off"]), 60, 120,
          "eager ResNet-50 -> ResNet-18 at 224 px: cache build of 8192 images, both loaders, 5 rounds of training",
@@ -549,7 +638,8 @@ CALLS = {
     1: Call(["a-environment", "b-correctness", "c-kernels", "d-no-host-sync", "e-knn"], 270,
             "the fused kernels' correctness and figures, a step with no host sync, the k-NN target"),
     2: Call(["f-train", "g-demo"], 300, "end to end with one pair (the headline pair), then the demo"),
-    3: Call(["h-data", "i-train-pairs", "j-cache", "k-multi"], 420, "the rest, in a window with time left"),
+    3: Call(["l-vit-teacher", "m-restart", "h-data", "i-train-pairs", "j-cache", "k-multi"], 420,
+            "the rest, in a window with time left: the ViT teacher and the restart first"),
 }
 
 
