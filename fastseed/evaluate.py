@@ -38,8 +38,12 @@ def extract_features(model: nn.Module, loader: Iterable, *, device: torch.device
     model.eval()
     autocast = dtype != torch.float32
     feats, labels = [], []
+    # The iterator is made outside inference mode: an FFCV loader allocates its batch buffers
+    # there, and its thread (which inference mode, being thread-local, does not cover) writes into
+    # them; inference tensors would refuse those in-place writes.
+    batches = iter(loader)
     with torch.inference_mode():
-        for images, target in loader:
+        for images, target in batches:
             images = images.to(device, non_blocking=True)
             if transform is not None:
                 images = transform(images)

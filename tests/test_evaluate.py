@@ -155,3 +155,41 @@ def test_linear_probe_seed_protocol():
     assert out["linear_top1"] > 90.0
     with pytest.raises(ValueError):
         linear_probe(x, y, x, y, protocol="dino")
+
+
+class _ThreadFilledLoader:
+    """An FFCV loader's shape: `iter()` allocates the batch buffer in the calling thread, and
+    a worker thread (outside any inference mode: it is thread-local) fills it in place."""
+
+    def __init__(self, batches: int):
+        self.batches = batches
+
+    def __iter__(self):
+        import threading
+        buffer, errors = torch.empty(4, 3), []  # here, at iter(), as FFCV's EpochIterator does
+        return self._batches(buffer, errors)
+
+    def _batches(self, buffer, errors):
+        import threading
+
+        def fill(v: float) -> None:
+            try:
+                buffer.copy_(torch.full((4, 3), v))
+            except RuntimeError as e:
+                errors.append(e)
+
+        for i in range(self.batches):
+            worker = threading.Thread(target=fill, args=(float(i),))
+            worker.start()
+            worker.join()
+            if errors:
+                raise errors[0]
+            yield buffer.clone(), torch.zeros(4, dtype=torch.long)
+
+
+def test_extract_features_starts_the_loader_outside_inference_mode():
+    # On the H200 the demo's k-NN stalled: FFCV's buffers were made inside inference_mode and
+    # its thread's copy_ into them raised (here re-raised in the caller).
+    feats, labels = extract_features(nn.Identity(), _ThreadFilledLoader(3), device="cpu")
+    assert feats.shape == (12, 3) and labels.shape == (12,)
+    assert feats[:4].eq(0).all() and feats[8:].eq(2).all()

@@ -507,3 +507,22 @@ def test_bundled_efficientnet_lite0():
     logits = classifier(x)
     assert torch.equal(logits, classifier.classifier(feats))  # same trunk, real classifier on top
     assert torch.isfinite(logits).all() and logits.softmax(-1).max() > 1.0 / 1000
+
+
+def test_a_teacher_compiled_by_torch_compile_runs():
+    # On the H200, `self.fn or self.model` raised: a compiled module's bool() goes through
+    # OptimizedModule.__len__, which refuses a module without a length.
+    from helpers import frozen_teacher
+    class Flat(nn.Module):  # no __len__, as a teacher (nn.Sequential would have one)
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3 * 4 * 4, 5)
+
+        def forward(self, x):
+            return self.fc(x.flatten(1))
+
+    teacher = frozen_teacher(Flat().eval(), dim=5)
+    teacher.prepare(torch.device("cpu"), channels_last=False,
+                    compile_fn=lambda m: torch.compile(m, backend="eager"))
+    x = torch.randn(2, 3, 4, 4)
+    assert torch.allclose(teacher(x), teacher.model(x))

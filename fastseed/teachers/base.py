@@ -82,8 +82,10 @@ class TeacherBundle:
         return self
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        # `is None`, not `or`: a compiled module (OptimizedModule) raises on bool(), through __len__
+        fn = self.fn if self.fn is not None else self.model
         with torch.inference_mode():
-            t = (self.fn or self.model)(resize(x, self.res))
+            t = fn(resize(x, self.res))
         # inference tensors cannot be saved for backward; the loss keeps t for its backward
         return t.clone()
 
