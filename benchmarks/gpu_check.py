@@ -331,13 +331,42 @@ def step_kernels(ctx: Ctx) -> dict:
             rows.append(row)
     if ctx.dry:
         ctx.record(note="impl compiled: skipped: no CUDA (compiling the reference takes minutes on 2 cores)")
+    profile = _fused_profile(bk, ctx)
     floors = sorted({key for r in rows for key in r if key.startswith("floor")})
     table = md_table(["D", "impl", "eager µs", "CUDA graph µs", "× vs eager", "peak extra MiB", "loss rel err",
                       "grad cos", *floors],
                      [[r["D"], r["impl"], r["us"], r["graph_us"], r.get("x_vs_eager"),
                        None if r["peak_extra_bytes"] is None else r["peak_extra_bytes"] / 2**20,
                        r["loss_rel_err"], r["grad_cos"], *(r.get(f) for f in floors)] for r in rows])
-    return {"table": table, "failed": "; ".join(errors) or None}
+    return {"table": table + "\n\n" + profile, "failed": "; ".join(errors) or None}
+
+
+def _fused_profile(bk, ctx: Ctx) -> str:
+    """Where the fused loss's forward+backward spends its time, host and device, at B 256,
+    K 65536, D 128, bf16 (torch.profiler, 20 steps after 5): the H200's first run timed it at
+    1385 µs eagerly but 116 µs as a CUDA graph, so most of an eager step was the host's."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    b, k = (8, 96) if ctx.dry else (256, 65536)
+    fn = bk.impls(ctx.device)["fused"]
+    s, t, q = bk.make_inputs(b, k, 128, ctx.device, torch.bfloat16 if not ctx.dry else torch.float32)
+    for _ in range(5):
+        bk.step(fn, s, t, q)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if not ctx.dry else [])
+    with profile(activities=acts) as prof:
+        for _ in range(20):
+            bk.step(fn, s, t, q)
+        if not ctx.dry:
+            torch.cuda.synchronize()
+    averages = prof.key_averages()
+    rows = sorted(averages, key=lambda e: e.self_cpu_time_total, reverse=True)[:15]
+    device_us = lambda e: getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0))
+    ctx.record(profile=[{"name": e.key, "calls": e.count, "self_cpu_us": e.self_cpu_time_total / 20,
+                         "self_device_us": device_us(e) / 20} for e in rows])
+    return "fused loss, one forward+backward (torch.profiler, mean of 20):\n\n" + md_table(
+        ["op", "calls / step", "self CPU µs / step", "self device µs / step"],
+        [[e.key[:60], e.count / 20, e.self_cpu_time_total / 20, device_us(e) / 20] for e in rows])
 
 
 def _graph_us(bk, row) -> float | str:
