@@ -634,24 +634,24 @@ STEPS = [
     Step("g-demo", step_demo, 100, 170,
          "fastseed-train with no arguments: three Fashion-MNIST betons (~15 s), cold compiles of Lite0 at 48 px and "
          "ResNet-18 at 32 px (~40 s), 500 steps of 128 (~30 s), its k-NN evaluations (~10 s)"),
-    Step("h-data", step_data, 40, 100,
-         "the JPEGs of f-train reused; one warm-up and 2 timed epochs of 3840 images each way, the torchvision "
-         "loader's 16 worker starts (~5 s)"),
-    Step("i-train-pairs", train_pairs([("resnet50", "efficientnet_b0"), ("resnet50", "mobilenetv3_large_100")]),
-         150, 240, "two more students, a cold compile each (60-90 s); ResNet-50's forward from the on-disk "
-         "Inductor cache f-train filled (~15 s)", compiles=True, dry_as="f-train"),
-    Step("l-vit-teacher", train_pairs([("dinov2_vitb14", "resnet18")]), 100, 180,
+    Step("h-vit-teacher", train_pairs([("dinov2_vitb14", "resnet18")]), 100, 180,
          "DINOv2 ViT-B/14 (random weights, hub layout) -> ResNet-18 at 224 px: a cold compile of the ViT's forward "
          "(30-60 s); the student's step from the on-disk Inductor cache f-train filled; f-train's ResNet-50 row is "
          "the figure to compare", compiles=True, dry_as="f-train"),
-    Step("m-restart", step_restart, 5, 150,
+    Step("i-restart", step_restart, 5, 150,
          "one CUDA device: says so and ends (~5 s); with two: a 2-rank run of 24 steps at 32 px, one rank "
          "SIGKILLed after step 12, torchrun's restart and resume (~60 s)"),
-    Step("j-cache", run_optional("bench_cache.py", ["--res", "224", "--device", "cuda", "--epochs", "1",
+    Step("j-data", step_data, 40, 100,
+         "the JPEGs of f-train reused; one warm-up and 2 timed epochs of 3840 images each way, the torchvision "
+         "loader's 16 worker starts (~5 s)"),
+    Step("k-train-pairs", train_pairs([("resnet50", "efficientnet_b0"), ("resnet50", "mobilenetv3_large_100")]),
+         150, 240, "two more students, a cold compile each (60-90 s); ResNet-50's forward from the on-disk "
+         "Inductor cache f-train filled (~15 s)", compiles=True, dry_as="f-train"),
+    Step("l-cache", run_optional("bench_cache.py", ["--res", "224", "--device", "cuda", "--epochs", "1",
                                                     "--compile", "off"]), 60, 120,
          "eager ResNet-50 -> ResNet-18 at 224 px: cache build of 8192 images, both loaders, 5 rounds of training",
          needs="benchmarks/bench_cache.py", cuda_only=True),
-    Step("k-multi", run_optional("bench_multi.py", ["--res", "224", "--device", "cuda"]), 60, 120,
+    Step("m-multi", run_optional("bench_multi.py", ["--res", "224", "--device", "cuda"]), 60, 120,
          "one joint and three solo runs at 224 px, each compiled", needs="benchmarks/bench_multi.py",
          cuda_only=True),
 ]
@@ -676,7 +676,7 @@ CALLS = {
     1: Call(["a-environment", "b-correctness", "c-kernels", "d-no-host-sync", "e-knn"], 270,
             "the fused kernels' correctness and figures, a step with no host sync, the k-NN target"),
     2: Call(["f-train", "g-demo"], 300, "end to end with one pair (the headline pair), then the demo"),
-    3: Call(["l-vit-teacher", "m-restart", "h-data", "i-train-pairs", "j-cache", "k-multi"], 420,
+    3: Call(["h-vit-teacher", "i-restart", "j-data", "k-train-pairs", "l-cache", "m-multi"], 420,
             "the rest, in a window with time left: the ViT teacher and the restart first"),
 }
 
