@@ -128,3 +128,19 @@ def test_an_index_that_names_code_is_refused_and_nothing_runs(tmp_path, monkeypa
     with pytest.raises(TrainingError, match="posix.system.*runs code from the file: not loaded"):
         read_checkpoint(run / "checkpoint_last.dcp")
     assert not (tmp_path / "pwned").exists()
+
+
+def test_a_mid_epoch_checkpoint_resumes_only_on_as_many_ranks_as_wrote_it():
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from fastseed.checkpoint import _check_position
+    mid = {"fastseed": {"step": 6, "epoch": 1, "batch_in_epoch": 2}, "rng": [None]}  # of 1 rank
+    end = {"fastseed": {"step": 8, "epoch": 2, "batch_in_epoch": 0}, "rng": [None]}
+    two, one = (SimpleNamespace(steps_per_epoch=4, env=Env(world=w)) for w in (2, 1))
+    with pytest.raises(TrainingError, match="middle of epoch 1 of a 1-rank run.*resume it on 1 rank"):
+        _check_position(mid, Path("ckpt"), two)
+    _check_position(mid, Path("ckpt"), one)
+    _check_position(end, Path("ckpt"), two)  # an epoch's end: any number of ranks
+    with pytest.raises(TrainingError, match="5 batches per epoch put at epoch 1, batch 1"):
+        _check_position(mid, Path("ckpt"), SimpleNamespace(steps_per_epoch=5, env=Env()))
