@@ -8,6 +8,13 @@ journal (`commit_all`, `finish_commit`), so a kill never leaves files of two dif
 A checkpoint (`checkpoint_state`) holds one student: backbone, head, the queue buffers, the
 optimizer, step and data position, every rank's RNG state, the teacher's identity and the
 config. `resume(run)` restores every student of a run and returns the step to go on from.
+
+Two layouts. One file, `checkpoint_last.pt`, written by the main rank (one process, DDP). Under
+FSDP2 (`runtime.sharded`) a folder, `checkpoint_last.dcp/`, written with
+torch.distributed.checkpoint: every rank writes its own shards of the model and optimizer
+(`__<rank>_0.distcp`; nothing is gathered to any rank), rank 0 writes DCP's index (`.metadata`)
+and the run's other state (`fastseed.pt`: the same entries as the file, less the tensors).
+Either layout resumes at any world size, with or without FSDP (DCP reshards on load).
 """
 from __future__ import annotations
 
@@ -17,6 +24,7 @@ import os
 import pickle
 import random
 import re
+import shutil
 import sys
 from pathlib import Path
 
@@ -26,10 +34,12 @@ import torch.distributed as dist
 
 from fastseed.config import Config
 from fastseed.errors import CheckpointReadError, TrainingError
-from fastseed.runtime import Env, restart_count, sharded
+from fastseed.runtime import Env, restart_count, seed_everything, sharded
 
 CHECKPOINT_VERSION = 1
 COMMIT_JOURNAL = "checkpoint_commit.pt"
+DCP_SUFFIX = ".dcp"       # checkpoint_last.pt's sharded twin is the folder checkpoint_last.dcp
+RUN_STATE = "fastseed.pt"  # in a DCP folder: everything of the checkpoint but the model's and optimizer's tensors
 STOP_MARKER = "stopped.txt"  # why the run stopped for good (NaN/inf): no automatic restart goes on
 
 
@@ -99,13 +109,14 @@ def _write_temp(obj, path: Path) -> Path:
 
 
 def commit_all(temps: list[tuple[Path, Path]], journal: Path) -> None:
-    """Rename written temp files (temp, target) into place as one step. With several, a journal
-    naming them is saved first (atomically): a kill between two renames leaves it, and
-    `finish_commit` completes the renames at the next start, so the targets never mix steps."""
-    if len(temps) > 1:
+    """Rename written temps (temp, target) into place as one step. With several, or a folder
+    (which takes two renames: the old one aside, the new one in), a journal naming them is saved
+    first (atomically): a kill between two renames leaves it, and `finish_commit` completes the
+    renames at the next start, so the targets never mix steps."""
+    if len(temps) > 1 or any(Path(t).is_dir() for t, _ in temps):
         atomic_save([[str(t), str(p)] for t, p in temps], journal)
     for tmp, path in temps:
-        os.replace(tmp, path)
+        _replace(Path(tmp), Path(path))
     journal.unlink(missing_ok=True)
 
 
@@ -114,9 +125,35 @@ def finish_commit(journal: Path) -> None:
     if not journal.is_file():
         return
     for tmp, path in torch.load(journal, weights_only=True):
-        if Path(tmp).is_file():
-            os.replace(tmp, path)
+        if Path(tmp).exists():
+            _replace(Path(tmp), Path(path))
+        _remove(_aside(Path(path)))
     journal.unlink()
+
+
+def _replace(tmp: Path, path: Path) -> None:
+    """os.replace, also of a folder over a folder: the old one is renamed aside first (rename
+    cannot replace a non-empty folder) and removed once the new one is in place."""
+    if not (tmp.is_dir() and path.is_dir()):
+        os.replace(tmp, path)
+        return
+    old = _aside(path)
+    _remove(old)
+    os.replace(path, old)
+    os.replace(tmp, path)
+    _remove(old)
+
+
+def _aside(path: Path) -> Path:
+    return path.with_name(f".{path.name}.old")
+
+
+def _remove(path: Path) -> None:
+    """Delete a file or a folder tree, if there."""
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def _dtype_aliases(obj) -> list[str]:
@@ -158,16 +195,6 @@ def _set_rng_state(state: dict, aug_gen: torch.Generator) -> None:
     aug_gen.set_state(state["augment"])
 
 
-def _full_state(method, optimizer, cfg: Config, env: Env) -> tuple[dict, dict]:
-    """Whole (unsharded) model and optimizer state: FSDP2 shards are gathered (every rank must
-    call this), so the model state loads on any number of ranks, with or without FSDP; the
-    optimizer state (keyed by parameter name under FSDP) resumes under FSDP."""
-    if not sharded(cfg, env):
-        return method.state_dict(), optimizer.state_dict()
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
-    return get_state_dict(method, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
 def save_checkpoint(path: Path, **state) -> None:
     """One student's checkpoint (`checkpoint_state`), written atomically by the main rank."""
     ckpt = checkpoint_state(**state)
@@ -175,16 +202,15 @@ def save_checkpoint(path: Path, **state) -> None:
         atomic_save(ckpt, path)
 
 
-def checkpoint_state(*, cfg: Config, env: Env, method, optimizer, scaler, step: int, epoch: int,
-                     batch_in_epoch: int, teacher_info, aug_gen, mean_std) -> dict | None:
-    """Student, head, queue + pointer, optimizer, step, data position, every rank's RNG. Every
-    rank calls it (it gathers); the main rank gets the dict, the others None."""
+def _run_state(*, cfg: Config, env: Env, scaler, step: int, epoch: int, batch_in_epoch: int, teacher_info,
+               aug_gen, mean_std) -> dict | None:
+    """Everything of a checkpoint but the model's and optimizer's tensors. Every rank calls it
+    (it gathers every rank's RNG state); the main rank gets the dict, the others None."""
     rngs = [None] * env.world
     if env.world > 1:
         dist.all_gather_object(rngs, _rng_state(aug_gen))
     else:
         rngs = [_rng_state(aug_gen)]
-    state, optim_state = _full_state(method, optimizer, cfg, env)  # collective under FSDP
     if not env.main:
         return None
     return {
@@ -193,37 +219,107 @@ def checkpoint_state(*, cfg: Config, env: Env, method, optimizer, scaler, step: 
                      "mean": mean_std[0], "std": mean_std[1], "arch": cfg.arch, "method": cfg.method,
                      "augment": cfg.aug},
         "config": cfg.to_dict() | {"mean": list(mean_std[0]), "std": list(mean_std[1])},
-        "student": {k.removeprefix("student."): v for k, v in state.items() if k.startswith("student.")},
-        "head": {k.removeprefix("head."): v for k, v in state.items() if k.startswith("head.")},
-        "buffers": {k: v for k, v in state.items() if not k.startswith(("student.", "head."))},
-        "optimizer": optim_state,
         "scaler": scaler.state_dict() if scaler is not None else None,
         "rng": rngs,
     }
 
 
+def _with_tensors(run_state: dict, state: dict, optim_state: dict) -> dict:
+    """The one-file checkpoint: `run_state` with the model's state split into student, head and
+    buffers, and the optimizer's, in the file's order of entries."""
+    return {
+        "fastseed": run_state["fastseed"], "config": run_state["config"],
+        "student": {k.removeprefix("student."): v for k, v in state.items() if k.startswith("student.")},
+        "head": {k.removeprefix("head."): v for k, v in state.items() if k.startswith("head.")},
+        "buffers": {k: v for k, v in state.items() if not k.startswith(("student.", "head."))},
+        "optimizer": optim_state, "scaler": run_state["scaler"], "rng": run_state["rng"],
+    }
+
+
+def checkpoint_state(*, cfg: Config, env: Env, method, optimizer, **run) -> dict | None:
+    """Student, head, queue + pointer, optimizer, step, data position, every rank's RNG (`run`:
+    `_run_state`'s arguments). Every rank calls it (it gathers); the main rank gets the dict."""
+    if sharded(cfg, env):  # a sharded state is written by every rank: `save_checkpoints`
+        raise TrainingError("an FSDP2-sharded student's checkpoint is a DCP folder: save it with save_checkpoints")
+    run_state = _run_state(cfg=cfg, env=env, **run)
+    if run_state is None:
+        return None
+    return _with_tensors(run_state, method.state_dict(), optimizer.state_dict())
+
+
+def dcp_folder(path: Path) -> Path:
+    """The sharded (DCP) checkpoint folder of a checkpoint file's path."""
+    return Path(path).with_suffix(DCP_SUFFIX)
+
+
+def _write_dcp_temp(path: Path, *, cfg: Config, env: Env, method, optimizer, **run) -> Path:
+    """A sharded checkpoint in a temp folder beside `dcp_folder(path)`, for the main rank to
+    rename into place; every rank calls it. Each rank writes only its own shards: the state
+    dict holds the FSDP2 DTensor shards (full_state_dict=False), nothing is gathered."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import FileSystemWriter
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+    folder = dcp_folder(path)
+    tmp = folder.with_name(f".{folder.name}.tmp")  # one name every rank agrees on
+    run_state = _run_state(cfg=cfg, env=env, **run)  # collective
+    if env.main:
+        _remove(tmp)  # what a save killed half-way left
+        tmp.mkdir()
+    if env.world > 1:
+        dist.barrier()
+    model_state, optim_state = get_state_dict(method, optimizer, options=StateDictOptions(full_state_dict=False))
+    # collective: returns once every rank's shards are written (and fsynced) and rank 0 has
+    # written the index of them all
+    dcp.save({"model": model_state, "optimizer": optim_state}, storage_writer=FileSystemWriter(tmp),
+             no_dist=env.world == 1)
+    if env.main:
+        atomic_save(run_state, tmp / RUN_STATE)  # last: a folder with it is whole
+    return tmp
+
+
 def save_checkpoints(run, step: int, epoch: int, batch_in_epoch: int) -> None:
-    """Every live student's checkpoint (its solo run's file), committed together. `run` is a
-    fastseed.train.Run: its students, env, cfg, teacher_info, aug_gen and mean_std are read."""
-    temps = []
+    """Every live student's checkpoint (its solo run's file, or folder under FSDP2), committed
+    together. `run` is a fastseed.train.Run: its students, env, cfg, teacher_info, aug_gen and
+    mean_std are read.
+
+    Atomic under FSDP2 too: every rank writes into `.checkpoint_last.dcp.tmp`, which no resume
+    reads; after `dcp.save` returned on every rank (it ends in a collective) and rank 0 wrote
+    fastseed.pt last, rank 0 renames the folder into place through the commit journal
+    (`commit_all`: the old folder aside, the new one in, the old one deleted; a kill between
+    the renames is completed by `finish_commit` at the next start). A kill before that leaves
+    the previous checkpoint as it was. A barrier keeps every rank until the rename is done."""
+    temps, env = [], run.env
     try:
         for s in run.students.live:
-            ckpt = checkpoint_state(cfg=s.cfg, env=run.env, method=s.method, optimizer=s.optimizer,
-                                    scaler=s.scaler, step=step, epoch=epoch, batch_in_epoch=batch_in_epoch,
-                                    teacher_info=run.teacher_info, aug_gen=run.aug_gen, mean_std=run.mean_std)
+            state = dict(cfg=s.cfg, env=env, method=s.method, optimizer=s.optimizer, scaler=s.scaler, step=step,
+                         epoch=epoch, batch_in_epoch=batch_in_epoch, teacher_info=run.teacher_info,
+                         aug_gen=run.aug_gen, mean_std=run.mean_std)
+            if sharded(s.cfg, env):
+                tmp = _write_dcp_temp(s.checkpoint_path, **state)
+                if env.main:
+                    temps.append((tmp, dcp_folder(s.checkpoint_path)))
+                continue
+            ckpt = checkpoint_state(**state)
             if ckpt is not None:
                 temps.append((_write_temp(ckpt, s.checkpoint_path), s.checkpoint_path))
-        if run.env.main:
+        if env.main:
             commit_all(temps, run.cfg.out_dir / COMMIT_JOURNAL)
+        if env.world > 1 and any(sharded(s.cfg, env) for s in run.students.live):
+            dist.barrier()
     except BaseException:
         for tmp, _ in temps:
-            tmp.unlink(missing_ok=True)
+            _remove(tmp)
         raise
 
 
 def read_checkpoint(path: str | Path, trust: bool = False) -> dict:
-    """A fastseed checkpoint, unpickled without running code from it unless ``trust``."""
+    """A fastseed checkpoint, unpickled without running code from it unless ``trust``. A DCP
+    folder (an FSDP2 run's) is read whole into this one process, as the one file holds it."""
     path = Path(path)
+    if path.is_dir():
+        ckpt = _read_run_state(path, trust)
+        state = _load_dcp(path, None, None)
+        return _with_tensors(ckpt, state["model"], state["optimizer"])
     if not path.is_file():
         raise TrainingError(f"checkpoint {path} does not exist")
     try:
@@ -233,6 +329,77 @@ def read_checkpoint(path: str | Path, trust: bool = False) -> dict:
     if not isinstance(ckpt, dict) or "fastseed" not in ckpt or "student" not in ckpt:
         raise TrainingError(f"{path} is not a fastseed checkpoint (no 'fastseed' entry)")
     return ckpt
+
+
+def _read_run_state(folder: Path, trust: bool) -> dict:
+    """A DCP folder's fastseed.pt (all but the tensors), with the folder under 'dcp'."""
+    path = folder / RUN_STATE
+    if not path.is_file():
+        raise TrainingError(f"{folder} is not a fastseed checkpoint folder (no {RUN_STATE}: a save that "
+                            "was killed, or another program's folder)")
+    try:
+        ckpt = read_file(path, trust)
+    except CheckpointReadError as e:
+        raise TrainingError(str(e)) from None
+    if not isinstance(ckpt, dict) or "fastseed" not in ckpt:
+        raise TrainingError(f"{path} is not a fastseed checkpoint (no 'fastseed' entry)")
+    return ckpt | {"dcp": folder}
+
+
+# DCP's index (.metadata) is a pickle that torch.distributed.checkpoint reads with pickle.load:
+# a folder from elsewhere could run code. `_IndexUnpickler` allows only DCP's own metadata
+# classes, torch's sizes, dtypes and layouts, and a path (the folder it was saved to), as
+# read_file allows only tensors and plain data.
+_INDEX_GLOBALS = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"),
+                  ("pathlib", "WindowsPath"), ("pathlib", "PurePosixPath"), ("collections", "OrderedDict")}
+
+
+class _IndexUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        if (module.startswith("torch.distributed.checkpoint.") or (module, name) in _INDEX_GLOBALS
+                or (module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, torch.memory_format)))):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"it refers to {module}.{name}, which only full unpickling loads, and that "
+                                     "runs code from the file: not loaded")
+
+
+def _index_reader(folder: Path):
+    """A FileSystemReader of `folder` whose index is read here, by `_IndexUnpickler` (a refusal
+    is one TrainingError line, before DCP starts)."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import StorageMeta
+    try:
+        with open(folder / ".metadata", "rb") as f:
+            index = _IndexUnpickler(f).load()
+    except (pickle.UnpicklingError, OSError, EOFError) as e:
+        raise TrainingError(f"cannot read the index of {folder}: {e}") from None
+
+    class IndexReader(FileSystemReader):
+        def read_metadata(self, *args, **kwargs):
+            if getattr(index, "storage_meta", None) is None:
+                index.storage_meta = StorageMeta()
+            index.storage_meta.load_id = self.load_id
+            return index
+
+    return IndexReader(folder)
+
+
+def _load_dcp(folder: Path, method, optimizer) -> dict:
+    """The tensors of a DCP folder: into `method`'s and `optimizer`'s own (sharded or plain)
+    state dicts, so each rank reads only the parts it holds (DCP reshards from any world size);
+    with no method, everything into this one process (what `dcp_to_torch_save` reads)."""
+    import torch.distributed.checkpoint as dcp
+    if method is None:  # what torch's dcp_to_torch_save reads, through the restricted index reader
+        from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+        from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+        state: dict = {}
+        _load_state_dict(state, storage_reader=_index_reader(folder), planner=_EmptyStateDictLoadPlanner(), no_dist=True)
+        return state
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    model_state, optim_state = get_state_dict(method, optimizer)  # the templates DCP fills in place
+    state = {"model": model_state, "optimizer": optim_state}
+    dcp.load(state, storage_reader=_index_reader(folder))
+    return state
 
 
 def restore(ckpt: dict, cfg: Config, method, optimizer, scaler, teacher_info, aug_gen, env: Env) -> dict:
@@ -249,24 +416,59 @@ def restore(ckpt: dict, cfg: Config, method, optimizer, scaler, teacher_info, au
     if (want or {}).get("sha256") != (have or {}).get("sha256"):
         raise TrainingError(f"checkpoint was trained {_keys_from(want)}, this run {_keys_from(have)}: pass the "
                             "same --teacher-cache (or none), or another --output")
-    state = {f"student.{k}": v for k, v in ckpt["student"].items()}
-    state |= {f"head.{k}": v for k, v in ckpt["head"].items()} | ckpt["buffers"]
-    if sharded(cfg, env):
+    if "dcp" in ckpt:  # a sharded checkpoint, into this run's sharded or plain state
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
-        set_state_dict(method, optimizer, model_state_dict=state, optim_state_dict=ckpt["optimizer"],
-                       options=StateDictOptions(full_state_dict=True, strict=True))
+        state = _load_dcp(ckpt["dcp"], method, optimizer)
+        set_state_dict(method, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+                       options=StateDictOptions(strict=True))
     else:
-        method.load_state_dict(state, strict=True)
-        optimizer.load_state_dict(ckpt["optimizer"])
+        state = {f"student.{k}": v for k, v in ckpt["student"].items()}
+        state |= {f"head.{k}": v for k, v in ckpt["head"].items()} | ckpt["buffers"]
+        if sharded(cfg, env) or _by_name(ckpt["optimizer"]):  # every rank keeps its shards; or a converted folder
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+            set_state_dict(method, optimizer, model_state_dict=state,
+                           optim_state_dict=_optim_by_name(ckpt["optimizer"], method, optimizer),
+                           options=StateDictOptions(full_state_dict=True, strict=True))
+        else:
+            method.load_state_dict(state, strict=True)
+            optimizer.load_state_dict(ckpt["optimizer"])
     if scaler is not None and ckpt.get("scaler"):
         scaler.load_state_dict(ckpt["scaler"])
-    rngs = ckpt["rng"]
-    if len(rngs) == env.world:
-        _set_rng_state(rngs[env.rank], aug_gen)
-    elif env.main:
-        print(f"resume: checkpoint has {len(rngs)} ranks' RNG, this run {env.world}: "
-              "augmentation randomness restarts", file=sys.stderr)
+    _restore_rng(ckpt["rng"], cfg, meta["step"], aug_gen, env)
     return meta
+
+
+def _optim_by_name(optim_state: dict, method, optimizer) -> dict:
+    """A plain optimizer state dict (parameters numbered in the order of its param groups, as
+    a one-process or DDP run saves it) keyed by parameter name, as set_state_dict reads it."""
+    if _by_name(optim_state):
+        return optim_state
+    names = {id(p): n for n, p in method.named_parameters()}
+    order = [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
+    number = {i: order[k] for k, i in enumerate(i for g in optim_state["param_groups"] for i in g["params"])}
+    return {"state": {number[i]: v for i, v in optim_state["state"].items()},
+            "param_groups": [g | {"params": [number[i] for i in g["params"]]} for g in optim_state["param_groups"]]}
+
+
+def _by_name(optim_state: dict) -> bool:
+    """Whether an optimizer state dict names its parameters (a DCP folder's, read whole)."""
+    return all(isinstance(p, str) for g in optim_state["param_groups"] for p in g["params"])
+
+
+def _restore_rng(rngs: list, cfg: Config, step: int, aug_gen, env: Env) -> None:
+    """Rank r takes rank r's saved RNG state. A rank the saving run did not have (the world
+    grew) seeds every generator from numpy's SeedSequence of (seed, rank, step): its draws are
+    its own, and neither another rank's nor its own from step 0 again."""
+    if env.rank < len(rngs):
+        _set_rng_state(rngs[env.rank], aug_gen)
+    else:
+        seed = int(np.random.SeedSequence([cfg.seed, env.rank, step]).generate_state(1)[0])
+        seed_everything(seed)
+        aug_gen.manual_seed(seed)
+    if env.main and len(rngs) != env.world:
+        kept = min(len(rngs), env.world)
+        print(f"resume: checkpoint of {len(rngs)} rank(s), this run has {env.world}: ranks 0-{kept - 1} go on with "
+              f"their saved RNG states{'' if kept == env.world else ', the others seed new ones'}", file=sys.stderr)
 
 
 def _keys_from(cache: dict | None) -> str:
@@ -274,12 +476,43 @@ def _keys_from(cache: dict | None) -> str:
 
 
 def find_resume(cfg: Config) -> Path | None:
+    """The checkpoint file or DCP folder a run resumes from. With 'auto', OUTPUT's
+    checkpoint_last.pt or checkpoint_last.dcp; both there (the run changed between FSDP2 and
+    not), the one of the later step. A named file whose DCP folder exists instead: the folder."""
     if cfg.resume is None:
         return None
-    if cfg.resume == "auto":
-        p = cfg.out_dir / "checkpoint_last.pt"
-        return p if p.is_file() else None
-    return Path(cfg.resume)
+    if cfg.resume != "auto":
+        path = Path(cfg.resume)
+        return dcp_folder(path) if not path.exists() and dcp_folder(path).is_dir() else path
+    file, folder = cfg.out_dir / "checkpoint_last.pt", dcp_folder(cfg.out_dir / "checkpoint_last.pt")
+    found = [p for p in (file, folder) if p.is_file() or (p / RUN_STATE).is_file()]
+    if len(found) == 2:
+        steps = [read_checkpoint(file, cfg.trust_checkpoint)["fastseed"]["step"],
+                 _read_run_state(folder, cfg.trust_checkpoint)["fastseed"]["step"]]
+        return found[steps[1] > steps[0]]
+    return found[0] if found else None
+
+
+def _read_for_resume(path: Path, trust: bool) -> dict:
+    """A checkpoint to restore: a file whole; of a DCP folder only fastseed.pt, since each rank
+    reads its own shards of the tensors in `restore`."""
+    return _read_run_state(path, trust) if path.is_dir() else read_checkpoint(path, trust)
+
+
+def _check_position(ckpt: dict, path: Path, run) -> None:
+    """A resumed run goes on from `divmod(step, steps_per_epoch)`: it must be the checkpoint's
+    (epoch, batch). Another world size reads an epoch in another order (each rank its shard of
+    the permutation of seed + epoch): only a checkpoint at an epoch's end resumes on it."""
+    meta, world = ckpt["fastseed"], len(ckpt["rng"])
+    here = divmod(meta["step"], run.steps_per_epoch)
+    if here != (meta["epoch"], meta["batch_in_epoch"]):
+        raise TrainingError(f"{path} is at epoch {meta['epoch']}, batch {meta['batch_in_epoch']} (step {meta['step']}), "
+                            f"which this run's {run.steps_per_epoch} batches per epoch put at epoch {here[0]}, batch "
+                            f"{here[1]}: resume with the run's --batch-size and --data")
+    if world != run.env.world and meta["batch_in_epoch"]:
+        raise TrainingError(f"{path} is in the middle of epoch {meta['epoch']} of a {world}-rank run, whose data "
+                            f"order this {run.env.world}-rank run cannot continue: resume it on {world} rank(s), or "
+                            "from a checkpoint at an epoch's end")
 
 
 def mark_stopped(out_dir: Path, message: str) -> None:
@@ -314,13 +547,14 @@ def resume(run) -> int:
     if missing:
         raise TrainingError(f"no checkpoint of {', '.join(missing)} under {run.cfg.out_dir}, but of the other "
                             "students: resume with that run's -a list, or start these in another --output")
-    ckpts = {s: read_checkpoint(p, run.cfg.trust_checkpoint) for s, p in paths.items()}
+    ckpts = {s: _read_for_resume(p, run.cfg.trust_checkpoint) for s, p in paths.items()}
     step = max(c["fastseed"]["step"] for c in ckpts.values())
     for s, ckpt in ckpts.items():
         meta = ckpt["fastseed"]
         if meta["step"] < step:
             run.students.stale(s, meta["step"], step)
             continue
+        _check_position(ckpt, paths[s], run)
         restore(ckpt, s.cfg, s.method, s.optimizer, s.scaler, run.teacher_info, run.aug_gen, run.env)
         if run.env.main:
             print(f"resumed from {paths[s]} at step {step} (epoch {meta['epoch']}, "

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from fastseed.augment import PRESETS
 from fastseed.cache import TeacherCache, build_cache
+from fastseed.checkpoint import find_resume
 from fastseed.config import Config, demo, fit_workers
 from fastseed.data import check_beton, image_sizes
 from fastseed.data_prep import main as data_prep_main
@@ -116,8 +117,8 @@ def train_parser() -> argparse.ArgumentParser:
     a("--val-data", dest="val_data", help="val .beton (or image folder) for k-NN monitoring")
     a("--knn-bank", dest="knn_bank", help="labelled .beton used as the k-NN memory bank (default --data)")
     a("--output", help="output directory (checkpoints, metrics.jsonl)")
-    a("--resume", help="checkpoint path, or 'auto' for OUTPUT/checkpoint_last.pt (several students: 'auto', or "
-                       "the earlier run's OUTPUT)")
+    a("--resume", help="checkpoint path (a file, or an FSDP2 run's .dcp folder), or 'auto' for OUTPUT's "
+                       "checkpoint_last.pt or .dcp (several students: 'auto', or the earlier run's OUTPUT)")
     a("--lr", type=_floats, help="learning rate (default 0.03 x batch/256); with several students one for all "
                                  "or a comma list, one per student")
     a("-b", "--batch-size", dest="batch_size", type=int, help="global batch size")
@@ -267,7 +268,7 @@ def train_main(argv: list[str] | None = None) -> int:
         return 0
     if out["results"]:
         print_table(out["results"], cfg)
-    ckpts = ", ".join(str(c.out_dir / "checkpoint_last.pt") for c in student_configs(cfg))
+    ckpts = ", ".join(str(find_resume(c.replace(resume="auto"))) for c in student_configs(cfg))
     print(f"done: {out['step']} steps in {time.time() - t0:.0f} s; checkpoint {ckpts}, "
           f"metrics {cfg.out_dir / 'metrics.jsonl'}")
     if out["failed"]:

@@ -30,7 +30,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from fastseed.checkpoint import atomic_save, read_checkpoint
+from fastseed.checkpoint import RUN_STATE, atomic_save, find_resume, read_checkpoint
+from fastseed.config import Config
 from fastseed.errors import ExportError
 from fastseed.evaluate import load_student
 from fastseed.methods import method_class
@@ -72,22 +73,29 @@ class Student:
 
 
 def checkpoint_file(path: str | os.PathLike, arch: str | None = None) -> Path:
-    """A checkpoint file, or the one of `arch` in a run folder (a run of several students writes
-    OUTPUT/<arch>/checkpoint_last.pt, a run of one OUTPUT/checkpoint_last.pt)."""
+    """A checkpoint file or DCP folder (an FSDP2 run's checkpoint_last.dcp), or the one of `arch`
+    in a run folder (a run of several students writes OUTPUT/<arch>/checkpoint_last.pt, a run of
+    one OUTPUT/checkpoint_last.pt; under FSDP2, .dcp folders)."""
     path = Path(path)
-    if not path.is_dir():
+    if not path.is_dir() or (path / RUN_STATE).is_file():
         return path
     if arch is not None:
-        found = path / arch / "checkpoint_last.pt"
-        if not found.is_file():
-            raise ExportError(f"{path} has no student {arch} ({found} does not exist)")
+        found = _last_checkpoint(path / arch)
+        if found is None:
+            raise ExportError(f"{path} has no student {arch} ({path / arch / 'checkpoint_last.pt'} does not exist)")
         return found
-    if (path / "checkpoint_last.pt").is_file():
-        return path / "checkpoint_last.pt"
-    archs = sorted(p.parent.name for p in path.glob("*/checkpoint_last.pt"))
+    found = _last_checkpoint(path)
+    if found is not None:
+        return found
+    archs = sorted(p.name for p in path.iterdir() if p.is_dir() and _last_checkpoint(p) is not None)
     if archs:
         raise ExportError(f"{path} holds several students ({', '.join(archs)}): pick one with --arch")
     raise ExportError(f"{path} holds no checkpoint_last.pt: pass a fastseed checkpoint or run folder")
+
+
+def _last_checkpoint(folder: Path) -> Path | None:
+    """A run folder's last checkpoint, as `--resume auto` finds it."""
+    return find_resume(Config(output=str(folder), resume="auto"))
 
 
 def method_head(method: str, state: dict[str, torch.Tensor]) -> nn.Module:

@@ -18,6 +18,7 @@ import torch.distributed as dist
 from torch import nn
 
 from fastseed.augment import Normalize
+from fastseed.checkpoint import _read_for_resume, find_resume, restore, resume, save_checkpoints
 from fastseed.config import Config
 from fastseed.methods import METHODS
 from helpers import frozen_teacher
@@ -32,6 +33,7 @@ GLOBAL_BATCH = 16
 RES = 16
 DIM = 32
 QUEUE = 48  # 3 global batches: the ring wraps twice in 8 steps
+EPOCH = 4  # steps per epoch of the checkpoints' data position
 WIDTHS = {"seed": (16, 12)}  # the students' widths (default: one of 16)
 
 
@@ -69,9 +71,15 @@ def full(v: torch.Tensor) -> torch.Tensor:
     return v.full_tensor() if hasattr(v, "full_tensor") else v
 
 
-def main(out_dir: str, method_name: str, mode: str = "ddp") -> None:
+def main(out_dir: str, method_name: str, mode: str = "ddp", *options: str) -> None:
+    """`options` (key=value), for the checkpoint tests: ckpt=DIR (the run's output: each student
+    writes DIR/tiny<width>/), save=S (checkpoint after step S), kill=S (die in the middle of the
+    checkpoint after step S), stop=S (train to step S), resume=1 (resume from DIR first)."""
+    opts = dict(o.split("=", 1) for o in options)
+    ckpt_dir = Path(opts.get("ckpt", out_dir))
     cfg = Config(method=method_name, device="cpu", compile="off", precision="fp32", batch_size=GLOBAL_BATCH,
-                 optimizer="sgd", momentum=0.9, weight_decay=1e-4, queue_size=QUEUE, fsdp=mode == "fsdp")
+                 optimizer="sgd", momentum=0.9, weight_decay=1e-4, queue_size=QUEUE, fsdp=mode == "fsdp",
+                 output=str(ckpt_dir), resume="auto" if opts.get("resume") else None)
     env = setup_env(cfg)  # reads torchrun's RANK/WORLD_SIZE/LOCAL_RANK, inits gloo when WORLD_SIZE > 1
     cls = METHODS[method_name]
     queues = cls.make_queues(dim=DIM, queue_size=QUEUE)
@@ -83,7 +91,10 @@ def main(out_dir: str, method_name: str, mode: str = "ddp") -> None:
                      bn_groups=2).to(env.device)
         model = wrap_model(method, cfg, env)
         optimizer = build_optimizer(cfg, method, lr, env.device)  # after fully_shard replaced the params
-        members.append(Student(cfg.replace(arch=f"tiny{width}"), method, model, optimizer, None, lr))
+        scfg = cfg.replace(arch=f"tiny{width}", output=str(ckpt_dir / f"tiny{width}"))
+        if env.main:
+            scfg.out_dir.mkdir(parents=True, exist_ok=True)
+        members.append(Student(scfg, method, model, optimizer, None, lr))
     method, model, optimizer = members[0].method, members[0].model, members[0].optimizer
     targets = method  # MoCo: its own key encoder
     if method_name in ("seed", "simreg"):
@@ -101,16 +112,19 @@ def main(out_dir: str, method_name: str, mode: str = "ddp") -> None:
                "backend": dist.get_backend()}
     augment = FixedAugment((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
     students = Students(members)
-    # 2 warm-up steps, then the cosine over the STEPS steps of the one epoch
+    # 2 warm-up steps, then the cosine over the STEPS steps; the checkpoints' data position
+    # counts epochs of EPOCH steps (the resume tests checkpoint at an epoch's end)
     schedule = Schedule(cfg.replace(warmup_epochs=2 / STEPS), steps_per_epoch=STEPS, total=STEPS)
     run = Run(cfg, env, students, targets, queues, None, ((0.5,) * 3, (0.25,) * 3), None, augment,
-              torch.Generator().manual_seed(0), None, schedule=schedule, total=STEPS, steps_per_epoch=STEPS)
+              torch.Generator().manual_seed(0), None, schedule=schedule, total=STEPS, steps_per_epoch=EPOCH)
+    start = resume(run) if cfg.resume else 0
+    saves = watch_saves()
 
     per_rank = GLOBAL_BATCH // env.world
     batches = global_batches()[:, env.rank * per_rank:(env.rank + 1) * per_rank]
     local, mean = [], []
     students.train()
-    for step in range(STEPS):
+    for step in range(start, int(opts.get("stop", STEPS))):
         x = batches[step]
         # MoCo's second view: a fixed flip of the first (deterministic, per sample)
         views = [x, x.flip(2)] if method_name == "moco" else [x]
@@ -121,33 +135,74 @@ def main(out_dir: str, method_name: str, mode: str = "ddp") -> None:
             dist.all_reduce(g)  # equal per-rank batches: the global mean is the mean of rank means
             g /= env.world
         mean.append(g.tolist())
+        if step + 1 == int(opts.get("kill", -1)):
+            die_in_the_middle_of_the_next_save(env)
+        if step + 1 in (int(opts.get("save", -1)), int(opts.get("kill", -1))):
+            save_checkpoints(run, step + 1, *divmod(step + 1, EPOCH))
     students.stop_non_finite(STEPS, weights=True)  # the NaN guard's collective: every rank agrees
     assert not students.failures()
-    restored = None
-    if mode == "fsdp":  # checkpoint round trip: gather the shards, write, load into a fresh sharded run
-        from fastseed.checkpoint import read_checkpoint, restore, save_checkpoint
-        path = Path(out_dir) / "ckpt.pt"
-        save_checkpoint(path, cfg=cfg, env=env, method=method, optimizer=optimizer, scaler=None, step=STEPS,
-                        epoch=0, batch_in_epoch=STEPS, teacher_info=None, aug_gen=run.aug_gen,
-                        mean_std=run.mean_std)
-        dist.barrier()
-        torch.manual_seed(1)  # a different init: everything must come from the file
+    restored, during_save = None, None
+    if mode == "fsdp" and not options:  # checkpoint round trip: write shards, load into a fresh sharded run
+        n = len(saves)
+        save_checkpoints(run, STEPS, *divmod(STEPS, EPOCH))
+        during_save = saves[n:]
+        torch.manual_seed(1)  # a different init: everything must come from the folder
         fresh = cls(TinyNet(WIDTHS.get(method_name, (16,))[0]), cls.make_queues(dim=DIM, queue_size=QUEUE),
                     dim=DIM, temp=0.2, distill_t=0.05)
         wrap_model(fresh, cfg, env)
         fresh_opt = build_optimizer(cfg, fresh, lr, env.device)
-        restore(read_checkpoint(path), cfg, fresh, fresh_opt, None, None,
-                torch.Generator(), env)
+        folder = find_resume(members[0].cfg.replace(resume="auto"))
+        restore(_read_for_resume(folder, False), members[0].cfg, fresh, fresh_opt, None, None, torch.Generator(), env)
         restored = all(torch.equal(full(a), full(b)) for a, b in
                        zip(method.state_dict().values(), fresh.state_dict().values()))
     torch.save({"rank": env.rank, "restored_equal": restored, "world": env.world, "local_loss": local,
                 "mean_loss": mean, "ddp": ddp, "queue": method.queue.keys.clone(), "ptr": method.queue.ptr.clone(),
+                "start": start, "during_save": during_save,
                 "students": [{k: full(v).clone() for k, v in s.method.student.state_dict().items()}
                              for s in members]},
                Path(out_dir) / f"rank{env.rank}.pt")
     if env.world > 1:
         dist.barrier()
         dist.destroy_process_group()
+
+
+def watch_saves() -> list:
+    """Every get_state_dict call's full_state_dict option and every DTensor.full_tensor call
+    (a gather of a whole parameter) from here on, as a list the worker's result holds."""
+    import torch.distributed.checkpoint.state_dict as sd
+    from torch.distributed.tensor import DTensor
+    seen = []
+    get, gather = sd.get_state_dict, DTensor.full_tensor
+
+    def get_state_dict(*args, options=None, **kwargs):
+        seen.append(("get_state_dict", options.full_state_dict if options is not None else False))
+        return get(*args, options=options, **kwargs)
+
+    def full_tensor(self, *args, **kwargs):
+        seen.append(("full_tensor", tuple(self.shape)))
+        return gather(self, *args, **kwargs)
+
+    sd.get_state_dict, DTensor.full_tensor = get_state_dict, full_tensor
+    return seen
+
+
+def die_in_the_middle_of_the_next_save(env) -> None:
+    """The last rank exits at once after writing its shards of the next checkpoint, as a
+    SIGKILL would stop it: rank 0 never writes the index, torchrun stops the group."""
+    import os
+
+    from torch.distributed.checkpoint import FileSystemWriter
+    write = FileSystemWriter.write_data
+
+    def write_data(self, plan, planner):
+        done = write(self, plan, planner)
+        if env.rank == env.world - 1:
+            done.wait()
+            print(f"rank {env.rank}: killed in the middle of a save", flush=True)
+            os._exit(9)
+        return done
+
+    FileSystemWriter.write_data = write_data
 
 
 if __name__ == "__main__":

@@ -27,6 +27,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from fastseed.checkpoint import read_checkpoint
+
 pytestmark = pytest.mark.slow
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
@@ -107,5 +109,68 @@ def test_two_fsdp2_ranks_match_one_rank(tmp_path):
             assert torch.equal(s0[k], s1[k]), k
     assert torch.equal(r0["queue"], r1["queue"])
     torch.testing.assert_close(r0["queue"], one["queue"], rtol=0, atol=QUEUE_ATOL)
-    # the checkpoint gathers the shards; a fresh sharded run restores them bit for bit
+    # the checkpoint is a DCP folder each rank wrote its shards into, nothing gathered (the
+    # sharded state dict, no whole parameter materialised); a fresh sharded run restores it bit for bit
+    for r in (r0, r1):
+        assert r["during_save"] == [("get_state_dict", False)] * 2, r["during_save"]
+    for width in (16, 12):
+        folder = tmp_path / "two" / f"tiny{width}" / "checkpoint_last.dcp"
+        assert sorted(p.name for p in folder.iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp", "fastseed.pt"]
+        assert not (folder.parent / "checkpoint_last.pt").exists()
     assert r0["restored_equal"] is True and r1["restored_equal"] is True
+
+
+def _run(out: Path, nproc: int, *options: str, mode: str = "ddp", fails: bool = False) -> list[dict]:
+    """tests/ddp_worker.py with checkpoint `options` (key=value) on `nproc` ranks (1: plain python)."""
+    out.mkdir(parents=True)
+    cmd = [sys.executable, str(WORKER)] if nproc == 1 else \
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(WORKER)]
+    p = subprocess.run([*cmd, str(out), "seed", mode, *options], env=_env(), capture_output=True, text=True,
+                       timeout=120)
+    if fails:
+        assert p.returncode != 0 and "killed in the middle of a save" in p.stdout, p.stdout[-3000:] + p.stderr[-3000:]
+        return []
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
+    return [torch.load(out / f"rank{r}.pt") for r in range(nproc)]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """One process, 8 steps, never stopped: what every resumed run must end as."""
+    (one,) = _launch(tmp_path_factory.mktemp("uninterrupted") / "one", "seed", 1)
+    return one
+
+
+def _ends_as(resumed: list[dict], one: dict, start: int) -> None:
+    """Resumed at `start`, each rank trained the steps left and ends as the uninterrupted run."""
+    for r in resumed:
+        assert r["start"] == start
+        torch.testing.assert_close(torch.tensor(r["mean_loss"]), torch.tensor(one["local_loss"][start:]),
+                                   rtol=LOSS_RTOL, atol=LOSS_ATOL)
+        for s_one, s in zip(one["students"], r["students"], strict=True):
+            for k, v in s_one.items():
+                torch.testing.assert_close(s[k], v, rtol=0, atol=WEIGHT_ATOL, msg=k)
+        torch.testing.assert_close(r["queue"], one["queue"], rtol=0, atol=QUEUE_ATOL)
+        assert int(r["ptr"]) == int(one["ptr"])
+
+
+def test_fsdp2_checkpoint_resumes_on_one_plain_rank_and_a_killed_save_leaves_it(tmp_path, uninterrupted):
+    """2 FSDP2 ranks checkpoint after step 4 (a DCP folder), go on, and die in the middle of the
+    step-6 checkpoint (rank 1 wrote its shards, rank 0 no index). The step-4 folder is untouched;
+    one plain process resumes from it and ends as the run that never stopped."""
+    ckpt = tmp_path / "run"
+    _run(tmp_path / "two", 2, f"ckpt={ckpt}", "save=4", "kill=6", mode="fsdp", fails=True)
+    for width in (16, 12):
+        folder = ckpt / f"tiny{width}" / "checkpoint_last.dcp"
+        assert read_checkpoint(folder)["fastseed"]["step"] == 4  # whole, and readable in one process
+    assert (ckpt / "tiny16" / ".checkpoint_last.dcp.tmp" / "__1_0.distcp").is_file()  # the killed save's shards
+    (resumed,) = _run(tmp_path / "one", 1, f"ckpt={ckpt}", "resume=1")
+    _ends_as([resumed], uninterrupted, 4)
+
+
+def test_one_process_checkpoint_resumes_on_two_fsdp2_ranks(tmp_path, uninterrupted):
+    ckpt = tmp_path / "run"
+    _run(tmp_path / "one", 1, f"ckpt={ckpt}", "save=4", "stop=4")
+    assert (ckpt / "tiny16" / "checkpoint_last.pt").is_file()  # one process: the one-file checkpoint
+    resumed = _run(tmp_path / "two", 2, f"ckpt={ckpt}", "resume=1", mode="fsdp")
+    _ends_as(resumed, uninterrupted, 4)
