@@ -62,8 +62,9 @@ def test_dense_loss_is_the_squared_distance_of_normalised_tokens():
 
 
 def test_dense_method_loss_matches_the_plain_formula():
-    """resnet10t at 64 px: a 2×2 map, area-pooled to a 1×1 teacher grid; at 128 px, 4×4 to 2×2."""
-    for res, grid in ((64, 1), (128, 2)):
+    """resnet10t at 128 px: a 4×4 map, area-pooled to a 1×1 teacher grid; at 256 px, 8×8 to 2×2
+    (factor 4: a bilinear 2× shrink would average the same pairs of cells as the area does)."""
+    for res, grid in ((128, 1), (256, 2)):
         torch.manual_seed(0)
         m = Dense(create_student("resnet10t"), token_dim=6).eval()
         x = images(2, res)
@@ -77,6 +78,8 @@ def test_to_grid_averages_when_shrinking_and_is_bilinear_when_growing():
     x = torch.arange(16.0).view(1, 1, 4, 4)
     assert to_grid(x, (4, 4)) is x
     torch.testing.assert_close(to_grid(x, (2, 2)), torch.tensor([[2.5, 4.5], [10.5, 12.5]]).view(1, 1, 2, 2))
+    x = torch.randn(1, 1, 4, 4, generator=torch.Generator().manual_seed(0))  # every cell counts, not the centre's
+    torch.testing.assert_close(to_grid(x, (1, 1)), x.mean().view(1, 1, 1, 1))
     one = torch.tensor([[[[7.0]]]])
     assert torch.equal(to_grid(one, (2, 2)), torch.full((1, 1, 2, 2), 7.0))  # a 1×1 map spreads evenly
     # 2 → 4, align_corners=False: output cell k samples the input at (k + ½)/2 − ½, clamped at the edges

@@ -73,8 +73,9 @@ class DenseHead(nn.Module):
             raise ConfigError("the patch-token loss needs the teacher's tokens: a live teacher, not a cache")
         return cls(getattr(student, "feature_map_dim", student.num_features), token_dim)
 
-    def loss(self, fmap: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """`dense_loss` of the student map `fmap` against the teacher's token map `tokens`."""
+    def forward(self, fmap: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """`dense_loss` of the student map `fmap` against the teacher's token map `tokens`. The
+        loss is the forward (a call, not a method): under FSDP a call gathers the shards."""
         return dense_loss(self.proj(to_grid(fmap, tokens.shape[-2:])), tokens)
 
 
@@ -152,4 +153,4 @@ class Dense(nn.Module):
 
     def forward(self, views: list[torch.Tensor], targets: tuple[torch.Tensor, ...]) -> torch.Tensor:
         fmap = token_map(self.student.forward_features(views[0]), getattr(self.student, "num_prefix_tokens", 0))
-        return self.dense.loss(fmap, targets[-1])
+        return self.dense(fmap, targets[-1])

@@ -115,7 +115,7 @@ class SEED(nn.Module):
             s = self.embed(views[0])
         loss = seed_loss(s, targets[0], self.queue.keys, student_temp=self.temp, teacher_temp=self.distill_t)
         if self.dense_weight:
-            loss = loss + self.dense_weight * self.dense.loss(fmap, targets[-1])
+            loss = loss + self.dense_weight * self.dense(fmap, targets[-1])
         if len(views) > 1:
             loss = loss + seed_loss(self.embed(torch.cat(views[1:])), targets[1], self.small_queue.keys,
                                     student_temp=self.temp, teacher_temp=self.distill_t)

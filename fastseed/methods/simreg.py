@@ -91,5 +91,5 @@ class SimReg(nn.Module):
         pred = self.head(pooled).float()
         loss = (2 - 2 * F.cosine_similarity(pred, targets[0].float(), dim=1)).mean()
         if self.dense_weight:
-            loss = loss + self.dense_weight * self.dense.loss(fmap, targets[-1])
+            loss = loss + self.dense_weight * self.dense(fmap, targets[-1])
         return loss
