@@ -351,7 +351,8 @@ def cache_parser() -> argparse.ArgumentParser:
     a("--data", required=True, help="train .beton (from fastseed-prep), or an image folder (written once to a "
                                     "cached .beton beside --output)")
     a("--output", required=True, help="the cache file to write, e.g. train.tcache")
-    with_teacher = [m for m in METHODS.values() if m.needs_teacher]
+    # a cache stores keys, not tokens: not the methods that distil tokens by default (dense)
+    with_teacher = [m for m in METHODS.values() if m.needs_teacher and not m.teacher_tokens(Config(method=m.name))]
     a("--method", choices=[m.name for m in with_teacher],
       help="the method the keys are for: it decides what of the teacher they hold (head or backbone)")
     _flags(p, [f for m in with_teacher for f in m.target_flags])

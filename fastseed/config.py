@@ -88,6 +88,7 @@ class Config:
     queue_size: int = 65536
     moco_m: float = 0.999
     simreg_target: str = "backbone"      # backbone | projection
+    dense_weight: float = 0.0            # seed/simreg: + W x the patch-token loss (methods/dense.py)
     method_args: dict = field(default_factory=dict)  # a method's own flags that no field here holds
 
     # speed

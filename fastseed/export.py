@@ -100,6 +100,9 @@ def _last_checkpoint(folder: Path) -> Path | None:
 
 def method_head(method: str, state: dict[str, torch.Tensor]) -> nn.Module:
     """The method's head (its `make_head`), its sizes read from its weights."""
+    if not state:
+        raise ExportError(f"a --method {method} checkpoint has no embedding head (a patch-token projector is "
+                          "never exported): export without --with-head")
     linears = [v for k, v in state.items() if k.endswith("weight") and v.dim() == 2]
     head = method_class(method).make_head(linears[0].shape[1], linears[-1].shape[0])
     head.load_state_dict(state, strict=True)

@@ -2,6 +2,8 @@
 channels-last layout and the resize a teacher at its own resolution needs."""
 from __future__ import annotations
 
+import math
+
 import timm
 import torch
 import torch.nn.functional as F
@@ -17,6 +19,9 @@ def create_student(arch: str) -> nn.Module:
         hint = f" (close: {', '.join(close)})" if close else ""
         raise ConfigError(f"unknown --arch {arch!r}: use a timm model name{hint}")
     model = timm.create_model(arch, pretrained=False, num_classes=0)
+    # the channels of forward_features' map (what a patch-token objective projects), before the
+    # pooled width below replaces timm's num_features
+    model.feature_map_dim = model.num_features
     # MobileNetV3-style nets keep a conv head after pooling: their pooled output is
     # head_hidden_size wide (mobilenetv3_large_100: 1280), not num_features (960).
     model.num_features = getattr(model, "head_hidden_size", None) or model.num_features
@@ -36,6 +41,19 @@ def simreg_predictor(in_dim: int, out_dim: int) -> nn.Sequential:
         nn.Linear(in_dim, h), nn.BatchNorm1d(h), nn.ReLU(inplace=True), nn.Linear(h, in_dim),
         nn.Linear(in_dim, h), nn.BatchNorm1d(h), nn.ReLU(inplace=True), nn.Linear(h, out_dim),
     )
+
+
+def token_map(feats: torch.Tensor, prefix_tokens: int = 0) -> torch.Tensor:
+    """A last feature map as NCHW: a CNN's [B, C, h, w] as it is; a ViT's tokens [B, prefix + N, C]
+    without the `prefix_tokens` (class/register) and laid on their square h×w grid (N = h², row-major,
+    as a square input gives them)."""
+    if feats.dim() == 4:
+        return feats
+    tokens = feats[:, prefix_tokens:]
+    side = math.isqrt(tokens.shape[1])
+    if side * side != tokens.shape[1]:
+        raise ValueError(f"{tokens.shape[1]} patch tokens do not form a square grid (the input must be square)")
+    return tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], side, side)
 
 
 def to_channels_last(model: nn.Module, enabled: bool = True) -> nn.Module:

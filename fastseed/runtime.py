@@ -139,7 +139,8 @@ def sharded(cfg: Config, env: Env) -> bool:
 
 def wrap_model(method: nn.Module, cfg: Config, env: Env) -> nn.Module:
     """What a step calls: `method` under DDP (or FSDP2-sharded: its `student` block by block,
-    then `student` and `head`), compiled as configured."""
+    then `student`, then each other trainable part: `head`, a patch-token projector), compiled
+    as configured."""
     model = method
     if env.world > 1 and not cfg.fsdp:
         # static graph + bucket views: no unused-parameter search, no gradient copies
@@ -152,7 +153,15 @@ def wrap_model(method: nn.Module, cfg: Config, env: Env) -> nn.Module:
             if any(p.requires_grad for p in block.parameters()):
                 fully_shard(block)
         fully_shard(method.student)
-        fully_shard(method.head)
+        for name, part in method.named_children():
+            if name != "student" and any(p.requires_grad for p in part.parameters()):
+                fully_shard(part)
+        # a patch-token loss calls the student's forward_features and forward_head, not its
+        # forward: their calls must gather and free the shards as a forward's do
+        from torch.distributed.fsdp import register_fsdp_forward_method
+        for name in ("forward_features", "forward_head"):
+            if hasattr(method.student, name):
+                register_fsdp_forward_method(method.student, name)
     if use_compile(cfg, env):
         model = torch.compile(model, mode=cfg.compile_mode)
     return model

@@ -50,11 +50,11 @@ def student_configs(cfg: Config) -> list[Config]:
     if len(lrs) not in (1, len(archs)):
         raise ConfigError(f"--lr has {len(lrs)} values for {len(archs)} student(s) ({','.join(archs)}): "
                           "give one for all, or one per student")
-    if len(archs) == 1:
-        return [cfg.replace(arch=archs[0], lr=lrs[0])]
     if "" in archs or len(set(archs)) < len(archs):
         raise ConfigError(f"-a {cfg.arch}: name each student once, comma-separated (e.g. -a resnet18,efficientnet_b0)")
     method_class(cfg.method).check(cfg, len(archs))
+    if len(archs) == 1:
+        return [cfg.replace(arch=archs[0], lr=lrs[0])]
     lrs = lrs * len(archs) if len(lrs) == 1 else lrs
     return [cfg.replace(arch=a, lr=lr, output=str(cfg.out_dir / a),
                         resume=cfg.resume if cfg.resume in (None, "auto")
@@ -62,21 +62,24 @@ def student_configs(cfg: Config) -> list[Config]:
             for a, lr in zip(archs, lrs)]
 
 
-def build_method(cfg: Config, env: Env, dim: int, queues) -> nn.Module:
-    """One student's backbone + head around the run's shared `queues`. Its init depends only on
+def build_method(cfg: Config, env: Env, dim: int, queues, token_dim: int | None = None) -> nn.Module:
+    """One student's backbone + head around the run's shared `queues` (`token_dim`: the teacher's
+    token width, for a method that distils tokens). Its init depends only on
     `cfg.seed` (the global generator is forked and seeded with it, the same on every rank), not
     on what was built before it: a student of a joint run starts as its solo run does."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         # channels-last before the method copies it: MoCo's key encoder is a deep copy of the student
         student = to_channels_last(create_student(cfg.arch), cfg.channels_last)
-        method = method_class(cfg.method).from_config(student, queues, dim, cfg, compiler(cfg, env))
+        method = method_class(cfg.method).from_config(student, queues, dim, cfg, compiler(cfg, env),
+                                                      token_dim=token_dim)
     return method.to(env.device)
 
 
-def build_student(cfg: Config, env: Env, dim: int, queues, dtype: torch.dtype | None) -> "Student":
+def build_student(cfg: Config, env: Env, dim: int, queues, dtype: torch.dtype | None,
+                  token_dim: int | None = None) -> "Student":
     """`cfg` is the student's solo config (`student_configs`): its method, wrapper, optimizer."""
-    method = build_method(cfg, env, dim, queues)
+    method = build_method(cfg, env, dim, queues, token_dim)
     model = wrap_model(method, cfg, env)
     # after wrapping: fully_shard swaps the parameters for DTensor shards
     lr = peak_lr(cfg)

@@ -10,8 +10,13 @@ gradient, one tensor per batch of the method's `teacher_inputs(views)`:
 
     seed     (t(view 0) [B, D], t(the small crops, crop by crop) [N·B, D])
     simreg   (t(every view, concatenated) [V·B, D],)
+    dense    (t(view 0) [B, D], the teacher's token map of view 0 [B, C, h, w])
     moco     (the key encoder's keys of view 1 [B, D],)   (no teacher: the one MoCo student
              makes its own keys, `MoCo.targets`, and is the run's target source)
+
+A method whose `teacher_tokens(cfg)` is true (dense, and seed/simreg with --dense-weight) gets
+the teacher's token map of its first input as one more, last, target: it comes from the same
+teacher pass as that input's embedding (`TeacherBundle.with_tokens`), once for every student.
 
 Beside the call, a target source describes what the keys come from, for the rest of the run:
 `dim` (key width: the students' heads end there), `mean_std` (the teacher's input
@@ -35,7 +40,7 @@ from torch import nn
 from fastseed.cache import TeacherCache, teacher_record
 from fastseed.checkpoint import sha256
 from fastseed.config import Config
-from fastseed.methods import method_class, resolve_preset, teacher_target
+from fastseed.methods import method_class, resolve_preset, teacher_target, teacher_tokens
 from fastseed.runtime import Env, amp_dtype, barrier, compiler, local_main
 from fastseed.teachers import load_teacher, release_res
 from fastseed.teachers.base import TeacherBundle
@@ -50,10 +55,19 @@ class TeacherTargets:
     dim: int
     mean_std: tuple[tuple[float, ...], tuple[float, ...]]
     info: dict
+    tokens: bool = False  # the token map of the first input is the last target
+
+    @property
+    def token_dim(self) -> int | None:
+        return self.teacher.token_dim if self.tokens else None
 
     @torch.no_grad()
     def targets(self, views: list[torch.Tensor], batch=None) -> tuple[torch.Tensor, ...]:
-        return tuple(self.teacher(x) for x in self.inputs(views))
+        inputs = self.inputs(views)
+        if not self.tokens:
+            return tuple(self.teacher(x) for x in inputs)
+        first, tokens = self.teacher.with_tokens(inputs[0])
+        return (first, *(self.teacher(x) for x in inputs[1:]), tokens)
 
 
 @dataclass
@@ -69,6 +83,7 @@ class CachedTargets:
     info: dict
     dtype: torch.dtype
     teacher: TeacherBundle | None = None
+    token_dim = None  # a cache stores no tokens (fastseed.methods.dense.check_dense says why)
 
     def targets(self, views: list[torch.Tensor], batch) -> tuple[torch.Tensor, ...]:
         _, keys = batch
@@ -108,7 +123,7 @@ def build_targets(cfg: Config, device: torch.device, *, dtype: torch.dtype | Non
         return cached_targets(cfg, device, dtype=dtype)
     teacher = load_run_teacher(cfg, device, dtype, compile_fn)
     return TeacherTargets(teacher, method.teacher_inputs, teacher.dim, (teacher.mean, teacher.std),
-                          teacher.info() | {"checkpoint": cfg.distill})
+                          teacher.info() | {"checkpoint": cfg.distill}, tokens=teacher_tokens(cfg))
 
 
 def claimed_teacher(cfg: Config) -> dict:

@@ -106,7 +106,8 @@ def prepare(cfg: Config, loader=None) -> Run:
         raise ConfigError(f"{cfg.data} holds fewer images than one batch of {cfg.batch_size // env.world} "
                           "per rank: lower --batch-size")
     total = cfg.epochs * steps_per_epoch if cfg.max_steps is None else min(cfg.epochs * steps_per_epoch, cfg.max_steps)
-    students = Students([build_student(c, env, dim, queues, dtype) for c in student_configs(cfg)])
+    token_dim = source.token_dim if source is not None else None  # the patch-token projectors' output
+    students = Students([build_student(c, env, dim, queues, dtype, token_dim) for c in student_configs(cfg)])
     targets = source if source is not None else students.members[0].method  # MoCo: its own key encoder
     return Run(cfg, env, students, targets, queues, source.info if source is not None else None, mean_std,
                loader, augment, aug_gen, dtype, Schedule(cfg, steps_per_epoch, total), total, steps_per_epoch)

@@ -6,7 +6,8 @@ build_optimizer, wrap_model, Students, TeacherTargets, train_step) around a batc
 BatchNorm) and a frozen LayerNorm/GroupNorm teacher, feeds every run the same fixed global
 uint8 batches (rank r takes rows r*B/W:(r+1)*B/W) and writes its losses, queue and weights to
 OUT/rank{r}.pt. SEED runs two students (widths 16 and 12) on the shared teacher and queue, each
-DDP-wrapped (or sharded) on its own, as `-a a,b` does.
+DDP-wrapped (or sharded) on its own, as `-a a,b` does; `seed-dense` is SEED with --dense-weight
+0.5 (the teacher's token map and each student's 1×1 projector, FSDP calling forward_features).
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from fastseed.optim import Schedule, build_optimizer
 from fastseed.runtime import setup_env, wrap_model
 from fastseed.students import Student, Students
 from fastseed.targets import TeacherTargets
+from fastseed.teachers.base import Teacher
 from fastseed.train import Run, train_step
 
 STEPS = 8
@@ -34,7 +36,8 @@ RES = 16
 DIM = 32
 QUEUE = 48  # 3 global batches: the ring wraps twice in 8 steps
 EPOCH = 4  # steps per epoch of the checkpoints' data position
-WIDTHS = {"seed": (16, 12)}  # the students' widths (default: one of 16)
+WIDTHS = {"seed": (16, 12), "seed-dense": (16, 12)}  # the students' widths (default: one of 16)
+DENSE_WEIGHT = {"seed-dense": 0.5}
 
 
 class TinyNet(nn.Module):
@@ -44,14 +47,19 @@ class TinyNet(nn.Module):
     def __init__(self, width: int = 16, out: int | None = None):
         super().__init__()
         self.num_features = width
-        self.body = nn.Sequential(
+        self.body = nn.Sequential(  # one module: FSDP shards it whole (its slices would not be)
             nn.Conv2d(3, width, 3, stride=2, padding=1), nn.GroupNorm(4, width), nn.ReLU(),
-            nn.Conv2d(width, width, 3, stride=2, padding=1), nn.GroupNorm(4, width), nn.ReLU(),
-            nn.AdaptiveAvgPool2d(1), nn.Flatten())
+            nn.Conv2d(width, width, 3, stride=2, padding=1), nn.GroupNorm(4, width), nn.ReLU())
         self.proj = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, out)) if out else nn.Identity()
 
+    def forward_features(self, x):  # the last map [B, width, RES/4, RES/4], as timm's
+        return self.body(x)
+
+    def forward_head(self, x):
+        return self.proj(x.mean((2, 3)))
+
     def forward(self, x):
-        return self.proj(self.body(x))
+        return self.forward_head(self.forward_features(x))
 
 
 class FixedAugment(Normalize):
@@ -81,14 +89,15 @@ def main(out_dir: str, method_name: str, mode: str = "ddp", *options: str) -> No
                  optimizer="sgd", momentum=0.9, weight_decay=1e-4, queue_size=QUEUE, fsdp=mode == "fsdp",
                  output=str(ckpt_dir), resume="auto" if opts.get("resume") else None)
     env = setup_env(cfg)  # reads torchrun's RANK/WORLD_SIZE/LOCAL_RANK, inits gloo when WORLD_SIZE > 1
-    cls = METHODS[method_name]
+    cls = METHODS[method_name.removesuffix("-dense")]
+    dense = dict(dense_weight=DENSE_WEIGHT.get(method_name, 0.0), token_dim=24)
     queues = cls.make_queues(dim=DIM, queue_size=QUEUE)
     lr = 0.5
     members = []
     for width in WIDTHS.get(method_name, (16,)):
         torch.manual_seed(0)  # same init on every rank and in the 1-rank run
         method = cls(TinyNet(width), queues, dim=DIM, temp=0.2, distill_t=0.05, moco_m=0.99,
-                     bn_groups=2).to(env.device)
+                     bn_groups=2, **dense).to(env.device)
         model = wrap_model(method, cfg, env)
         optimizer = build_optimizer(cfg, method, lr, env.device)  # after fully_shard replaced the params
         scfg = cfg.replace(arch=f"tiny{width}", output=str(ckpt_dir / f"tiny{width}"))
@@ -97,12 +106,12 @@ def main(out_dir: str, method_name: str, mode: str = "ddp", *options: str) -> No
         members.append(Student(scfg, method, model, optimizer, None, lr))
     method, model, optimizer = members[0].method, members[0].model, members[0].optimizer
     targets = method  # MoCo: its own key encoder
-    if method_name in ("seed", "simreg"):
+    if cls.needs_teacher:
         tnet = TinyNet(width=24, out=DIM).eval()
         for p in tnet.parameters():
             p.requires_grad_(False)
-        targets = TeacherTargets(frozen_teacher(tnet, res=RES), cls.teacher_inputs, DIM,
-                                 ((0.5,) * 3, (0.25,) * 3), {})
+        targets = TeacherTargets(frozen_teacher(Teacher(tnet), res=RES), cls.teacher_inputs, DIM,
+                                 ((0.5,) * 3, (0.25,) * 3), {}, tokens=dense["dense_weight"] > 0)
     ddp = None
     if env.world > 1 and mode == "ddp":
         ddp = {"is_ddp": isinstance(model, nn.parallel.DistributedDataParallel),
@@ -148,7 +157,7 @@ def main(out_dir: str, method_name: str, mode: str = "ddp", *options: str) -> No
         during_save = saves[n:]
         torch.manual_seed(1)  # a different init: everything must come from the folder
         fresh = cls(TinyNet(WIDTHS.get(method_name, (16,))[0]), cls.make_queues(dim=DIM, queue_size=QUEUE),
-                    dim=DIM, temp=0.2, distill_t=0.05)
+                    dim=DIM, temp=0.2, distill_t=0.05, **dense)
         wrap_model(fresh, cfg, env)
         fresh_opt = build_optimizer(cfg, fresh, lr, env.device)
         folder = find_resume(members[0].cfg.replace(resume="auto"))
@@ -159,7 +168,9 @@ def main(out_dir: str, method_name: str, mode: str = "ddp", *options: str) -> No
                 "mean_loss": mean, "ddp": ddp, "queue": method.queue.keys.clone(), "ptr": method.queue.ptr.clone(),
                 "start": start, "during_save": during_save,
                 "students": [{k: full(v).clone() for k, v in s.method.student.state_dict().items()}
-                             for s in members]},
+                             for s in members],
+                "projectors": [{k: full(v).clone() for k, v in s.method.dense.state_dict().items()}
+                               for s in members if hasattr(s.method, "dense")]},
                Path(out_dir) / f"rank{env.rank}.pt")
     if env.world > 1:
         dist.barrier()

@@ -1,5 +1,6 @@
 """DDP through torchrun on CPU (gloo): 2 ranks train exactly like 1 rank with the same global batch.
-SEED runs two students on one teacher and queue (`-a a,b`), each with its own DDP wrapper.
+SEED runs two students on one teacher and queue (`-a a,b`), each with its own DDP wrapper;
+`seed-dense` adds the patch-token loss (--dense-weight): the projectors must agree as the students do.
 
 Each run is a subprocess of tests/ddp_worker.py: the 2-rank run is launched by torch's own
 engine (`python -m torch.distributed.run --standalone --nproc_per_node 2`), the 1-rank run by
@@ -57,7 +58,7 @@ def _launch(out: Path, method: str, nproc: int, mode: str = "ddp") -> list[dict]
     return [torch.load(out / f"rank{r}.pt") for r in range(nproc)]
 
 
-@pytest.mark.parametrize("method", ["seed", "moco"])
+@pytest.mark.parametrize("method", ["seed", "moco", "seed-dense"])
 def test_two_gloo_ranks_match_one_rank(tmp_path, method):
     (one,) = _launch(tmp_path / "one", method, 1)
     r0, r1 = _launch(tmp_path / "two", method, 2)
@@ -76,10 +77,12 @@ def test_two_gloo_ranks_match_one_rank(tmp_path, method):
     torch.testing.assert_close(torch.tensor(r0["mean_loss"]), torch.tensor(one["local_loss"]),
                                rtol=LOSS_RTOL, atol=LOSS_ATOL)
     assert len(one["local_loss"]) == 8 and len({tuple(x) for x in one["local_loss"]}) > 1  # it trained
-    assert len(one["students"]) == (2 if method == "seed" else 1)
+    assert len(one["students"]) == (2 if method.startswith("seed") else 1)
+    assert len(one["projectors"]) == (2 if method == "seed-dense" else 0)
 
     # gradients were averaged across ranks: the ranks' students agree, with each other and with 1 rank
-    for s_one, s0, s1 in zip(one["students"], r0["students"], r1["students"]):
+    for s_one, s0, s1 in zip(one["students"] + one["projectors"], r0["students"] + r0["projectors"],
+                             r1["students"] + r1["projectors"]):
         for k, v in s_one.items():
             assert torch.equal(s0[k], s1[k]), k
             torch.testing.assert_close(s0[k], v, rtol=0, atol=WEIGHT_ATOL, msg=k)
@@ -95,15 +98,19 @@ def test_two_gloo_ranks_match_one_rank(tmp_path, method):
     assert (swapped - one["queue"][0:16]).abs().max() > 100 * QUEUE_ATOL
 
 
-def test_two_fsdp2_ranks_match_one_rank(tmp_path):
-    """--fsdp: fully_shard'ed student and head (sharded parameters, reduce-scattered gradients)
-    train exactly as one rank does; the optimizer must hold the shards, not the old tensors."""
-    (one,) = _launch(tmp_path / "one", "seed", 1)
-    r0, r1 = _launch(tmp_path / "two", "seed", 2, mode="fsdp")
+@pytest.mark.parametrize("method", ["seed", "seed-dense"])
+def test_two_fsdp2_ranks_match_one_rank(tmp_path, method):
+    """--fsdp: fully_shard'ed student and head (and projector: sharded parameters,
+    reduce-scattered gradients) train exactly as one rank does; the optimizer must hold the
+    shards, not the old tensors."""
+    (one,) = _launch(tmp_path / "one", method, 1)
+    r0, r1 = _launch(tmp_path / "two", method, 2, mode="fsdp")
     assert r0["ddp"] is None and r0["world"] == 2
     torch.testing.assert_close(torch.tensor(r0["mean_loss"]), torch.tensor(one["local_loss"]),
                                rtol=LOSS_RTOL, atol=LOSS_ATOL)
-    for s_one, s0, s1 in zip(one["students"], r0["students"], r1["students"]):
+    assert len(one["projectors"]) == (2 if method == "seed-dense" else 0)
+    for s_one, s0, s1 in zip(one["students"] + one["projectors"], r0["students"] + r0["projectors"],
+                             r1["students"] + r1["projectors"]):
         for k, v in s_one.items():
             torch.testing.assert_close(s0[k], v, rtol=0, atol=WEIGHT_ATOL, msg=k)
             assert torch.equal(s0[k], s1[k]), k

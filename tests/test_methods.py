@@ -1,4 +1,4 @@
-"""The three objectives: the loss they compute, what enters the queue, what is (not) state."""
+"""The objectives: the loss they compute, what enters the queue, what is (not) state."""
 import math
 
 import pytest
@@ -178,7 +178,7 @@ def test_moco_momentum_update_and_keys():
 
 
 def test_methods_registry():
-    assert set(METHODS) == {"seed", "simreg", "moco"}
+    assert set(METHODS) == {"seed", "simreg", "moco", "dense"}
 
 
 @pytest.mark.parametrize("arch", ["resnet18", "mobilenetv3_large_100", "efficientnet_b0"])

@@ -8,10 +8,13 @@ each method declares what the rest of fastseed asks of it.
     official                               its official recipe (`--recipe official`, `official()`)
     flags                                  its command-line flags (fastseed/cli.py adds them)
     teacher_target(cfg)                    'head', 'backbone' or None: what of the teacher it distils
+    teacher_tokens(cfg)                    whether its targets end with the teacher's token map
+                                           [B, C, h, w] (the patch-token loss: methods/dense.py)
     augment_preset(teacher_format, small)  the official augmentation preset (`--aug auto`)
     check(cfg, students)                   ConfigError for a setting it cannot run with
     queues_for(cfg, dim, dtype)            the run's `Queues`, or None
-    from_config(student, queues, dim, cfg, compile_fn)   one student's objective
+    from_config(student, queues, dim, cfg, compile_fn, token_dim)   one student's objective
+                                           (token_dim: the teacher's token width, when it asked for tokens)
     teacher_inputs(views) -> list          what the teacher sees, one batch per target
     forward(views, targets)                the loss (what DDP wraps and torch.compile traces)
     encoder                                the backbone to evaluate and export (no head)
@@ -25,11 +28,12 @@ from fastseed.augment import PRESETS
 from fastseed.config import Config
 from fastseed.errors import ConfigError
 
+from .dense import Dense
 from .moco import MoCo
 from .seed import SEED
 from .simreg import SimReg
 
-METHODS = {m.name: m for m in (SEED, SimReg, MoCo)}
+METHODS = {m.name: m for m in (SEED, SimReg, MoCo, Dense)}
 
 
 def method_class(name: str):
@@ -43,7 +47,10 @@ def method_class(name: str):
 def official(method: str = "seed", **overrides) -> Config:
     """The official recipe of `method`: its script's lr, epochs, weight decay and warm-up, the
     per-epoch schedule, SGD, and the official augmentation preset (`--aug auto`)."""
-    cfg = Config(method=method, optimizer="sgd", lr_schedule="epoch", **method_class(method).official)
+    recipe = method_class(method).official
+    if recipe is None:
+        raise ConfigError(f"--method {method} has no official recipe to follow: use --recipe fastseed")
+    cfg = Config(method=method, optimizer="sgd", lr_schedule="epoch", **recipe)
     return cfg.replace(**overrides)
 
 
@@ -51,6 +58,11 @@ def teacher_target(cfg: Config) -> str | None:
     """What of the teacher the run distils: 'head' (its projection), 'backbone' (its pooled
     features) or None (no teacher)."""
     return method_class(cfg.method).teacher_target(cfg)
+
+
+def teacher_tokens(cfg: Config) -> bool:
+    """Whether the run's targets end with the teacher's token map (fastseed.targets)."""
+    return method_class(cfg.method).teacher_tokens(cfg)
 
 
 def preset_name(aug: str, method: str, teacher_format: str | None, small_crops: int = 0) -> str:
@@ -69,5 +81,5 @@ def resolve_preset(cfg: Config, teacher_format: str | None) -> Config:
     return cfg.replace(aug=aug, crop_scale=tuple(cfg.crop_scale or PRESETS[aug].crop_scale))
 
 
-__all__ = ["SEED", "SimReg", "MoCo", "METHODS", "method_class", "official", "teacher_target", "preset_name",
-           "resolve_preset"]
+__all__ = ["SEED", "SimReg", "MoCo", "Dense", "METHODS", "method_class", "official", "teacher_target",
+           "teacher_tokens", "preset_name", "resolve_preset"]

@@ -47,7 +47,8 @@ class MoCo(nn.Module):
         self.temp, self.m, self.bn_groups = temp, moco_m, bn_groups
 
     @classmethod
-    def from_config(cls, student: nn.Module, queues: Queues, dim: int, cfg, compile_fn=None) -> "MoCo":
+    def from_config(cls, student: nn.Module, queues: Queues, dim: int, cfg, compile_fn=None,
+                    token_dim: int | None = None) -> "MoCo":
         return cls(student, queues, dim=dim, temp=cfg.temp, moco_m=cfg.moco_m, compile_fn=compile_fn)
 
     @staticmethod
@@ -58,6 +59,10 @@ class MoCo(nn.Module):
     @staticmethod
     def teacher_target(cfg) -> None:
         return None
+
+    @staticmethod
+    def teacher_tokens(cfg) -> bool:
+        return False
 
     @staticmethod
     def augment_preset(teacher_format: str | None, small_crops: int) -> str:
@@ -72,6 +77,8 @@ class MoCo(nn.Module):
         if cfg.teacher_cache is not None:
             raise ConfigError("--teacher-cache holds a teacher's keys; --method moco has no teacher: "
                               "drop one or the other")
+        if cfg.dense_weight:
+            raise ConfigError("--dense-weight distils a teacher's patch tokens; --method moco has no teacher")
 
     @staticmethod
     def make_queues(*, dim: int, queue_size: int, queue_dtype: torch.dtype = torch.float32, **_) -> Queues:

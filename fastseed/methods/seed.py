@@ -5,7 +5,8 @@ over a queue of teacher keys.
 
 then the teacher keys enter the queue. Small-patch variant: the small crops have a queue of
 their own and L = CE224 + CE96; which small keys enter it: `Queues`. The queues hold teacher
-keys only, so every student of a run shares them.
+keys only, so every student of a run shares them. `--dense-weight W` adds W × the patch-token
+loss of the global view (fastseed/methods/dense.py).
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from fastseed.kernels import seed_loss
 from fastseed.models import projection_head
 
 from ._common import QUEUE_SIZE, TEMP, Queues, flag
+from .dense import DENSE_WEIGHT, DenseHead, backbone_features, check_dense
 
 
 class SEED(nn.Module):
@@ -35,19 +37,24 @@ class SEED(nn.Module):
         flag("--small-enqueue", dest="small_enqueue", choices=["first", "all"],
              help="keys entering the small-crop queue: first (official: crop 0 of each image, at the large "
                   "queue's pointer) or all (every small crop)"),
+        DENSE_WEIGHT,
     )
 
     def __init__(self, student: nn.Module, queues: Queues, *, dim: int, temp: float = 0.2,
-                 distill_t: float = 1e-4, **_):
+                 distill_t: float = 1e-4, dense_weight: float = 0.0, token_dim: int | None = None, **_):
         super().__init__()
         self.student = student
         self.head = self.make_head(student.num_features, dim)
         self.queue, self.small_queue = queues.queue, queues.small_queue  # shared by every student
-        self.temp, self.distill_t = temp, distill_t
+        self.temp, self.distill_t, self.dense_weight = temp, distill_t, dense_weight
+        if dense_weight:  # without it the state is SEED's alone, as before the patch-token loss
+            self.dense = DenseHead.for_student(student, token_dim)
 
     @classmethod
-    def from_config(cls, student: nn.Module, queues: Queues, dim: int, cfg, compile_fn=None) -> "SEED":
-        return cls(student, queues, dim=dim, temp=cfg.temp, distill_t=cfg.distill_t)
+    def from_config(cls, student: nn.Module, queues: Queues, dim: int, cfg, compile_fn=None,
+                    token_dim: int | None = None) -> "SEED":
+        return cls(student, queues, dim=dim, temp=cfg.temp, distill_t=cfg.distill_t, dense_weight=cfg.dense_weight,
+                   token_dim=token_dim)
 
     @staticmethod
     def make_head(in_dim: int, out_dim: int) -> nn.Module:
@@ -70,8 +77,13 @@ class SEED(nn.Module):
         return teacher_format if teacher_format in ("swav", "simclr") else "moco_v2"
 
     @staticmethod
+    def teacher_tokens(cfg) -> bool:
+        """Whether its targets end with the teacher's token map (`--dense-weight`)."""
+        return cfg.dense_weight > 0
+
+    @staticmethod
     def check(cfg, students: int) -> None:
-        pass
+        check_dense(cfg, cfg.dense_weight)
 
     @staticmethod
     def make_queues(*, dim: int, queue_size: int, queue_dtype: torch.dtype = torch.float32, small_crops: int = 0,
@@ -96,8 +108,14 @@ class SEED(nn.Module):
         return self.head(self.student(x))
 
     def forward(self, views: list[torch.Tensor], targets: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        loss = seed_loss(self.embed(views[0]), targets[0], self.queue.keys,
-                         student_temp=self.temp, teacher_temp=self.distill_t)
+        if self.dense_weight:  # one backbone pass: the map for the tokens, its pooling for the head
+            pooled, fmap = backbone_features(self.student, views[0])
+            s = self.head(pooled)
+        else:
+            s = self.embed(views[0])
+        loss = seed_loss(s, targets[0], self.queue.keys, student_temp=self.temp, teacher_temp=self.distill_t)
+        if self.dense_weight:
+            loss = loss + self.dense_weight * self.dense(fmap, targets[-1])
         if len(views) > 1:
             loss = loss + seed_loss(self.embed(torch.cat(views[1:])), targets[1], self.small_queue.keys,
                                     student_temp=self.temp, teacher_temp=self.distill_t)

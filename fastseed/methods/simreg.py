@@ -2,6 +2,8 @@
 dropped after training, regresses the teacher's L2-normalised features:
 
     L = mean_i 2 − 2·cos(pred(s_i), t_i)
+
+`--dense-weight W` adds W × the patch-token loss (fastseed/methods/dense.py).
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from torch import nn
 from fastseed.models import simreg_predictor
 
 from ._common import flag
+from .dense import DENSE_WEIGHT, DenseHead, backbone_features, check_dense
 
 
 class SimReg(nn.Module):
@@ -23,16 +26,21 @@ class SimReg(nn.Module):
     official = dict(lr=0.05, epochs=130, momentum=0.9, weight_decay=1e-4, warmup_epochs=0.0)
     target_flags = (flag("--simreg-target", dest="simreg_target", choices=["backbone", "projection"],
                          help="SimReg regresses the teacher's pooled backbone (default) or its projection"),)
-    flags = target_flags
+    flags = (*target_flags, DENSE_WEIGHT)
 
-    def __init__(self, student: nn.Module, queues=None, *, dim: int, **_):
+    def __init__(self, student: nn.Module, queues=None, *, dim: int, dense_weight: float = 0.0,
+                 token_dim: int | None = None, **_):
         super().__init__()
         self.student = student
         self.head = self.make_head(student.num_features, dim)
+        self.dense_weight = dense_weight
+        if dense_weight:
+            self.dense = DenseHead.for_student(student, token_dim)
 
     @classmethod
-    def from_config(cls, student: nn.Module, queues, dim: int, cfg, compile_fn=None) -> "SimReg":
-        return cls(student, queues, dim=dim)
+    def from_config(cls, student: nn.Module, queues, dim: int, cfg, compile_fn=None,
+                    token_dim: int | None = None) -> "SimReg":
+        return cls(student, queues, dim=dim, dense_weight=cfg.dense_weight, token_dim=token_dim)
 
     @staticmethod
     def make_head(in_dim: int, out_dim: int) -> nn.Module:
@@ -50,8 +58,13 @@ class SimReg(nn.Module):
         return "weak"
 
     @staticmethod
+    def teacher_tokens(cfg) -> bool:
+        """Whether its targets end with the teacher's token map (`--dense-weight`)."""
+        return cfg.dense_weight > 0
+
+    @staticmethod
     def check(cfg, students: int) -> None:
-        pass
+        check_dense(cfg, cfg.dense_weight)
 
     @staticmethod
     def make_queues(**_) -> None:
@@ -71,5 +84,12 @@ class SimReg(nn.Module):
 
     def forward(self, views: list[torch.Tensor], targets: tuple[torch.Tensor, ...]) -> torch.Tensor:
         x = torch.cat(views) if len(views) > 1 else views[0]
-        pred = self.head(self.student(x)).float()
-        return (2 - 2 * F.cosine_similarity(pred, targets[0].float(), dim=1)).mean()
+        if self.dense_weight:  # one backbone pass: the map for the tokens, its pooling for the predictor
+            pooled, fmap = backbone_features(self.student, x)
+        else:
+            pooled = self.student(x)
+        pred = self.head(pooled).float()
+        loss = (2 - 2 * F.cosine_similarity(pred, targets[0].float(), dim=1)).mean()
+        if self.dense_weight:
+            loss = loss + self.dense_weight * self.dense(fmap, targets[-1])
+        return loss

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from fastseed.errors import TeacherLoadError
-from fastseed.models import resize, to_channels_last
+from fastseed.models import resize, to_channels_last, token_map
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 
@@ -43,10 +43,19 @@ class Teacher(nn.Module):
     def tokens(self, images: torch.Tensor) -> torch.Tensor:
         """The backbone's last feature map as tokens [B, N, C], before pooling and head: a CNN's
         H×W positions (row-major), a ViT's patch tokens (its class/register tokens dropped)."""
+        return self.features(images)[1].flatten(2).transpose(1, 2)
+
+    @property
+    def token_dim(self) -> int:
+        """C of `tokens`: the channels of forward_features (timm's num_features of the backbone)."""
+        return self.backbone.num_features
+
+    def features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The embedding (`forward`) and the token map [B, C, h, w] it was pooled from, in one
+        backbone pass: forward_features, then the backbone's own forward_head and the head."""
         feats = self.backbone.forward_features(images)
-        if feats.dim() == 4:
-            return feats.flatten(2).transpose(1, 2)
-        return feats[:, getattr(self.backbone, "num_prefix_tokens", 0):]
+        embedding = self.head(self.backbone.forward_head(feats))
+        return embedding, token_map(feats, getattr(self.backbone, "num_prefix_tokens", 0))
 
 
 @dataclass
@@ -65,6 +74,7 @@ class TeacherBundle:
     arch: str
     res: int | None = None  # input side it runs at (None: the student's crop side)
     fn: Callable | None = field(default=None, repr=False)  # the forward a call runs (compiled or not)
+    features_fn: Callable | None = field(default=None, repr=False)  # `Teacher.features`, compiled or not
 
     def info(self) -> dict:
         """The teacher's identity, as checkpoints and caches record it."""
@@ -79,7 +89,14 @@ class TeacherBundle:
             model = model.to(torch.bfloat16)
         self.model, self.res = model, res
         self.fn = compile_fn(model) if compile_fn else model
+        # torch.compile is lazy: a run that never asks for tokens never compiles this one
+        self.features_fn = compile_fn(model.features) if compile_fn else model.features
         return self
+
+    @property
+    def token_dim(self) -> int:
+        """C of the teacher's tokens (`Teacher.token_dim`)."""
+        return self.model.token_dim
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         # `is None`, not `or`: a compiled module (OptimizedModule) raises on bool(), through __len__
@@ -94,6 +111,14 @@ class TeacherBundle:
         with torch.inference_mode():
             t = self.model.tokens(resize(x, self.res))
         return t.clone()
+
+    def with_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The embedding of a batch (as a call gives it) and its token map [B, C, h, w]
+        (`Teacher.features`), from one teacher pass at its resolution."""
+        fn = self.features_fn if self.features_fn is not None else self.model.features
+        with torch.inference_mode():
+            t, tokens = fn(resize(x, self.res))
+        return t.clone(), tokens.clone()
 
 
 @dataclass

@@ -480,12 +480,16 @@ class DinoBackbone(nn.Module):
         x = net.norm(net.blocks(net.norm_pre(torch.cat([*parts, x], 1))))
         return x[:, 0], x[:, net.num_prefix_tokens:], (h, w)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        cls, patches, _ = self.tokens(images)
+    def embed(self, cls: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
+        """The embedding of `pool` (cls, mean or cls+mean) from the normed tokens."""
         if self.pool == "cls":
             return cls
         mean = patches.mean(1)
         return mean if self.pool == "mean" else torch.cat([cls, mean], 1)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        cls, patches, _ = self.tokens(images)
+        return self.embed(cls, patches)
 
 
 class DinoTeacher(Teacher):
@@ -495,6 +499,18 @@ class DinoTeacher(Teacher):
         """The normed patch tokens [B, N, D] (N = h*w, row-major) and the grid (h, w)."""
         _, patches, grid = self.backbone.tokens(images)
         return patches, grid
+
+    def tokens(self, images: torch.Tensor) -> torch.Tensor:
+        return self.patch_tokens(images)[0]
+
+    @property
+    def token_dim(self) -> int:
+        return self.backbone.release.width  # cls+mean doubles the embedding, not the tokens
+
+    def features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cls, patches, (h, w) = self.backbone.tokens(images)
+        tokens = patches.transpose(1, 2).reshape(patches.shape[0], patches.shape[2], h, w)
+        return self.head(self.backbone.embed(cls, patches)), tokens
 
 
 def build(release: Release, state: dict, *, pool: str = "cls", source: str = "checkpoint") -> DinoBackbone:

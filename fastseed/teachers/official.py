@@ -194,8 +194,11 @@ class WideResNet50(nn.Module):
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         return self.layer4(self.layer3(self.layer2(self.layer1(x))))
 
+    def forward_head(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.flatten(x.mean((2, 3)), 1)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.flatten(self.forward_features(x).mean((2, 3)), 1)
+        return self.forward_head(self.forward_features(x))
 
 
 def _tf_same_padding(model: nn.Module) -> nn.Module:
