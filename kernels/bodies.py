@@ -85,8 +85,9 @@ def fused_fwd_split(S, T, Q, M_A, L_A, M_B, L_B, V,
 @triton.jit(do_not_specialize=["B", "n_splits"])
 def fused_fwd_merge(S, T, M_A, L_A, M_B, L_B, V, LOSS, LSE, C,
                     B, D, n_splits, stride_s, stride_t, inv_ts, scale_a, scale_b,
-                    HARD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Fold the split partials (in split order) with column 0; write loss_i, LSE(a)_i and
+                    HARD: tl.constexpr, SELF: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Fold the split partials (in split order) with column 0 (with SELF; without it the
+    columns are the queue's alone: the batch's keys already in it); write loss_i, LSE(a)_i and
     LSE(b)_i (0 for a hard target) to LSE[0:2, i], and c_i."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, BLOCK_D)
@@ -98,10 +99,16 @@ def fused_fwd_merge(S, T, M_A, L_A, M_B, L_B, V, LOSS, LSE, C,
     t = t / tl.maximum(tl.sqrt(tl.sum(t * t, 1)), EPS)[:, None]
 
     a0 = tl.sum(s * t, 1) * scale_a  # column 0 of the student logits, base 2
-    m = a0
+    if SELF:
+        m = a0
+    else:  # the queue holds at least one column (seed_loss checks): m ends finite
+        m = tl.full([BLOCK_M], float("-inf"), tl.float32)
     for k in range(n_splits):
         m = tl.maximum(m, tl.load(M_A + k * B + rows, mask=row_ok, other=0.0))
-    l = tl.exp2(a0 - m)
+    if SELF:
+        l = tl.exp2(a0 - m)
+    else:
+        l = tl.zeros([BLOCK_M], tl.float32)
     for k in range(n_splits):
         mk = tl.load(M_A + k * B + rows, mask=row_ok, other=0.0)
         l += tl.load(L_A + k * B + rows, mask=row_ok, other=0.0) * tl.exp2(mk - m)
@@ -113,12 +120,19 @@ def fused_fwd_merge(S, T, M_A, L_A, M_B, L_B, V, LOSS, LSE, C,
         lse_b = tl.zeros([BLOCK_M], tl.float32)
     else:
         b0 = scale_b  # t̂·t̂/τT taken as exactly 1/τT (base 2)
-        mb = tl.zeros([BLOCK_M], tl.float32) + b0
+        if SELF:
+            mb = tl.zeros([BLOCK_M], tl.float32) + b0
+        else:
+            mb = tl.full([BLOCK_M], float("-inf"), tl.float32)
         for k in range(n_splits):
             mb = tl.maximum(mb, tl.load(M_B + k * B + rows, mask=row_ok, other=0.0))
-        w0 = tl.exp2(b0 - mb)
-        lb = w0
-        v = t * w0[:, None]
+        if SELF:
+            w0 = tl.exp2(b0 - mb)
+            lb = w0
+            v = t * w0[:, None]
+        else:
+            lb = tl.zeros([BLOCK_M], tl.float32)
+            v = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         for k in range(n_splits):
             wk = tl.exp2(tl.load(M_B + k * B + rows, mask=row_ok, other=0.0) - mb)
             lb += tl.load(L_B + k * B + rows, mask=row_ok, other=0.0) * wk
@@ -127,7 +141,10 @@ def fused_fwd_merge(S, T, M_A, L_A, M_B, L_B, V, LOSS, LSE, C,
         v = v / lb[:, None]
         loss = lse2 * LN2 - tl.sum(s * v, 1) * inv_ts
         lse_b = (mb + tl.log2(lb)) * LN2
-    c = v - tl.exp2(a0 - lse2)[:, None] * t
+    if SELF:
+        c = v - tl.exp2(a0 - lse2)[:, None] * t
+    else:
+        c = v
     tl.store(LOSS + rows, loss, mask=row_ok)
     tl.store(LSE + rows, lse2 * LN2, mask=row_ok)
     tl.store(LSE + B + rows, lse_b, mask=row_ok)

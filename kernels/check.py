@@ -96,9 +96,9 @@ def run_step(kernels, arch: int, dtype: torch.dtype, b: int, d: int, k: int = K,
     emb = dict(dtype=embed_dtype or dtype, device="meta")
     s, t, queue = torch.empty(b, d, **emb), torch.empty(b, d, **emb), torch.empty(k, d, dtype=dtype, device="meta")
     grad = torch.empty((), device="meta")
-    for hard in (False, True):
+    for hard, self_logit in ((False, True), (False, False), (True, True)):  # SEED, --batch-in-queue, InfoNCE
         teacher_temp = 1.0 if hard else 1e-4
-        _, lse, c = _triton_forward(s, t, queue, 0.2, teacher_temp, hard, launcher)
+        _, lse, c = _triton_forward(s, t, queue, 0.2, teacher_temp, hard, launcher, self_logit)
         _triton_backward(grad, s, t, queue, lse, c, 0.2, teacher_temp, hard, launcher)
     enqueue_launch(kernels["enqueue_rows"], queue, torch.empty(1, dtype=torch.int64, device="meta"), t, 0, b)
 
@@ -122,6 +122,7 @@ def _spec(x):
 
 def _label(kernel: str, kwargs: dict) -> tuple[str, str]:
     flags = [flag.lower() for flag in ("HARD", "FP32") if kwargs.get(flag)]
+    flags += ["noself"] if kwargs.get("SELF") is False else []
     name = kernel + (f"[{','.join(flags)}]" if flags else "")
     tiles = " ".join(f"{SHORT[k]}{v}" for k, v in sorted(kwargs.items()) if k in SHORT)
     options = f" w{kwargs.get('num_warps', 4)} s{kwargs.get('num_stages', 3)}"

@@ -16,9 +16,10 @@ def _compute_dtype(*xs: torch.Tensor) -> torch.dtype:
     return torch.float64 if any(x.dtype == torch.float64 for x in xs) else torch.float32
 
 
-def seed_loss(student, teacher, queue, *, student_temp=0.2, teacher_temp=1e-4):
+def seed_loss(student, teacher, queue, *, student_temp=0.2, teacher_temp=1e-4, self_logit=True):
     """loss = mean_i −Σ_j softmax(b_i)_j · log_softmax(a_i)_j with
-    a = [ŝ·t̂, ŝ·Q_1 … ŝ·Q_K]/τS and b = [t̂·t̂, t̂·Q_1 … t̂·Q_K]/τT."""
+    a = [ŝ·t̂, ŝ·Q_1 … ŝ·Q_K]/τS and b = [t̂·t̂, t̂·Q_1 … t̂·Q_K]/τT; without `self_logit`
+    a = [ŝ·Q_1 … ŝ·Q_K]/τS and b = [t̂·Q_1 … t̂·Q_K]/τT (the batch's keys in Q)."""
     check_loss_args("student", student, "teacher", teacher, queue,
                     {"student_temp": student_temp, "teacher_temp": teacher_temp})
     dtype = _compute_dtype(student, teacher, queue)
@@ -26,8 +27,9 @@ def seed_loss(student, teacher, queue, *, student_temp=0.2, teacher_temp=1e-4):
         s = F.normalize(student.to(dtype), dim=1)
         t = F.normalize(teacher.detach().to(dtype), dim=1)
         q = queue.detach().to(dtype)
-        a = torch.cat([(s * t).sum(1, keepdim=True), s @ q.T], dim=1) / student_temp
-        b = torch.cat([(t * t).sum(1, keepdim=True), t @ q.T], dim=1) / teacher_temp
+        first = 0 if self_logit else 1
+        a = torch.cat([(s * t).sum(1, keepdim=True), s @ q.T], dim=1)[:, first:] / student_temp
+        b = torch.cat([(t * t).sum(1, keepdim=True), t @ q.T], dim=1)[:, first:] / teacher_temp
         return -(torch.softmax(b, dim=1) * torch.log_softmax(a, dim=1)).sum(1).mean()
 
 

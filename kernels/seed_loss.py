@@ -209,7 +209,7 @@ def _contiguous_rows(*xs):
 # ----------------------------------------------------------------------------- fused path
 
 
-def _fused_forward(s, t, queue, student_temp, teacher_temp, hard, launcher):
+def _fused_forward(s, t, queue, student_temp, teacher_temp, hard, self_logit, launcher):
     s, t, queue = _contiguous_rows(s, t, queue)
     (b, d), k = s.shape, queue.shape[0]
     block_b, n_splits, cols = _plan(b, k, launcher)
@@ -234,7 +234,7 @@ def _fused_forward(s, t, queue, student_temp, teacher_temp, hard, launcher):
     launcher.kernels["fused_fwd_merge"][(triton.cdiv(b, block_m),)](
         s, t, m_a, l_a, m_b, l_b, v, loss_rows, lse, c,
         b, d, n_splits, s.stride(0), t.stride(0), 1.0 / student_temp, scale_a, scale_b,
-        HARD=hard, BLOCK_M=block_m, BLOCK_D=block_d)
+        HARD=hard, SELF=self_logit, BLOCK_M=block_m, BLOCK_D=block_d)
     return loss_rows.mean(), lse, c
 
 
@@ -269,7 +269,7 @@ def _tiled_operands(s, t, queue):
     return s32, t32, s32.to(queue.dtype), t_hi, (t32 - t_hi.float()).to(queue.dtype)
 
 
-def _tiled_forward(s, t, queue, student_temp, teacher_temp, hard, launcher):
+def _tiled_forward(s, t, queue, student_temp, teacher_temp, hard, self_logit, launcher):
     (queue,) = _contiguous_rows(queue)
     (b, d), k = s.shape, queue.shape[0]
     s32, t32, s_op, t_hi, t_lo = _tiled_operands(s, t, queue)
@@ -282,7 +282,16 @@ def _tiled_forward(s, t, queue, student_temp, teacher_temp, hard, launcher):
         b, k, d, queue.stride(0), cols, scale_a, scale_b,
         HARD=hard, FP32=queue.dtype == torch.float32, BLOCK_B=block_b, BLOCK_D=_tiled_block_d(d, queue.dtype),
         **launcher.block_k())
-    # Fold the splits with column 0, in base 2 (the fused merge kernel's formulas).
+    # Fold the splits with column 0 (unless the batch's keys are in the queue: no column 0),
+    # in base 2 (the fused merge kernel's formulas).
+    if not self_logit:
+        m = m_a.amax(0)
+        lse2 = m + torch.log2((l_a * torch.exp2(m_a - m)).sum(0))
+        mb = m_b.amax(0)
+        wb = torch.exp2(m_b - mb)
+        lb = (l_b * wb).sum(0)
+        loss_rows = (lse2 - (w * wb).sum(0) / lb) * _LN2
+        return loss_rows.mean(), torch.stack([lse2, mb + torch.log2(lb)]) * _LN2, torch.zeros_like(s32)
     a0 = (s32 * t32).sum(1) * scale_a
     m = torch.maximum(m_a.amax(0), a0)
     lse2 = m + torch.log2(torch.exp2(a0 - m) + (l_a * torch.exp2(m_a - m)).sum(0))
@@ -325,11 +334,11 @@ def _tiled_backward(grad, s, t, queue, lse, c, student_temp, teacher_temp, hard,
     return torch.where(norm > _NORM_EPS, proj, g / _NORM_EPS).to(s.dtype)
 
 
-def _triton_forward(s, t, queue, student_temp, teacher_temp, hard, launcher):
+def _triton_forward(s, t, queue, student_temp, teacher_temp, hard, launcher, self_logit=True):
     global _last_path
     _last_path = path(s.shape[1], queue.dtype)
     forward = _fused_forward if _last_path == "fused" else _tiled_forward
-    return forward(s, t, queue, student_temp, teacher_temp, hard, launcher)
+    return forward(s, t, queue, student_temp, teacher_temp, hard, self_logit, launcher)
 
 
 def _triton_backward(grad, s, t, queue, lse, c, student_temp, teacher_temp, hard, launcher):
@@ -346,15 +355,19 @@ def _triton_backward(grad, s, t, queue, lse, c, student_temp, teacher_temp, hard
 # ---------------------------------------------------------------------------------------
 
 
-def _torch_forward(student, teacher, queue, student_temp, teacher_temp, hard):
+def _torch_forward(student, teacher, queue, student_temp, teacher_temp, hard, self_logit=True):
     global _last_path
     _last_path = "torch"
     dtype = _acc_dtype(student, teacher, queue)
     s = F.normalize(student.to(dtype), dim=1)
     t = F.normalize(teacher.to(dtype), dim=1)
     a0 = (s * t).sum(1) / student_temp
-    m_a, l_a = a0.clone(), torch.ones_like(a0)
-    m_b, l_b, v = torch.full_like(a0, 1.0 / teacher_temp), torch.ones_like(a0), t.clone()
+    if self_logit:
+        m_a, l_a = a0.clone(), torch.ones_like(a0)
+        m_b, l_b, v = torch.full_like(a0, 1.0 / teacher_temp), torch.ones_like(a0), t.clone()
+    else:  # no column 0: the statistics start empty (the first chunk makes the maxima finite)
+        m_a, l_a = torch.full_like(a0, -math.inf), torch.zeros_like(a0)
+        m_b, l_b, v = torch.full_like(a0, -math.inf), torch.zeros_like(a0), torch.zeros_like(t)
     for k0 in range(0, queue.shape[0], _CHUNK):
         q = queue[k0:k0 + _CHUNK].to(dtype)
         a = s @ q.T / student_temp
@@ -375,7 +388,7 @@ def _torch_forward(student, teacher, queue, student_temp, teacher_temp, hard):
     else:
         v = v / l_b[:, None]
         loss_rows, lse_b = lse - (s * v).sum(1) / student_temp, m_b + torch.log(l_b)
-    c = v - torch.exp(a0 - lse)[:, None] * t
+    c = v - torch.exp(a0 - lse)[:, None] * t if self_logit else v
     return loss_rows.mean(), torch.stack([lse, lse_b]), c
 
 
@@ -405,18 +418,20 @@ def _torch_backward(grad, student, queue, lse, c, student_temp):
 
 @torch.library.custom_op("fastseed::seed_ce", mutates_args=())
 def _seed_ce(student: torch.Tensor, teacher: torch.Tensor, queue: torch.Tensor,
-              student_temp: float, teacher_temp: float, hard: bool
+              student_temp: float, teacher_temp: float, hard: bool, self_logit: bool
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns (mean loss, [LSE(a); LSE(b)] per row, c per row); the last two feed the backward."""
+    """Returns (mean loss, [LSE(a); LSE(b)] per row, c per row); the last two feed the backward.
+    `self_logit` False: no column 0 (the batch's keys are already in the queue); the backward
+    needs no flag, c carries column 0's term or is the teacher-weighted queue sum alone."""
     with torch.autocast(student.device.type, enabled=False):
         if _use_triton(student, teacher, queue):
             return _triton_forward(student, teacher, queue, student_temp, teacher_temp, hard,
-                                   _launcher(student.device))
-        return _torch_forward(student, teacher, queue, student_temp, teacher_temp, hard)
+                                   _launcher(student.device), self_logit)
+        return _torch_forward(student, teacher, queue, student_temp, teacher_temp, hard, self_logit)
 
 
 @_seed_ce.register_fake
-def _(student, teacher, queue, student_temp, teacher_temp, hard):
+def _(student, teacher, queue, student_temp, teacher_temp, hard, self_logit):
     dtype = _acc_dtype(student, teacher, queue)
     b, d = student.shape
     return (student.new_empty((), dtype=dtype), student.new_empty((2, b), dtype=dtype),
@@ -440,7 +455,7 @@ def _(grad, student, teacher, queue, lse, c, student_temp, teacher_temp, hard):
 
 
 def _setup_context(ctx, inputs, output):
-    student, teacher, queue, student_temp, teacher_temp, hard = inputs
+    student, teacher, queue, student_temp, teacher_temp, hard, _self_logit = inputs
     _loss, lse, c = output
     ctx.mark_non_differentiable(lse, c)
     ctx.save_for_backward(student, teacher, queue, lse, c)
@@ -449,7 +464,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_loss, _grad_lse, _grad_c):
     ds = _seed_ce_backward(grad_loss, *ctx.saved_tensors, *ctx.temps)
-    return ds, None, None, None, None, None
+    return ds, None, None, None, None, None, None
 
 
 _seed_ce.register_autograd(_backward, setup_context=_setup_context)
@@ -460,18 +475,22 @@ _seed_ce.register_autograd(_backward, setup_context=_setup_context)
 
 
 def seed_loss(student: torch.Tensor, teacher: torch.Tensor, queue: torch.Tensor, *,
-              student_temp: float = 0.2, teacher_temp: float = 1e-4) -> torch.Tensor:
+              student_temp: float = 0.2, teacher_temp: float = 1e-4, self_logit: bool = True) -> torch.Tensor:
     """SEED loss, mean over rows of −Σ_j softmax(b)_j log_softmax(a)_j (see module doc).
     student, teacher: raw [B, D] embeddings; queue: [K, D] unit rows. Gradient to student only.
+    `self_logit` False drops column 0 (ŝ·t̂, t̂·t̂): the logits are the queue's alone, for a
+    queue the batch's keys entered before the loss (`--batch-in-queue`).
     Returns an fp32 scalar (float64 when an input is float64)."""
     check_loss_args("student", student, "teacher", teacher, queue,
                     {"student_temp": student_temp, "teacher_temp": teacher_temp})
+    if not self_logit and queue.shape[0] == 0:
+        raise ValueError("seed_loss with self_logit=False needs a queue of at least one row: its logits are the queue's")
     return _seed_ce(student, teacher.detach(), queue.detach(),
-                     float(student_temp), float(teacher_temp), False)[0]
+                     float(student_temp), float(teacher_temp), False, bool(self_logit))[0]
 
 
 def info_nce_loss(query: torch.Tensor, key: torch.Tensor, queue: torch.Tensor, *,
                   temp: float = 0.2) -> torch.Tensor:
     """MoCo InfoNCE: cross-entropy of [q̂·k̂, q̂·Q]/τ with target 0. Gradient to query only."""
     check_loss_args("query", query, "key", key, queue, {"temp": temp})
-    return _seed_ce(query, key.detach(), queue.detach(), float(temp), 1.0, True)[0]
+    return _seed_ce(query, key.detach(), queue.detach(), float(temp), 1.0, True, True)[0]

@@ -20,6 +20,7 @@ cases, both backends, were 1.1e-7 / 1.1e-6 for float32, 7.3e-5 / 9.0e-4 for floa
             a soft teacher (τT = 1), where g = Σ p Q − v is a small difference of two sums.
 """
 
+import functools
 import importlib
 
 import pytest
@@ -93,6 +94,77 @@ def test_seed_loss_teacher_near_queue_rows(backend):
     q[:6] = F.normalize(F.normalize(t, dim=1) + 1e-3 * torch.randn(6, 64), dim=1)
     q[40:46] = F.normalize(F.normalize(t, dim=1) + 2e-3 * torch.randn(6, 64), dim=1)
     check(fk.seed_loss, ref.seed_loss, s, t, q, torch.float32, student_temp=0.1, teacher_temp=0.01)
+
+
+# --batch-in-queue: no column 0, the batch's keys already among the queue's rows. K = 1 is left
+# out: one column makes the loss exactly 0, where a bound relative to the loss cannot hold for
+# 16-bit operands (the fp16 ŝ·Q and the fp32 ŝ·v differ by ~|a|·2^-11 in either mode).
+@DTYPES
+@pytest.mark.parametrize("shape", [x for x in SHAPES if x[1] > 1], ids=lambda x: "B{}K{}D{}".format(*x))
+def test_seed_loss_batch_in_queue_shapes(backend, shape, dtype):
+    check(functools.partial(fk.seed_loss, self_logit=False), functools.partial(ref.seed_loss, self_logit=False),
+          *make(*shape, dtype), dtype, student_temp=0.07, teacher_temp=0.07)
+
+
+def batch_in_queue(dtype, seed=3):
+    s, t, q = make(19, 150, 64, dtype, seed=seed)
+    q[40:59] = F.normalize(t.float(), dim=1).to(dtype)  # the batch's keys, where the enqueue put them
+    return s, t, q
+
+
+@DTYPES
+@pytest.mark.parametrize("ts,tt", [(ts, tt) for ts, tt in TEMPS if tt >= 0.01])
+def test_seed_loss_batch_in_queue_temperatures(backend, ts, tt, dtype):
+    check(functools.partial(fk.seed_loss, self_logit=False), functools.partial(ref.seed_loss, self_logit=False),
+          *batch_in_queue(dtype), dtype, student_temp=ts, teacher_temp=tt)
+
+
+@DTYPES
+def test_seed_loss_batch_in_queue_tiny_teacher_temperature(backend, dtype):
+    """τT = 1e-4 with the batch in the queue. Column 0's teacher logit is exactly 1/τT; a row's
+    own key in the queue is a dot product instead, whose rounding 1/τT = 1e4 magnifies: with an
+    fp32 queue the Triton path's "tf32x3" dots (~2^-22 relative) put the gradient 4.9e-4·max|g|
+    off (measured), against 2e-7 for SEED's column 0. The 16-bit bounds hold as they are; the
+    fp32 bound here is 1e-3·max|g| on the Triton path, the usual one on the PyTorch path. Use
+    the mode with τT ≥ 0.01 (its default, 0.07, is in the test above at the usual bounds)."""
+    s, t, q = batch_in_queue(dtype)
+    s1 = s.clone().requires_grad_()
+    loss = fk.seed_loss(s1, t, q, student_temp=0.07, teacher_temp=1e-4, self_logit=False)
+    loss.backward()
+    s64 = s.double().requires_grad_()
+    expect = ref.seed_loss(s64, t.double(), q.double(), student_temp=0.07, teacher_temp=1e-4, self_logit=False)
+    expect.backward()
+    loss_tol, grad_tol = TOL[dtype]
+    if dtype == torch.float32 and backend == "triton":
+        grad_tol = 1e-3
+    assert abs(loss.item() - expect.item()) <= loss_tol * abs(expect.item())
+    assert (s1.grad.double() - s64.grad).abs().max().item() <= grad_tol * s64.grad.abs().max().item()
+
+
+def test_batch_in_queue_is_the_kl_of_a_teacher_queue_distillation(backend):
+    """Against an outside formula, written here from LightlyTrain 0.18's
+    lightly_train/_methods/distillation/distillation_loss.py (its `distillation` v1): the keys
+    are enqueued first, then KLDivLoss(batchmean)(log_softmax(ŝ·Qᵀ/τ), softmax(t̂·Qᵀ/τ)). KL =
+    CE − H(teacher): the same gradient, the loss higher by the teacher's entropy."""
+    s, t, q = make(12, 64, 32, torch.float64, seed=4)
+    q[20:32] = F.normalize(t, dim=1)  # the batch enqueued before the loss
+    tau = 0.07
+    s1, s2 = s.clone().requires_grad_(), s.clone().requires_grad_()
+    ours = fk.seed_loss(s1, t, q, student_temp=tau, teacher_temp=tau, self_logit=False)
+    ours.backward()
+    teacher = torch.softmax(F.normalize(t, dim=1) @ q.T / tau, dim=1)
+    student = torch.log_softmax(F.normalize(s2, dim=1) @ q.T / tau, dim=1)
+    kl = torch.nn.KLDivLoss(reduction="batchmean", log_target=False)(student, teacher)
+    kl.backward()
+    entropy = -(teacher * teacher.log()).sum(1).mean()
+    torch.testing.assert_close(ours, kl + entropy, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(s1.grad, s2.grad, rtol=1e-9, atol=1e-12)
+
+
+def test_batch_in_queue_needs_a_queue(backend):
+    s, t, q = make(3, 0, 16, torch.float32)
+    with pytest.raises(ValueError, match="at least one row"):
+        fk.seed_loss(s, t, q, self_logit=False)
 
 
 @DTYPES
@@ -307,9 +379,9 @@ def test_bad_input(module, call, name):
 def test_opcheck(backend):
     s, t, q = make(5, 70, 64, torch.float32)
     s.requires_grad_()
-    for hard in (False, True):
-        torch.library.opcheck(seed_mod._seed_ce, (s, t, q, 0.2, 0.07, hard))
-        _, lse, c = seed_mod._seed_ce(s.detach(), t, q, 0.2, 0.07, hard)
+    for hard, self_logit in ((False, True), (False, False), (True, True)):
+        torch.library.opcheck(seed_mod._seed_ce, (s, t, q, 0.2, 0.07, hard, self_logit))
+        _, lse, c = seed_mod._seed_ce(s.detach(), t, q, 0.2, 0.07, hard, self_logit)
         torch.library.opcheck(seed_mod._seed_ce_backward,
                               (torch.tensor(1.0), s.detach(), t, q, lse, c, 0.2, 0.07, hard))
     torch.library.opcheck(enqueue_mod._enqueue_op, (q.clone(), torch.tensor([65]), t))
