@@ -130,6 +130,10 @@ def train_parser() -> argparse.ArgumentParser:
     a("--momentum", type=float)
     a("--warmup-epochs", dest="warmup_epochs", type=float)
     a("--optimizer", choices=["sgd", "lars", "adamw"])
+    a("--clip-grad", dest="clip_grad", type=float, help="clip each student's gradient to this global L2 norm")
+    a("--mixup", action="store_const", const=True,
+      help="mix each batch with a permutation of itself (lambda ~ U(0,1) per step) before the teacher and the "
+           "students see it")
     a("--fsdp", action="store_const", const=True, help="FSDP2 (fully_shard) instead of DDP under torchrun")
     a("--dist-timeout", dest="dist_timeout", type=float,
       help="seconds a collective may wait for the other ranks before the run fails (default 1800)")

@@ -89,6 +89,11 @@ class Config:
     moco_m: float = 0.999
     simreg_target: str = "backbone"      # backbone | projection
     dense_weight: float = 0.0            # seed/simreg: + W x the patch-token loss (methods/dense.py)
+    batch_in_queue: bool = False         # seed: the batch's keys enter the queue before the loss, whose
+                                         # logits are then the queue's alone (no t.t column)
+    head: str = "mlp"                    # seed: the student's projection head, mlp | linear
+    mixup: bool = False                  # mix each batch with a permutation of itself (fastseed/mixing.py)
+    clip_grad: float | None = None       # clip each student's gradient to this global L2 norm
     method_args: dict = field(default_factory=dict)  # a method's own flags that no field here holds
 
     # speed

@@ -169,11 +169,16 @@ class Students:
             if s.scaler is not None:
                 s.scaler.scale(loss).backward()
                 phase(s.phase("optimizer"))
+                if s.cfg.clip_grad:
+                    s.scaler.unscale_(s.optimizer)
+                    clip(s)
                 s.scaler.step(s.optimizer)
                 s.scaler.update()
             else:
                 loss.backward()
                 phase(s.phase("optimizer"))
+                if s.cfg.clip_grad:
+                    clip(s)
                 s.optimizer.step()
             s.optimizer.zero_grad(set_to_none=True)
             loss = loss.detach()
@@ -245,6 +250,13 @@ class Students:
         def show(name, fmt):
             return "/".join(format(record[s.key(name)], fmt) if s.key(name) in record else "×" for s in self.members)
         return {"loss": show("loss", ".3f"), "lr": show("lr", ".3g"), "img_s": f"{record['img_per_s']:.0f}"}
+
+
+def clip(s: "Student") -> None:
+    """`--clip-grad N`: the student's gradients scaled to a global L2 norm of at most N (no host
+    sync: the norm stays on the device; sharded gradients are reduced over the ranks)."""
+    params = [p for g in s.optimizer.param_groups for p in g["params"] if p.grad is not None]
+    torch.nn.utils.clip_grad_norm_(params, s.cfg.clip_grad, foreach=True)
 
 
 def _non_finite(params) -> torch.Tensor:

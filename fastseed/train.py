@@ -27,6 +27,7 @@ from fastseed.evaluate import KnnMonitor, Resized
 from fastseed.logs import Logger, Throughput, progress_bar
 from fastseed.methods import method_class, resolve_preset
 from fastseed.optim import Schedule
+from fastseed.mixing import check_mixup, mixup
 from fastseed.runtime import (Env, Preemption, amp_dtype, autocast, compiler, phase, restart_count, seed_everything,
                               setup_env, teardown)
 from fastseed.students import Students, build_student, oom_advice, student_configs
@@ -83,6 +84,7 @@ def prepare(cfg: Config, loader=None) -> Run:
         cfg = cfg.replace(resume="auto")
     method = method_class(cfg.method)
     configs = student_configs(cfg)  # validates -a / --lr before anything is written
+    check_mixup(cfg)
     if env.main:
         for c in (cfg, *configs):
             c.out_dir.mkdir(parents=True, exist_ok=True)
@@ -123,12 +125,18 @@ def train_step(run: Run, views: list[torch.Tensor], step: int, batch=None) -> li
             g["lr"] = run.schedule(step, s.lr)
     phase("augment")
     views = [run.augment(v, generator=run.aug_gen) for v in views]
+    if run.cfg.mixup:
+        views = mixup(views, run.aug_gen)
     phase("teacher")
     with run.autocast():
         targets = run.targets.targets(views, batch)
+    first = run.queues is not None and run.cfg.batch_in_queue
+    if first:  # --batch-in-queue: the losses' logits are the queue's, the batch's keys among them
+        phase("enqueue")
+        run.queues.update(targets)
     losses = run.students.step(views, targets, step, run.autocast)
-    phase("enqueue")
-    if run.queues is not None:
+    if run.queues is not None and not first:
+        phase("enqueue")
         run.queues.update(targets)  # after every backward: the losses' backward re-reads the queue
     return losses
 

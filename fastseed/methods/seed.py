@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from fastseed.errors import ConfigError
 from fastseed.kernels import seed_loss
 from fastseed.models import projection_head
 
@@ -38,15 +39,22 @@ class SEED(nn.Module):
              help="keys entering the small-crop queue: first (official: crop 0 of each image, at the large "
                   "queue's pointer) or all (every small crop)"),
         DENSE_WEIGHT,
+        flag("--batch-in-queue", dest="batch_in_queue", action="store_const", const=True,
+             help="enqueue the batch's teacher keys before the loss, whose logits are then the queue's alone "
+                  "(no t.t column): every row sees the batch's other keys too"),
+        flag("--head", dest="head", choices=["mlp", "linear"],
+             help="the student's projection head: mlp (SEED's Linear-ReLU-Linear) or linear (one Linear)"),
     )
 
     def __init__(self, student: nn.Module, queues: Queues, *, dim: int, temp: float = 0.2,
-                 distill_t: float = 1e-4, dense_weight: float = 0.0, token_dim: int | None = None, **_):
+                 distill_t: float = 1e-4, dense_weight: float = 0.0, token_dim: int | None = None,
+                 batch_in_queue: bool = False, head: str = "mlp", **_):
         super().__init__()
         self.student = student
-        self.head = self.make_head(student.num_features, dim)
+        self.head = self.make_head(student.num_features, dim, head)
         self.queue, self.small_queue = queues.queue, queues.small_queue  # shared by every student
         self.temp, self.distill_t, self.dense_weight = temp, distill_t, dense_weight
+        self.self_logit = not batch_in_queue  # with the batch in the queue its keys are columns already
         if dense_weight:  # without it the state is SEED's alone, as before the patch-token loss
             self.dense = DenseHead.for_student(student, token_dim)
 
@@ -54,11 +62,14 @@ class SEED(nn.Module):
     def from_config(cls, student: nn.Module, queues: Queues, dim: int, cfg, compile_fn=None,
                     token_dim: int | None = None) -> "SEED":
         return cls(student, queues, dim=dim, temp=cfg.temp, distill_t=cfg.distill_t, dense_weight=cfg.dense_weight,
-                   token_dim=token_dim)
+                   token_dim=token_dim, batch_in_queue=cfg.batch_in_queue, head=cfg.head)
 
     @staticmethod
-    def make_head(in_dim: int, out_dim: int) -> nn.Module:
-        """Its head, as `__init__` builds it (fastseed-export rebuilds it from a checkpoint)."""
+    def make_head(in_dim: int, out_dim: int, kind: str = "mlp") -> nn.Module:
+        """Its head, as `__init__` builds it (fastseed-export rebuilds it from a checkpoint):
+        SEED's Linear-ReLU-Linear, or one Linear (`--head linear`)."""
+        if kind == "linear":
+            return nn.Sequential(nn.Linear(in_dim, out_dim))
         return projection_head(in_dim, out_dim)
 
     @staticmethod
@@ -84,6 +95,11 @@ class SEED(nn.Module):
     @staticmethod
     def check(cfg, students: int) -> None:
         check_dense(cfg, cfg.dense_weight)
+        if cfg.batch_in_queue and cfg.small_crops:
+            raise ConfigError("--batch-in-queue is for the global crop's queue: drop it or --small-crops")
+        if cfg.batch_in_queue and cfg.queue_size < cfg.batch_size:
+            raise ConfigError(f"--batch-in-queue needs --queue-size ({cfg.queue_size}) >= --batch-size "
+                              f"({cfg.batch_size}): the queue must hold the whole batch")
 
     @staticmethod
     def make_queues(*, dim: int, queue_size: int, queue_dtype: torch.dtype = torch.float32, small_crops: int = 0,
@@ -113,7 +129,8 @@ class SEED(nn.Module):
             s = self.head(pooled)
         else:
             s = self.embed(views[0])
-        loss = seed_loss(s, targets[0], self.queue.keys, student_temp=self.temp, teacher_temp=self.distill_t)
+        loss = seed_loss(s, targets[0], self.queue.keys, student_temp=self.temp, teacher_temp=self.distill_t,
+                         self_logit=self.self_logit)
         if self.dense_weight:
             loss = loss + self.dense_weight * self.dense(fmap, targets[-1])
         if len(views) > 1:
