@@ -30,8 +30,14 @@ def build_optimizer(cfg: Config, module: nn.Module, lr: float, device: torch.dev
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay, fused=fused or None)
     if cfg.optimizer == "lars":
+        # As LARS is used in SimCLR, BYOL and LightlyTrain: biases and norm layers' parameters
+        # (1-d) take no weight decay and no trust ratio (timm's Lars adapts a group only when
+        # its weight decay is non-zero), so they train at the plain lr; every weight matrix and
+        # kernel takes both.
         from timm.optim import Lars
-        return Lars(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        groups = [{"params": [p for p in params if p.ndim > 1]},
+                  {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
+        return Lars([g for g in groups if g["params"]], lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     raise ConfigError(f"unknown --optimizer {cfg.optimizer!r}: choose sgd, lars or adamw")
 
 

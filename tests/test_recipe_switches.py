@@ -128,3 +128,19 @@ def test_clip_bounds_the_global_gradient_norm():
     clip(SimpleNamespace(optimizer=optimizer, cfg=Config(clip_grad=1.0)))
     after = torch.cat([p.grad.flatten() for p in net.parameters()]).norm()
     assert abs(after.item() - 1.0) < 1e-4
+
+
+def test_lars_leaves_biases_and_norms_out_of_the_trust_ratio_and_the_decay():
+    """LARS as SimCLR/BYOL/LightlyTrain use it: 1-d parameters step as plain SGD (lr × grad);
+    weight matrices by lr × trust ratio (0.001·‖w‖/(‖g‖ + wd‖w‖)) × (g + wd·w)."""
+    from fastseed.optim import build_optimizer
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 4), nn.BatchNorm1d(4))
+    opt = build_optimizer(Config(optimizer="lars", weight_decay=0.1, momentum=0.9), net, 0.5, torch.device("cpu"))
+    net(torch.randn(8, 6)).pow(2).sum().backward()
+    w, b = net[0].weight.detach().clone(), net[0].bias.detach().clone()
+    gw, gb = net[0].weight.grad.clone(), net[0].bias.grad.clone()
+    opt.step()
+    torch.testing.assert_close(net[0].bias.detach(), b - 0.5 * gb)
+    trust = 0.001 * w.norm() / (gw.norm() + 0.1 * w.norm())
+    torch.testing.assert_close(net[0].weight.detach(), w - 0.5 * trust * (gw + 0.1 * w))
