@@ -51,7 +51,12 @@ What differs, by LightlyTrain's design (its defaults are kept: these runs measur
   * data order: a torch DataLoader reshuffled each epoch, the last partial batch dropped;
   * `train_s` is the wall time of `lightly_train.pretrain` (set-up, 128 steps, its checkpoint
     and export, its TensorBoard/JSONL logging); scoring is `knn_s`, apart. fastseed's rows
-    (recipes.py) time `fastseed.train.train`, its final k-NN included.
+    (recipes.py) time `fastseed.train.train`, its final k-NN included. On a shared 2-core CPU
+    the wall times follow the other jobs' load (a run of 42 s quiet took 713 s while another job
+    held the cores): compare rows timed at the same hour;
+  * a LightlyTrain run is not bit-reproducible from its seed on CPU (two runs of seed 0 on
+    Fashion-MNIST: 68.25 / 66.75 for distillation, 76.60 / 76.00 for distillationv1), where
+    fastseed's is (70.05 twice).
 
 Rows: --out (JSON lines, default benchmarks/results/recipes_lightly_<size>.jsonl); a run whose
 (dataset, method, seed, size) is there is skipped. Work files: --workdir (default
