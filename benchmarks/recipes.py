@@ -78,15 +78,31 @@ FACTORS = {
     "lars": lambda size, n: lars(size),
     "clip": lambda size, n: dict(clip_grad=1.0),
 }
-RECIPES = {
+RECIPES = {  # the default grid, in the table's order; any other "+"-joined factors also run
     "demo": (), **{name: (name,) for name in FACTORS},
     "equal-temps+batch-in-queue": ("equal-temps", "batch-in-queue"),
+    "equal-temps+clip": ("equal-temps", "clip"),
+    "equal-temps+clip+linear-head": ("equal-temps", "clip", "linear-head"),
+    "equal-temps+clip+mixup": ("equal-temps", "clip", "mixup"),
+    "equal-temps+batch-in-queue+clip+linear-head": ("equal-temps", "batch-in-queue", "clip", "linear-head"),
     "peer": tuple(FACTORS),
     "peer-no-mixup": tuple(f for f in FACTORS if f != "mixup"),
     "official": (),
-    "simreg": (), "simreg+mixup": ("mixup",), "simreg+lars+clip": ("lars", "clip"),
+    "simreg": (), "simreg+clip": ("clip",), "simreg+mixup": ("mixup",), "simreg+lars+clip": ("lars", "clip"),
     "simreg+lars+clip+mixup": ("lars", "clip", "mixup"),
 }
+
+
+def factors(recipe: str) -> tuple[str, ...]:
+    """A recipe's factors: RECIPES's, or its name split at "+" (after an optional "simreg")."""
+    if recipe in RECIPES:
+        return RECIPES[recipe]
+    names = recipe.split("+")
+    names = names[1:] if names[0] == "simreg" else names
+    unknown = [n for n in names if n not in FACTORS]
+    if unknown:
+        raise SystemExit(f"recipe {recipe!r}: unknown factor(s) {', '.join(unknown)}; factors: {', '.join(FACTORS)}")
+    return tuple(names)
 
 
 def config(size: dict, recipe: str, train: Path, test: Path, out: Path, seed: int, n_train: int):
@@ -102,7 +118,7 @@ def config(size: dict, recipe: str, train: Path, test: Path, out: Path, seed: in
     # the demo's recipe, named here so that the figures keep their meaning if the demo's changes
     cfg = demo(method=method, aug="weak", crop_scale=(0.6, 1.0), lr=size["lr"], weight_decay=5e-4,
                warmup_epochs=0.25, temp=0.2, distill_t=0.02, queue_size=size["queue"], **data)
-    for factor in RECIPES[recipe]:
+    for factor in factors(recipe):
         cfg = cfg.replace(**FACTORS[factor](size, n_train))
     return cfg
 
@@ -132,7 +148,7 @@ def table(rows: list[dict]) -> str:
             if r["dataset"] == dataset:
                 by.setdefault(r["recipe"], []).append(r)
         base = statistics.mean(r["knn_top1@20"] for r in by["demo"]) if "demo" in by else None
-        for recipe in (r for r in RECIPES if r in by):
+        for recipe in sorted(by, key=lambda r: list(RECIPES).index(r) if r in RECIPES else len(RECIPES)):
             v = [r["knn_top1@20"] for r in by[recipe]]
             sd = f"{statistics.stdev(v):.2f}" if len(v) > 1 else "-"
             gap = "" if base is None or recipe == "demo" else f"{statistics.mean(v) - base:+.2f}"
@@ -147,11 +163,14 @@ def main(argv=None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--size", choices=SIZES, default="cpu")
     p.add_argument("--datasets", nargs="+", choices=DATASETS, default=list(DATASETS))
-    p.add_argument("--recipes", nargs="+", choices=RECIPES, default=list(RECIPES))
+    p.add_argument("--recipes", nargs="+", default=list(RECIPES),
+                   help="names from RECIPES, or factors joined by '+' (e.g. equal-temps+clip, simreg+clip)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
     p.add_argument("--workdir", default=None, help="betons and runs (default: data/recipes_<size>/, git-ignored)")
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
+    for recipe in a.recipes:
+        factors(recipe)  # an unknown factor fails before any run
     size = SIZES[a.size]
     out = Path(a.out or ROOT / "benchmarks" / "results" / f"recipes_{a.size}.jsonl")
     work = Path(a.workdir or ROOT / "data" / f"recipes_{a.size}")
