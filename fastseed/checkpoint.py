@@ -431,6 +431,12 @@ def restore(ckpt: dict, cfg: Config, method, optimizer, scaler, teacher_info, au
                            options=StateDictOptions(full_state_dict=True, strict=True))
         else:
             method.load_state_dict(state, strict=True)
+            groups = len(ckpt["optimizer"].get("param_groups", []))
+            if groups != len(optimizer.param_groups):  # torch's own error names neither the file nor a way out
+                raise CheckpointReadError(
+                    f"the checkpoint's optimizer has {groups} parameter group(s), this run's --optimizer "
+                    f"{cfg.optimizer} has {len(optimizer.param_groups)} (LARS keeps biases and norms in a group of "
+                    "their own): resume with the optimizer it was written with, or start in a new --output")
             optimizer.load_state_dict(ckpt["optimizer"])
     if scaler is not None and ckpt.get("scaler"):
         scaler.load_state_dict(ckpt["scaler"])

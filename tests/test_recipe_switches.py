@@ -144,3 +144,19 @@ def test_lars_leaves_biases_and_norms_out_of_the_trust_ratio_and_the_decay():
     torch.testing.assert_close(net[0].bias.detach(), b - 0.5 * gb)
     trust = 0.001 * w.norm() / (gw.norm() + 0.1 * w.norm())
     torch.testing.assert_close(net[0].weight.detach(), w - 0.5 * trust * (gw + 0.1 * w))
+
+
+@pytest.mark.slow
+def test_resuming_with_another_number_of_optimizer_groups_is_one_clear_error(data_and_teacher, tmp_path):
+    """An SGD checkpoint (one group) resumed with --optimizer lars (two): CheckpointReadError,
+    not torch's "different number of parameter groups"."""
+    from fastseed.errors import CheckpointReadError
+    from fastseed.train import train
+    data, teacher = data_and_teacher
+    cfg = Config(method="seed", arch="resnet10t", teacher_arch="resnet10t", distill=str(teacher), data=str(data),
+                 res=32, workers=2, epochs=1, batch_size=32, lr=0.1, warmup_epochs=0, queue_size=64,
+                 output=str(tmp_path / "run"), max_steps=2, ckpt_every=1000, knn_every=0, progress=False,
+                 device="cpu")
+    train(cfg)
+    with pytest.raises(CheckpointReadError, match="parameter group"):
+        train(cfg.replace(optimizer="lars", resume="auto", max_steps=4))
