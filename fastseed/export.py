@@ -104,8 +104,9 @@ def method_head(method: str, state: dict[str, torch.Tensor]) -> nn.Module:
         raise ExportError(f"a --method {method} checkpoint has no embedding head (a patch-token projector is "
                           "never exported): export without --with-head")
     linears = [v for k, v in state.items() if k.endswith("weight") and v.dim() == 2]
-    one = {"kind": "linear"} if method == "seed" and len(linears) == 1 else {}  # SEED's --head linear
-    head = method_class(method).make_head(linears[0].shape[1], linears[-1].shape[0], **one)
+    cls = method_class(method)
+    kind = cls.head_kind(len(linears)) if hasattr(cls, "head_kind") else None  # a method with head choices
+    head = cls.make_head(linears[0].shape[1], linears[-1].shape[0], *([kind] if kind else []))
     head.load_state_dict(state, strict=True)
     return head.eval()
 

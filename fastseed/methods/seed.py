@@ -73,6 +73,11 @@ class SEED(nn.Module):
         return projection_head(in_dim, out_dim)
 
     @staticmethod
+    def head_kind(linears: int) -> str:
+        """The `make_head` kind of a saved head with this many Linear layers (fastseed-export)."""
+        return "linear" if linears == 1 else "mlp"
+
+    @staticmethod
     def teacher_target(cfg) -> str:
         """SEED distils in the teacher's projection space (--teacher-no-head: its pooled backbone)."""
         return "head" if cfg.teacher_use_head else "backbone"
