@@ -89,8 +89,10 @@ class TeacherBundle:
             model = model.to(torch.bfloat16)
         self.model, self.res = model, res
         self.fn = compile_fn(model) if compile_fn else model
-        # torch.compile is lazy: a run that never asks for tokens never compiles this one
-        self.features_fn = compile_fn(model.features) if compile_fn else model.features
+        # torch.compile is lazy: a run that never asks for tokens never compiles this one. A
+        # module of the user's own (no `features`) serves embeddings only.
+        features = getattr(model, "features", None)
+        self.features_fn = None if features is None else compile_fn(features) if compile_fn else features
         return self
 
     @property
