@@ -38,10 +38,10 @@ import json
 import math
 import statistics
 import sys
-import time
 from pathlib import Path
 
 from cache_quality import betons
+from dense_quality import run_one  # one train-and-score per row, as the dense study's
 
 from fastseed.provenance import append_row, provenance
 
@@ -121,15 +121,6 @@ def config(size: dict, recipe: str, train: Path, test: Path, out: Path, seed: in
     for factor in factors(recipe):
         cfg = cfg.replace(**FACTORS[factor](size, n_train))
     return cfg
-
-
-def run_one(cfg) -> dict:
-    from fastseed.train import train as train_run
-    t = time.perf_counter()
-    result = train_run(cfg)
-    knn = result["results"]["student"]
-    return {"steps": result["step"], "train_s": round(time.perf_counter() - t, 1),
-            "knn_top1@20": knn["knn_top1@20"], "knn_top1@1": knn["knn_top1@1"]}
 
 
 def settings(cfg) -> dict:
