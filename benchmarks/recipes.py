@@ -6,9 +6,12 @@ benchmarks/cache_quality.py `mnist_5k_npz`), one factor at a time and combined, 
 The factors are those that could explain why LightlyTrain 0.18's `distillationv1` (lightly_train/
 _methods/distillation/, read only) beat fastseed's demo recipe at equal steps (issue 24):
 
-    demo            fastseed's demo recipe (fastseed/config.py `demo()`): SEED, τS 0.2, τT 0.02, a
-                    4,096-key queue with the t̂·t̂ column, MLP head, SGD (momentum 0.9, wd 5e-4),
-                    per-step warm-up of 1/4 epoch then cosine, crop 0.6-1 + flip, no colour ops
+    demo            fastseed's demo recipe before this study (fastseed/config.py `demo()` then): SEED,
+                    τS 0.2, τT 0.02, a 4,096-key queue with the t̂·t̂ column, MLP head, no clipping,
+                    SGD (momentum 0.9, wd 5e-4), per-step warm-up of 1/4 epoch then cosine, crop 0.6-1
+                    + flip, no colour ops
+    default         what `fastseed-train` runs now: the demo's optimiser and the method's defaults
+                    (`fastseed.methods.recipe`: SEED τS = τT = 0.07, linear head, clipping at 1)
     equal-temps     τS = τT = 0.07
     batch-in-queue  the batch's keys enter the queue before the loss (`--batch-in-queue`)
     queue-data      the queue sized to the data as LightlyTrain's buckets do (2,048 for up to 10k
@@ -19,7 +22,9 @@ _methods/distillation/, read only) beat fastseed's demo recipe at equal steps (i
     clip            gradient clipping at norm 1.0 (`--clip-grad 1`)
     peer            all of the above (LightlyTrain `distillationv1`'s recipe in fastseed)
     official        `--recipe official` (the SEED paper's settings, per-epoch schedule)
-    simreg*         SimReg with the demo's optimiser; simreg+mixup; simreg+lars+clip (+mixup)
+    simreg*         SimReg with the demo's optimiser; simreg+mixup; simreg+lars+clip (+mixup);
+                    simreg-default and simreg-official as default and official above
+    field=value     any Config field set to a value, after the factors before it: simreg+lars+clip+lr=0.7
 
 Every run goes through `fastseed.train.train` and stops at the size's step count (the cosine
 ends there); scored by weighted k-NN (k = 20, T = 0.07) on the test subset with the train subset
@@ -79,7 +84,7 @@ FACTORS = {
     "clip": lambda size, n: dict(clip_grad=1.0),
 }
 RECIPES = {  # the default grid, in the table's order; any other "+"-joined factors also run
-    "demo": (), **{name: (name,) for name in FACTORS},
+    "demo": (), "default": (), "official": (), **{name: (name,) for name in FACTORS},
     "equal-temps+batch-in-queue": ("equal-temps", "batch-in-queue"),
     "equal-temps+clip": ("equal-temps", "clip"),
     "equal-temps+clip+linear-head": ("equal-temps", "clip", "linear-head"),
@@ -87,46 +92,69 @@ RECIPES = {  # the default grid, in the table's order; any other "+"-joined fact
     "equal-temps+batch-in-queue+clip+linear-head": ("equal-temps", "batch-in-queue", "clip", "linear-head"),
     "peer": tuple(FACTORS),
     "peer-no-mixup": tuple(f for f in FACTORS if f != "mixup"),
-    "official": (),
-    "simreg": (), "simreg+clip": ("clip",), "simreg+mixup": ("mixup",), "simreg+lars+clip": ("lars", "clip"),
+    "simreg": (), "simreg-default": (), "simreg-official": (), "simreg+clip": ("clip",), "simreg+mixup": ("mixup",), "simreg+lars+clip": ("lars", "clip"),
     "simreg+lars+clip+mixup": ("lars", "clip", "mixup"),
 }
 
 
+# what a "+"-joined recipe starts from: the demo's recipe before issue 24 (none named, or "simreg"),
+# fastseed's default now, or the official recipe; the factors after it are applied on top
+BASES = ("simreg", "default", "simreg-default", "official", "simreg-official")
+
+
 def factors(recipe: str) -> tuple[str, ...]:
-    """A recipe's factors: RECIPES's, or its name split at "+" (after an optional "simreg")."""
+    """A recipe's factors: RECIPES's, or its name split at "+" after an optional base (BASES)."""
     if recipe in RECIPES:
         return RECIPES[recipe]
     names = recipe.split("+")
-    names = names[1:] if names[0] == "simreg" else names
-    unknown = [n for n in names if n not in FACTORS]
+    names = names[1:] if names[0] in BASES else names
+    unknown = [n for n in names if n not in FACTORS and not setting(n)]
     if unknown:
         raise SystemExit(f"recipe {recipe!r}: unknown factor(s) {', '.join(unknown)}; factors: {', '.join(FACTORS)}")
     return tuple(names)
 
 
+def setting(factor: str) -> dict:
+    """A factor written `field=value` (e.g. lr=0.7, optimizer=adamw): that Config field set to the value,
+    read as a number where it is one; {} for anything else."""
+    from fastseed.config import Config
+    name, eq, value = factor.partition("=")
+    if not eq or name not in Config.__dataclass_fields__:
+        return {}
+    try:
+        return {name: int(value) if value.isdigit() else float(value)}
+    except ValueError:
+        return {name: value}
+
+
 def config(size: dict, recipe: str, train: Path, test: Path, out: Path, seed: int, n_train: int):
     from fastseed.config import demo
     from fastseed.methods import official
+    from fastseed.methods import recipe as recipe_of
     data = dict(data=str(train), val_data=str(test), knn_bank=str(train), epochs=size["epochs"],
                 max_steps=size["steps"], batch_size=size["batch"], arch=size["arch"], seed=seed, output=str(out),
                 final_table=False, progress=False, resume="auto", ckpt_every=10**9, log_every=10**9, knn_every=0,
                 teacher_arch="efficientnet_lite0", res=32, teacher_res=48, workers=2)
-    if recipe == "official":
-        return official("seed", aug="weak", crop_scale=(0.6, 1.0), **data)
     method = "simreg" if recipe.startswith("simreg") else "seed"
-    # the demo's recipe, named here so that the figures keep their meaning if the demo's changes
-    cfg = demo(method=method, aug="weak", crop_scale=(0.6, 1.0), lr=size["lr"], weight_decay=5e-4,
-               warmup_epochs=0.25, temp=0.2, distill_t=0.02, queue_size=size["queue"], **data)
+    base = recipe.split("+")[0]
+    run = dict(aug="weak", crop_scale=(0.6, 1.0), lr=size["lr"], weight_decay=5e-4, warmup_epochs=0.25,
+               queue_size=size["queue"], **data)
+    if base.endswith("official"):
+        cfg = official(method, aug="weak", crop_scale=(0.6, 1.0), **data)
+    elif base.endswith("default"):  # what fastseed-train runs now: the demo's data and lr schedule, and the
+        cfg = recipe_of(method, demo(**run))  # method's defaults (which may set the optimiser and lr)
+    else:  # the demo's recipe before issue 24, named here so that the figures keep their meaning
+        cfg = demo(method=method, temp=0.2, distill_t=0.02, head="mlp", clip_grad=None, **run)
     for factor in factors(recipe):
-        cfg = cfg.replace(**FACTORS[factor](size, n_train))
+        cfg = cfg.replace(**(FACTORS[factor](size, n_train) if factor in FACTORS else setting(factor)))
     return cfg
 
 
 def settings(cfg) -> dict:
     keys = ("method", "temp", "distill_t", "queue_size", "batch_in_queue", "head", "mixup", "optimizer", "lr",
             "weight_decay", "clip_grad", "warmup_epochs", "lr_schedule")
-    return {k: getattr(cfg, k) for k in keys}
+    from fastseed.optim import peak_lr
+    return {**{k: getattr(cfg, k) for k in keys}, "peak_lr": peak_lr(cfg)}
 
 
 def table(rows: list[dict]) -> str:

@@ -26,7 +26,7 @@ from fastseed.evaluate import evaluate_checkpoint
 from fastseed.export import FORMATS, embed, export, export_timm_state_dict
 from fastseed.folders import cache_dir_beside, resolve_config, resolve_data
 from fastseed.logs import SINKS
-from fastseed.methods import METHODS, method_class, official
+from fastseed.methods import METHODS, method_class, official, recipe
 from fastseed.models import create_student
 from fastseed.profile import profile
 from fastseed.runtime import setup_env
@@ -119,8 +119,13 @@ def train_parser() -> argparse.ArgumentParser:
     a("--output", help="output directory (checkpoints, metrics.jsonl)")
     a("--resume", help="checkpoint path (a file, or an FSDP2 run's .dcp folder), or 'auto' for OUTPUT's "
                        "checkpoint_last.pt or .dcp (several students: 'auto', or the earlier run's OUTPUT)")
-    a("--lr", type=_floats, help="learning rate (default 0.03 x batch/256); with several students one for all "
-                                 "or a comma list, one per student")
+    a("--lr", type=_floats, help="learning rate (default: --base-lr scaled to the batch); with several students "
+                                 "one for all or a comma list, one per student")
+    a("--base-lr", dest="base_lr", type=float,
+      help="the lr at batch 256 when --lr is not given (default 0.03; SimReg: 11.2 with LARS and sqrt scaling)")
+    a("--lr-scaling", dest="lr_scaling", choices=["linear", "sqrt"],
+      help="how --base-lr scales to the batch: linear (x batch/256, SEED and MoCo) or sqrt (x sqrt(batch/256), "
+           "SimReg's LARS default)")
     a("-b", "--batch-size", dest="batch_size", type=int, help="global batch size")
     a("--epochs", type=int)
     a("--max-steps", dest="max_steps", type=int, help="stop after this many steps")
@@ -130,7 +135,8 @@ def train_parser() -> argparse.ArgumentParser:
     a("--momentum", type=float)
     a("--warmup-epochs", dest="warmup_epochs", type=float)
     a("--optimizer", choices=["sgd", "lars", "adamw"])
-    a("--clip-grad", dest="clip_grad", type=float, help="clip each student's gradient to this global L2 norm")
+    a("--clip-grad", dest="clip_grad", type=float, help="clip each student's gradient to this global L2 norm (default 1; 0: no clipping; MoCo and "
+                                  "--recipe official: none)")
     a("--mixup", action="store_const", const=True,
       help="mix each batch with a permutation of itself (lambda ~ U(0,1) per step) before the teacher and the "
            "students see it")
@@ -158,7 +164,7 @@ def config_from_args(argv: list[str] | None, notes: list[str] | None = None) -> 
     if args.pop("recipe", "fastseed") == "official":
         base = official(args.get("method", Config.method))
     else:
-        base = demo() if "data" not in args else Config()
+        base = recipe(args.get("method", Config.method), demo() if "data" not in args else Config())
     if "teacher_cache" in args and "teacher_arch" not in args:
         # the cache names its teacher: no -k needed (one given is checked against it)
         args["teacher_arch"] = TeacherCache.open(args["teacher_cache"]).header["teacher"]["arch"]

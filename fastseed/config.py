@@ -1,6 +1,10 @@
-"""Every setting of a run, in one dataclass. Defaults are the SEED paper's hyper-parameters
-(official code) with fastseed's own learning-rate schedule: a per-step linear warm-up, then a
-per-step cosine (README, "Defaults").
+"""Every setting of a run, in one dataclass. Defaults are fastseed's recipe for SEED, the default
+method: the SEED paper's optimiser settings (official code) with fastseed's own learning-rate
+schedule (a per-step linear warm-up, then a per-step cosine) and the objective settings that
+measured best at equal steps: equal temperatures of 0.07, a linear head and clipping at 1
+(README, "Defaults" and "Recipes at equal steps"). A method whose own defaults differ says so in
+its `defaults` (MoCo-v2: τ 0.2, no clipping); `fastseed.methods.recipe` applies them, as
+`fastseed-train` does.
 
 The official recipe of each method (`--recipe official`) is `fastseed.methods.official`; `demo()` is the
 embedded default of `fastseed-train` with no `--data`: a CPU-sized run on real Fashion-MNIST with
@@ -71,11 +75,12 @@ class Config:
     small_enqueue: str = "first"         # small queue gets: first (official: crop 0 of each image) | all
     workers: int = field(default_factory=default_workers)  # FFCV decode threads
 
-    # optimisation (lr None -> 0.03 x batch / 256, as SEED/MoCo)
+    # optimisation (lr None -> base_lr x batch / 256, as SEED/MoCo; or x sqrt(batch / 256))
     epochs: int = 200
     batch_size: int = 256                # global, across ranks
     lr: float | tuple[float, ...] | None = None  # one for every student, or one per student
     base_lr: float = 0.03
+    lr_scaling: str = "linear"           # lr None: linear (base_lr x batch/256) | sqrt (x sqrt(batch/256))
     momentum: float = 0.9
     weight_decay: float = 1e-4
     warmup_epochs: float = 5.0
@@ -83,17 +88,18 @@ class Config:
     optimizer: str = "sgd"               # sgd | lars | adamw
 
     # objective
-    temp: float = 0.2                    # student temperature (MoCo: InfoNCE temperature)
-    distill_t: float = 1e-4              # teacher temperature
+    temp: float = 0.07                   # student temperature (MoCo: InfoNCE temperature; its own default
+                                         # is 0.2, `MoCo.defaults`); the SEED paper's: 0.2
+    distill_t: float = 0.07              # teacher temperature (the SEED paper's: 1e-4)
     queue_size: int = 65536
     moco_m: float = 0.999
     simreg_target: str = "backbone"      # backbone | projection
     dense_weight: float = 0.0            # seed/simreg: + W x the patch-token loss (methods/dense.py)
     batch_in_queue: bool = False         # seed: the batch's keys enter the queue before the loss, whose
                                          # logits are then the queue's alone (no t.t column)
-    head: str = "mlp"                    # seed: the student's projection head, mlp | linear
+    head: str = "linear"                 # seed: the student's projection head, linear | mlp (the paper's)
     mixup: bool = False                  # mix each batch with a permutation of itself (fastseed/mixing.py)
-    clip_grad: float | None = None       # clip each student's gradient to this global L2 norm
+    clip_grad: float | None = 1.0        # clip each student's gradient to this global L2 norm (None: not)
     method_args: dict = field(default_factory=dict)  # a method's own flags that no field here holds
 
     # speed
@@ -153,6 +159,8 @@ def demo(**overrides) -> Config:
     78.50, teacher 82.56): moco_v2 crops 0.35-1, 1 epoch 78.1-79.0; weak 0.35-1, 1 epoch
     80.33; weak 0.6-1, 1 epoch 80.65; weak 0.6-1, 2 epochs 83.79 (README, Quick start).
     The paper's 5 warm-up epochs of 200 would be a whole run here: warm up for 1/4 epoch.
+    The objective is Config's: τS = τT = 0.07, a linear head, clipping at 1 (README, "Recipes at
+    equal steps"); the demo had τS 0.2, τT 0.02, the MLP head and no clipping before.
     """
     cfg = Config(
         method="seed",
@@ -172,7 +180,6 @@ def demo(**overrides) -> Config:
         warmup_epochs=0.25,
         weight_decay=5e-4,
         queue_size=4096,
-        distill_t=0.02,
         output="output",
         log_every=10,
         ckpt_every=200,

@@ -16,8 +16,15 @@ from fastseed.errors import ConfigError
 
 
 def peak_lr(cfg: Config) -> float:
-    """`cfg.lr`, or SEED/MoCo's linear scaling rule: base_lr x batch / 256."""
-    return cfg.lr if cfg.lr is not None else cfg.base_lr * cfg.batch_size / 256
+    """`cfg.lr`, or base_lr scaled to the batch: SEED/MoCo's linear rule, base_lr x batch / 256, or
+    the square-root rule that LARS runs use (SimCLR, LightlyTrain), base_lr x sqrt(batch / 256)."""
+    if cfg.lr is not None:
+        return cfg.lr
+    if cfg.lr_scaling == "sqrt":
+        return cfg.base_lr * math.sqrt(cfg.batch_size / 256)
+    if cfg.lr_scaling == "linear":
+        return cfg.base_lr * cfg.batch_size / 256
+    raise ConfigError(f"unknown --lr-scaling {cfg.lr_scaling!r}: choose linear or sqrt")
 
 
 def build_optimizer(cfg: Config, module: nn.Module, lr: float, device: torch.device) -> torch.optim.Optimizer:

@@ -14,7 +14,8 @@ from fastseed.augment import PRESETS, preset_augment
 from fastseed.checkpoint import read_checkpoint
 from fastseed.cli import config_from_args
 from fastseed.config import Config
-from fastseed.methods import official, preset_name
+from fastseed.methods import SEED, SimReg, official, preset_name
+from fastseed.optim import peak_lr
 from fastseed.train import prepare, train
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -127,6 +128,61 @@ def test_recipe_flags():
     assert config_from_args([]).aug == "weak" and config_from_args([]).crop_scale == (0.6, 1.0)  # the demo's
     cfg = config_from_args(["--data", "x.beton", "--aug", "simclr", "--crop-scale", "0.3,1"])
     assert (cfg.lr_schedule, cfg.aug, cfg.crop_scale) == ("step", "simclr", (0.3, 1.0))
+
+
+# The official objectives, from the official option lists: jacobswan1/SEED tools/opts.py (--queue 65536,
+# --temp 0.2, --distill-t 1e-4, --student_mlp True: Linear(d, d)-ReLU-Linear(d, dim) as seed/builder.py
+# builds it); facebookresearch/moco README.md (MoCo v2: --moco-t 0.2 --mlp), main_moco.py (--moco-k 65536,
+# --moco-m 0.999). No official script clips gradients or mixes inputs.
+SEED_PAPER = dict(temp=0.2, distill_t=1e-4, queue_size=65536, clip_grad=None, mixup=False, batch_in_queue=False)
+MOCO_V2 = dict(temp=0.2, queue_size=65536, moco_m=0.999, clip_grad=None, mixup=False)
+
+
+def test_official_recipe_keeps_the_papers_objectives():
+    cfg = config_from_args(["--data", "x.beton", "--recipe", "official"])
+    assert {k: getattr(cfg, k) for k in SEED_PAPER} == SEED_PAPER
+    head = SEED.make_head(512, 128, cfg.head)
+    assert [type(m) for m in head] == [nn.Linear, nn.ReLU, nn.Linear] and head[0].out_features == 512
+    cfg = config_from_args(["--data", "x.beton", "--recipe", "official", "--method", "moco"])
+    assert {k: getattr(cfg, k) for k in MOCO_V2} == MOCO_V2
+    assert config_from_args(["--data", "x.beton", "--recipe", "official", "--method", "simreg"]).clip_grad is None
+    # given flags still win over the recipe
+    assert config_from_args(["--data", "x.beton", "--recipe", "official", "--temp", "0.1"]).temp == 0.1
+
+
+def test_fastseed_recipe_is_the_measured_one():
+    """README "Recipes at equal steps": equal temperatures of 0.07, a linear head and clipping at 1
+    gave SEED students 78.57 / 91.50 k-NN top-1 against the paper's settings' 69.07 / 81.23."""
+    for argv in ([], ["--data", "x.beton"], ["--data", "x.beton", "--recipe", "fastseed"]):
+        cfg = config_from_args(argv)
+        assert (cfg.method, cfg.temp, cfg.distill_t, cfg.head, cfg.clip_grad) == ("seed", 0.07, 0.07, "linear", 1.0)
+        assert [type(m) for m in SEED.make_head(512, 128, cfg.head)] == [nn.Linear]
+    # SimReg: one Linear, LARS at 11.2 x sqrt(batch/256) (5.6 at batch 64, where it was measured)
+    cfg = config_from_args(["--data", "x.beton", "--method", "simreg", "-b", "64"])
+    assert (cfg.head, cfg.optimizer, peak_lr(cfg), cfg.weight_decay, cfg.clip_grad) == ("linear", "lars", 5.6, 1e-6, 1.0)
+    assert [type(m) for m in SimReg.make_head(512, 2048, cfg.head)] == [nn.Linear]
+    assert peak_lr(config_from_args(["--data", "x.beton", "--method", "simreg", "--lr", "0.3"])) == 0.3
+    # the official SimReg keeps its deep predictor: UCDvision/simreg mlp_arch.py get_mlp(n_layers=4),
+    # 4 Linear with BatchNorm1d-ReLU after the 1st and the 3rd
+    cfg = config_from_args(["--data", "x.beton", "--method", "simreg", "--recipe", "official"])
+    assert (cfg.head, cfg.optimizer, peak_lr(cfg)) == ("mlp", "sgd", 0.05)
+    kinds = [type(m) for m in SimReg.make_head(512, 2048, cfg.head)]
+    assert kinds == [nn.Linear, nn.BatchNorm1d, nn.ReLU, nn.Linear] * 2
+    # MoCo-v2 keeps its own temperature and no clipping, with the demo's data or the user's
+    for argv in (["--method", "moco"], ["--data", "x.beton", "--method", "moco"]):
+        cfg = config_from_args(argv)
+        assert (cfg.temp, cfg.clip_grad) == (MOCO_V2["temp"], None)
+    assert config_from_args(["--method", "moco", "--temp", "0.1"]).temp == 0.1
+    assert config_from_args(["--data", "x.beton", "--clip-grad", "5"]).clip_grad == 5.0
+
+
+def test_lr_scales_with_the_batch_linearly_or_by_its_square_root():
+    # SEED main.py:116-117: lr x batch/256; SimCLR (LARS): 0.075 x sqrt(batch), i.e. 1.2 x sqrt(batch/256)
+    assert peak_lr(Config(lr=None, base_lr=0.03, batch_size=512)) == pytest.approx(0.06)
+    assert peak_lr(Config(lr=None, base_lr=1.2, lr_scaling="sqrt", batch_size=4096)) == pytest.approx(0.075 * 64)
+    assert peak_lr(Config(lr=0.5, base_lr=1.2, lr_scaling="sqrt", batch_size=4096)) == 0.5  # --lr wins
+    with pytest.raises(ValueError, match="lr-scaling 'cube'"):
+        peak_lr(Config(lr=None, lr_scaling="cube"))
 
 
 # ------------------------------------------------------------------ the official schedules, literally

@@ -6,6 +6,8 @@ each method declares what the rest of fastseed asks of it.
     name, needs_teacher, global_views      what it is; whether a frozen teacher makes its targets
                                            (MoCo makes its own: `MoCo.targets`); crops per image
     official                               its official recipe (`--recipe official`, `official()`)
+    defaults                               where fastseed's recipe for it differs from Config's defaults
+                                           (`recipe()`, what `fastseed-train` starts from)
     flags                                  its command-line flags (fastseed/cli.py adds them)
     teacher_target(cfg)                    'head', 'backbone' or None: what of the teacher it distils
     teacher_tokens(cfg)                    whether its targets end with the teacher's token map
@@ -54,6 +56,13 @@ def official(method: str = "seed", **overrides) -> Config:
     return cfg.replace(**overrides)
 
 
+def recipe(method: str = "seed", base: Config | None = None, **overrides) -> Config:
+    """fastseed's recipe of `method`: `base` (default `Config()`; the CLI's demo without --data) with
+    the method and its `defaults`, then `overrides`."""
+    base = base if base is not None else Config()
+    return base.replace(method=method, **method_class(method).defaults).replace(**overrides)
+
+
 def teacher_target(cfg: Config) -> str | None:
     """What of the teacher the run distils: 'head' (its projection), 'backbone' (its pooled
     features) or None (no teacher)."""
@@ -81,5 +90,5 @@ def resolve_preset(cfg: Config, teacher_format: str | None) -> Config:
     return cfg.replace(aug=aug, crop_scale=tuple(cfg.crop_scale or PRESETS[aug].crop_scale))
 
 
-__all__ = ["SEED", "SimReg", "MoCo", "Dense", "METHODS", "method_class", "official", "teacher_target",
+__all__ = ["SEED", "SimReg", "MoCo", "Dense", "METHODS", "method_class", "official", "recipe", "teacher_target",
            "teacher_tokens", "preset_name", "resolve_preset"]

@@ -15,7 +15,11 @@ def flag(*names: str, **kwargs) -> tuple[tuple[str, ...], dict]:
     return names, kwargs
 
 
-TEMP = flag("--temp", dest="temp", type=float, help="student temperature (MoCo: InfoNCE temperature)")
+TEMP = flag("--temp", dest="temp", type=float,
+            help="student temperature (default 0.07; the SEED paper's 0.2) or MoCo's InfoNCE temperature (0.2)")
+HEAD = flag("--head", dest="head", choices=["mlp", "linear"],
+            help="the student's head: linear (one Linear, the default) or mlp (the papers': SEED's "
+                 "Linear-ReLU-Linear, SimReg's deep predictor)")
 QUEUE_SIZE = flag("--queue-size", "--moco-k", dest="queue_size", type=int, help="queue length K")
 
 

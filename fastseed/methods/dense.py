@@ -100,6 +100,7 @@ class Dense(nn.Module):
     needs_teacher = True   # its targets are a frozen teacher's tokens
     global_views = 1       # student and teacher see the same crop
     official = None        # no official recipe: --recipe official refuses
+    defaults = dict(clip_grad=None)  # measured without clipping (benchmarks/dense_quality.py)
     target_flags = ()
     flags = (DENSE_WEIGHT,)
 

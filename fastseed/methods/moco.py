@@ -28,7 +28,11 @@ class MoCo(nn.Module):
     global_views = 2       # query and key from two crops of each image
     # facebookresearch/moco main_moco.py:42-58 (200 epochs, lr 0.03 at any batch size, wd 1e-4),
     # README.md:51 (MoCo v2: --cos), main_moco.py:372-381 (cosine per epoch, no warm-up)
-    official = dict(lr=0.03, epochs=200, momentum=0.9, weight_decay=1e-4, warmup_epochs=0.0)
+    # MoCo-v2 (moco README): main_moco.py --moco-t 0.2 --moco-k 65536 --moco-m 0.999, no clipping
+    official = dict(lr=0.03, epochs=200, momentum=0.9, weight_decay=1e-4, warmup_epochs=0.0, temp=0.2,
+                    queue_size=65536, moco_m=0.999, clip_grad=None, mixup=False)
+    # MoCo-v2's τ 0.2; Config's clipping was measured for the distillation methods only
+    defaults = dict(temp=0.2, clip_grad=None)
     target_flags = ()
     flags = (TEMP, QUEUE_SIZE, flag("--moco-m", dest="moco_m", type=float, help="key encoder momentum (0.999)"))
 

@@ -17,7 +17,7 @@ from fastseed.errors import ConfigError
 from fastseed.kernels import seed_loss
 from fastseed.models import projection_head
 
-from ._common import QUEUE_SIZE, TEMP, Queues, flag
+from ._common import HEAD, QUEUE_SIZE, TEMP, Queues, flag
 from .dense import DENSE_WEIGHT, DenseHead, backbone_features, check_dense
 
 
@@ -27,11 +27,18 @@ class SEED(nn.Module):
     global_views = 1       # student and teacher see the same crop
     # jacobswan1/SEED tools/opts.py:74-99 (lr 0.03, momentum 0.9, wd 1e-4), :55-59 (200 epochs);
     # main.py:116-121 (peak lr 0.03 x batch/256, 5 warm-up epochs); tools/utils.py:89-101
-    official = dict(lr=None, base_lr=0.03, epochs=200, momentum=0.9, weight_decay=1e-4, warmup_epochs=5.0)
+    # tools/opts.py --temp 0.2 (τS), --distill-t 1e-4 (τT), --queue 65536, --student_mlp True; the t.t
+    # column before the queue's, no gradient clipping and no input mixing (seed/builder.py, main.py)
+    official = dict(lr=None, base_lr=0.03, epochs=200, momentum=0.9, weight_decay=1e-4, warmup_epochs=5.0,
+                    temp=0.2, distill_t=1e-4, queue_size=65536, head="mlp", clip_grad=None, batch_in_queue=False,
+                    mixup=False)
+    # fastseed's recipe is Config's own defaults (τS = τT = 0.07, linear head, clipping at 1): README,
+    # "Recipes at equal steps"
+    defaults = {}
     target_flags = ()  # the flags that decide `teacher_target` (fastseed-cache has them too)
     flags = (
         TEMP,
-        flag("--distill-t", dest="distill_t", type=float, help="teacher temperature"),
+        flag("--distill-t", dest="distill_t", type=float, help="teacher temperature (default 0.07; the paper's 1e-4)"),
         QUEUE_SIZE,
         flag("--small-crops", dest="small_crops", type=int, help="SEED small-patch: number of small crops (6)"),
         flag("--small-res", dest="small_res", type=int),
@@ -42,8 +49,7 @@ class SEED(nn.Module):
         flag("--batch-in-queue", dest="batch_in_queue", action="store_const", const=True,
              help="enqueue the batch's teacher keys before the loss, whose logits are then the queue's alone "
                   "(no t.t column): every row sees the batch's other keys too"),
-        flag("--head", dest="head", choices=["mlp", "linear"],
-             help="the student's projection head: mlp (SEED's Linear-ReLU-Linear) or linear (one Linear)"),
+        HEAD,
     )
 
     def __init__(self, student: nn.Module, queues: Queues, *, dim: int, temp: float = 0.2,

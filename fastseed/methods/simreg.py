@@ -13,7 +13,7 @@ from torch import nn
 
 from fastseed.models import simreg_predictor
 
-from ._common import flag
+from ._common import HEAD, flag
 from .dense import DENSE_WEIGHT, DenseHead, backbone_features, check_dense
 
 
@@ -23,16 +23,20 @@ class SimReg(nn.Module):
     global_views = 1
     # UCDvision/simreg main.py:42-55 (batch 256, lr 0.05 at any batch size, 130 epochs, wd 1e-4);
     # tools.py:13-18 (cosine per epoch, no warm-up)
-    official = dict(lr=0.05, epochs=130, momentum=0.9, weight_decay=1e-4, warmup_epochs=0.0)
+    official = dict(lr=0.05, epochs=130, momentum=0.9, weight_decay=1e-4, warmup_epochs=0.0, clip_grad=None,
+                    mixup=False, head="mlp")
+    # fastseed's recipe (README, "Recipes at equal steps"): one Linear as the head, LARS at 11.2 x
+    # sqrt(batch/256) (5.6 at batch 64, where it was measured), weight decay 1e-6; Config's clipping at 1
+    defaults = dict(head="linear", optimizer="lars", lr=None, base_lr=11.2, lr_scaling="sqrt", weight_decay=1e-6)
     target_flags = (flag("--simreg-target", dest="simreg_target", choices=["backbone", "projection"],
                          help="SimReg regresses the teacher's pooled backbone (default) or its projection"),)
-    flags = (*target_flags, DENSE_WEIGHT)
+    flags = (*target_flags, DENSE_WEIGHT, HEAD)
 
     def __init__(self, student: nn.Module, queues=None, *, dim: int, dense_weight: float = 0.0,
-                 token_dim: int | None = None, **_):
+                 token_dim: int | None = None, head: str = "mlp", **_):
         super().__init__()
         self.student = student
-        self.head = self.make_head(student.num_features, dim)
+        self.head = self.make_head(student.num_features, dim, head)
         self.dense_weight = dense_weight
         if dense_weight:
             self.dense = DenseHead.for_student(student, token_dim)
@@ -40,12 +44,20 @@ class SimReg(nn.Module):
     @classmethod
     def from_config(cls, student: nn.Module, queues, dim: int, cfg, compile_fn=None,
                     token_dim: int | None = None) -> "SimReg":
-        return cls(student, queues, dim=dim, dense_weight=cfg.dense_weight, token_dim=token_dim)
+        return cls(student, queues, dim=dim, dense_weight=cfg.dense_weight, token_dim=token_dim, head=cfg.head)
 
     @staticmethod
-    def make_head(in_dim: int, out_dim: int) -> nn.Module:
-        """Its head, as `__init__` builds it (fastseed-export rebuilds it from a checkpoint)."""
+    def make_head(in_dim: int, out_dim: int, kind: str = "mlp") -> nn.Module:
+        """Its head, as `__init__` builds it (fastseed-export rebuilds it from a checkpoint): SimReg's
+        deep predictor, or one Linear (`--head linear`)."""
+        if kind == "linear":
+            return nn.Sequential(nn.Linear(in_dim, out_dim))
         return simreg_predictor(in_dim, out_dim)
+
+    @staticmethod
+    def head_kind(linears: int) -> str:
+        """The `make_head` kind of a saved head with this many Linear layers (fastseed-export)."""
+        return "linear" if linears == 1 else "mlp"
 
     @staticmethod
     def teacher_target(cfg) -> str:
