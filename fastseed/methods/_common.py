@@ -20,6 +20,18 @@ TEMP = flag("--temp", dest="temp", type=float,
 HEAD = flag("--head", dest="head", choices=["mlp", "linear"],
             help="the student's head: linear (one Linear, the default) or mlp (the papers': SEED's "
                  "Linear-ReLU-Linear, SimReg's deep predictor)")
+
+
+def linear_head(in_dim: int, out_dim: int) -> nn.Sequential:
+    """`--head linear`: one Linear (a Sequential, so a saved head has the keys of the others)."""
+    return nn.Sequential(nn.Linear(in_dim, out_dim))
+
+
+def head_kind(linears: int) -> str:
+    """The `--head` kind of a saved head with this many Linear layers (fastseed-export)."""
+    return "linear" if linears == 1 else "mlp"
+
+
 QUEUE_SIZE = flag("--queue-size", "--moco-k", dest="queue_size", type=int, help="queue length K")
 
 

@@ -17,7 +17,7 @@ from fastseed.errors import ConfigError
 from fastseed.kernels import seed_loss
 from fastseed.models import projection_head
 
-from ._common import HEAD, QUEUE_SIZE, TEMP, Queues, flag
+from ._common import HEAD, QUEUE_SIZE, TEMP, Queues, flag, head_kind, linear_head
 from .dense import DENSE_WEIGHT, DenseHead, backbone_features, check_dense
 
 
@@ -75,13 +75,10 @@ class SEED(nn.Module):
         """Its head, as `__init__` builds it (fastseed-export rebuilds it from a checkpoint):
         SEED's Linear-ReLU-Linear, or one Linear (`--head linear`)."""
         if kind == "linear":
-            return nn.Sequential(nn.Linear(in_dim, out_dim))
+            return linear_head(in_dim, out_dim)
         return projection_head(in_dim, out_dim)
 
-    @staticmethod
-    def head_kind(linears: int) -> str:
-        """The `make_head` kind of a saved head with this many Linear layers (fastseed-export)."""
-        return "linear" if linears == 1 else "mlp"
+    head_kind = staticmethod(head_kind)  # fastseed-export: the kind of a saved head
 
     @staticmethod
     def teacher_target(cfg) -> str:

@@ -13,7 +13,7 @@ from torch import nn
 
 from fastseed.models import simreg_predictor
 
-from ._common import HEAD, flag
+from ._common import HEAD, flag, head_kind, linear_head
 from .dense import DENSE_WEIGHT, DenseHead, backbone_features, check_dense
 
 
@@ -51,13 +51,10 @@ class SimReg(nn.Module):
         """Its head, as `__init__` builds it (fastseed-export rebuilds it from a checkpoint): SimReg's
         deep predictor, or one Linear (`--head linear`)."""
         if kind == "linear":
-            return nn.Sequential(nn.Linear(in_dim, out_dim))
+            return linear_head(in_dim, out_dim)
         return simreg_predictor(in_dim, out_dim)
 
-    @staticmethod
-    def head_kind(linears: int) -> str:
-        """The `make_head` kind of a saved head with this many Linear layers (fastseed-export)."""
-        return "linear" if linears == 1 else "mlp"
+    head_kind = staticmethod(head_kind)  # fastseed-export: the kind of a saved head
 
     @staticmethod
     def teacher_target(cfg) -> str:
