@@ -97,7 +97,7 @@ class Config:
     dense_weight: float = 0.0            # seed/simreg: + W x the patch-token loss (methods/dense.py)
     batch_in_queue: bool = False         # seed: the batch's keys enter the queue before the loss, whose
                                          # logits are then the queue's alone (no t.t column)
-    head: str = "linear"                 # seed: the student's projection head, linear | mlp (the paper's)
+    head: str = "linear"                 # seed, simreg: the student's head, linear | bn-linear | mlp (the papers')
     mixup: bool = False                  # mix each batch with a permutation of itself (fastseed/mixing.py)
     clip_grad: float | None = 1.0        # clip each student's gradient to this global L2 norm (None: not)
     method_args: dict = field(default_factory=dict)  # a method's own flags that no field here holds

@@ -105,7 +105,7 @@ def method_head(method: str, state: dict[str, torch.Tensor]) -> nn.Module:
                           "never exported): export without --with-head")
     linears = [v for k, v in state.items() if k.endswith("weight") and v.dim() == 2]
     cls = method_class(method)
-    kind = cls.head_kind(len(linears)) if hasattr(cls, "head_kind") else None  # a method with head choices
+    kind = cls.head_kind(state) if hasattr(cls, "head_kind") else None  # a method with head choices
     head = cls.make_head(linears[0].shape[1], linears[-1].shape[0], *([kind] if kind else []))
     head.load_state_dict(state, strict=True)
     return head.eval()

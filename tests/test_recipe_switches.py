@@ -13,7 +13,7 @@ from fastseed.config import Config
 from fastseed.errors import ConfigError
 from fastseed.export import method_head
 from fastseed.kernels import reference as ref
-from fastseed.methods import SEED
+from fastseed.methods import SEED, SimReg
 from fastseed.methods._common import Queues
 from fastseed.mixing import check_mixup, mixup
 from fastseed.students import clip
@@ -94,6 +94,21 @@ def test_linear_head_is_one_linear_and_export_rebuilds_it():
     assert torch.equal(rebuilt(x), method.head(x))
     mlp = SEED(Net(), SEED.make_queues(dim=8, queue_size=16), dim=8)
     assert len(method_head("seed", mlp.head.state_dict())) == 3
+
+
+def test_bn_linear_head_has_the_official_simreg_layout_and_export_rebuilds_it():
+    # UCDvision/simreg mlp_arch.py get_linear_proj(inp_dim, out_dim): nn.Sequential(
+    # nn.BatchNorm1d(inp_dim), nn.Linear(inp_dim, out_dim)) -- its `--linear_pred` predictor
+    official = {"0.weight": (12,), "0.bias": (12,), "0.running_mean": (12,), "0.running_var": (12,),
+                "0.num_batches_tracked": (), "1.weight": (8, 12), "1.bias": (8,)}
+    for cls, name in ((SEED, "seed"), (SimReg, "simreg")):
+        method = cls(Net(), SEED.make_queues(dim=8, queue_size=16), dim=8, head="bn-linear")
+        assert {k: tuple(v.shape) for k, v in method.head.state_dict().items()} == official
+        method.head.train()(torch.randn(5, 12) * 3 + 1)  # moves the running statistics off their init
+        rebuilt = method_head(name, method.head.state_dict())
+        x = torch.randn(3, 12)
+        assert [type(m) for m in rebuilt] == [nn.BatchNorm1d, nn.Linear]
+        assert torch.equal(rebuilt(x), method.head.eval()(x))
 
 
 def test_mixup_is_a_convex_mix_with_one_permutation_for_every_view():

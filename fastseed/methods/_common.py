@@ -17,19 +17,27 @@ def flag(*names: str, **kwargs) -> tuple[tuple[str, ...], dict]:
 
 TEMP = flag("--temp", dest="temp", type=float,
             help="student temperature (default 0.07; the SEED paper's 0.2) or MoCo's InfoNCE temperature (0.2)")
-HEAD = flag("--head", dest="head", choices=["mlp", "linear"],
-            help="the student's head: linear (one Linear, the default) or mlp (the papers': SEED's "
+HEAD = flag("--head", dest="head", choices=["mlp", "linear", "bn-linear"],
+            help="the student's head: linear (one Linear, the default), bn-linear (BatchNorm1d then "
+                 "Linear: SimReg's official linear predictor) or mlp (the papers': SEED's "
                  "Linear-ReLU-Linear, SimReg's deep predictor)")
 
 
-def linear_head(in_dim: int, out_dim: int) -> nn.Sequential:
-    """`--head linear`: one Linear (a Sequential, so a saved head has the keys of the others)."""
-    return nn.Sequential(nn.Linear(in_dim, out_dim))
+def linear_head(in_dim: int, out_dim: int, kind: str = "linear") -> nn.Sequential:
+    """`--head linear`: one Linear (a Sequential, so a saved head has the keys of the others);
+    `--head bn-linear`: BatchNorm1d, then the Linear (UCDvision/simreg mlp_arch.py get_linear_proj,
+    its `--linear_pred`)."""
+    linear = nn.Linear(in_dim, out_dim)
+    return nn.Sequential(nn.BatchNorm1d(in_dim), linear) if kind == "bn-linear" else nn.Sequential(linear)
 
 
-def head_kind(linears: int) -> str:
-    """The `--head` kind of a saved head with this many Linear layers (fastseed-export)."""
-    return "linear" if linears == 1 else "mlp"
+def head_kind(state: dict[str, torch.Tensor]) -> str:
+    """The `--head` kind of a saved head's state dict (fastseed-export): one Linear, with or
+    without a BatchNorm1d before it, or more than one (mlp)."""
+    linears = [k for k, v in state.items() if k.endswith("weight") and v.dim() == 2]
+    if len(linears) > 1:
+        return "mlp"
+    return "bn-linear" if any(k.endswith("running_mean") for k in state) else "linear"
 
 
 QUEUE_SIZE = flag("--queue-size", "--moco-k", dest="queue_size", type=int, help="queue length K")

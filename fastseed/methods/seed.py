@@ -73,9 +73,9 @@ class SEED(nn.Module):
     @staticmethod
     def make_head(in_dim: int, out_dim: int, kind: str = "mlp") -> nn.Module:
         """Its head, as `__init__` builds it (fastseed-export rebuilds it from a checkpoint):
-        SEED's Linear-ReLU-Linear, or one Linear (`--head linear`)."""
-        if kind == "linear":
-            return linear_head(in_dim, out_dim)
+        SEED's Linear-ReLU-Linear, or one Linear (`--head linear`, after a BatchNorm1d with `bn-linear`)."""
+        if kind in ("linear", "bn-linear"):
+            return linear_head(in_dim, out_dim, kind)
         return projection_head(in_dim, out_dim)
 
     head_kind = staticmethod(head_kind)  # fastseed-export: the kind of a saved head
