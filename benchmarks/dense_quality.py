@@ -57,7 +57,7 @@ def config(size: dict, objective: str, train: Path, test: Path, out: Path, seed:
     # the demo's recipe, named here so that the figures keep their meaning if the demo's changes
     return demo(**OBJECTIVES[objective], aug="weak", crop_scale=(0.6, 1.0), teacher_arch="efficientnet_lite0",
                 res=res, teacher_res=teacher_res, lr=size["lr"], weight_decay=5e-4, warmup_epochs=0.25,
-                temp=0.2, distill_t=0.02, head="mlp", clip_grad=None, data=str(train), val_data=str(test), knn_bank=str(train), epochs=size["epochs"],
+                temp=0.2, distill_t=0.02, head="mlp", clip_grad=None, teacher_precision="student", data=str(train), val_data=str(test), knn_bank=str(train), epochs=size["epochs"],
                 max_steps=size["steps"],
                 batch_size=size["batch"], queue_size=size["queue"], arch=size["arch"], seed=seed, output=str(out),
                 final_table=False, progress=False, resume="auto", ckpt_every=10**9, log_every=10**9, knn_every=0)

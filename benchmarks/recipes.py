@@ -144,7 +144,7 @@ def config(size: dict, recipe: str, train: Path, test: Path, out: Path, seed: in
     elif base.endswith("default"):  # what fastseed-train runs now: the demo's data and lr schedule, and the
         cfg = recipe_of(method, demo(**run))  # method's defaults (which may set the optimiser and lr)
     else:  # the demo's recipe before issue 24, named here so that the figures keep their meaning
-        cfg = demo(method=method, temp=0.2, distill_t=0.02, head="mlp", clip_grad=None, **run)
+        cfg = demo(method=method, temp=0.2, distill_t=0.02, head="mlp", clip_grad=None, teacher_precision="student", **run)
     for factor in factors(recipe):
         cfg = cfg.replace(**(FACTORS[factor](size, n_train) if factor in FACTORS else setting(factor)))
     return cfg
@@ -152,7 +152,7 @@ def config(size: dict, recipe: str, train: Path, test: Path, out: Path, seed: in
 
 def settings(cfg) -> dict:
     keys = ("method", "temp", "distill_t", "queue_size", "batch_in_queue", "head", "mixup", "optimizer", "lr",
-            "weight_decay", "clip_grad", "warmup_epochs", "lr_schedule")
+            "weight_decay", "clip_grad", "warmup_epochs", "lr_schedule", "teacher_precision")
     from fastseed.optim import peak_lr
     return {**{k: getattr(cfg, k) for k in keys}, "peak_lr": peak_lr(cfg)}
 

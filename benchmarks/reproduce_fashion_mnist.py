@@ -59,7 +59,7 @@ SIZES = {
 }
 # Shared by every run (small-data MoCo: a queue well below the dataset, faster momentum).
 COMMON = dict(crop_scale=(0.35, 1.0), weight_decay=5e-4, temp=0.2, moco_m=0.99, distill_t=0.02,
-              simreg_target="backbone", head="mlp", clip_grad=None)
+              simreg_target="backbone", head="mlp", clip_grad=None, teacher_precision="student")
 
 
 # ---------------------------------------------------------------- data

@@ -84,7 +84,7 @@ from fastseed.config import Config
 from fastseed.data import FLIP_BIT, RATIO, box_loader, check_beton, image_sizes, random_boxes
 from fastseed.errors import CacheError
 from fastseed.methods import resolve_preset, teacher_target
-from fastseed.runtime import Env, amp_dtype, use_compile
+from fastseed.runtime import Env, teacher_dtype, use_compile
 
 MAGIC = b"FSTCACHE"
 VERSION = 1
@@ -327,7 +327,7 @@ class TeacherCache:
 # ---------------------------------------------------------------- building
 def plan(cfg: Config, env: Env, record: dict, beton: dict, *, crops: int, dtype: str, chunk: int) -> dict:
     """The header of the cache this build writes."""
-    precision = {torch.bfloat16: "bf16", torch.float16: "fp16", None: "fp32"}[amp_dtype(cfg, env.device)]
+    precision = {torch.bfloat16: "bf16", torch.float16: "fp16", None: "fp32"}[teacher_dtype(cfg, env.device)]
     header = {"format": "fastseed teacher cache", "beton": beton, "teacher": record,
               "target": teacher_target(cfg), "teacher_res": cfg.teacher_res or cfg.res,
               "precision": precision, "compile": use_compile(cfg, env), "crops": crops, "seed": cfg.seed, "crop_scale": list(cfg.crop_scale), "ratio": list(RATIO),
@@ -508,7 +508,7 @@ def build_cache(cfg: Config, output, source, env: Env, *, crops: int = 10, dtype
     _barrier(env.world)
     if not env.main:
         header = _read_header(part)
-    fill(part, header, cfg.data, teacher, device=env.device, amp=amp_dtype(cfg, env.device), workers=cfg.workers,
+    fill(part, header, cfg.data, teacher, device=env.device, amp=teacher_dtype(cfg, env.device), workers=cfg.workers,
          batch_size=batch_size, rank=env.rank, world=env.world, progress=progress, on_chunk=on_chunk)
     _barrier(env.world)
     cache = finish(part, output) if env.main else None

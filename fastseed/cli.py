@@ -79,6 +79,10 @@ def _runtime_args(p) -> None:
     g = p.add_argument_group("runtime").add_argument
     g("--device", help="auto, cuda or cpu")
     g("--precision", choices=["auto", "bf16", "fp16", "fp32"])
+    g("--teacher-precision", choices=["auto", "student", "bf16", "fp16", "fp32"],
+      help="the frozen teacher's autocast (default auto: the students' on CUDA; on a CPU bf16 where it has "
+           "AMX tiles, else fp32; student: the students' everywhere); its keys reach the losses in the "
+           "students' dtype")
     g("--compile", choices=["auto", "on", "off"])
     g("--compile-mode", dest="compile_mode")
     g("--no-channels-last", dest="channels_last", action="store_const", const=False)

@@ -105,6 +105,8 @@ class Config:
     # speed
     device: str = "auto"                 # auto | cuda | cpu
     precision: str = "auto"              # auto (bf16 on cuda, fp32 on cpu) | bf16 | fp16 | fp32
+    teacher_precision: str = "auto"      # the frozen teacher's: auto (the students' on cuda; on a cpu bf16 where
+                                         # it has AMX tiles, else fp32) | student (the students') | bf16 | fp16 | fp32
     channels_last: bool = True
     compile: str = "auto"                # auto (on for cuda) | on | off
     compile_mode: str | None = None      # e.g. max-autotune

@@ -264,14 +264,15 @@ class KnnMonitor:
         n = loader.num_samples  # the whole beton's: the shards' padding is cut off
         return gather_rows(feats)[:n], gather_rows(labels)[:n]
 
-    def __call__(self, encoder: nn.Module | None) -> dict:
+    def __call__(self, encoder: nn.Module | None, dtype: torch.dtype | None = None) -> dict:
+        """k-NN of `encoder` (None: raw pixels) under autocast to `dtype` (default: the monitor's)."""
         cfg = self.cfg
         if not self.loaders:
             self.loaders = [self._loader(p) for p in (cfg.knn_bank or cfg.data, cfg.val_data)]
         if encoder is None:
             encoder, norm, dtype = nn.Flatten(), None, torch.float32  # pixels in [0, 1]
         else:
-            norm, dtype = Normalize(self.mean_std[0], self.mean_std[1]).to(self.device), self.dtype
+            norm, dtype = Normalize(self.mean_std[0], self.mean_std[1]).to(self.device), dtype or self.dtype
         (ftr, ytr), (fte, yte) = (self._features(encoder, loader, norm, dtype) for loader in self.loaders)
         return knn_classify(ftr, ytr, fte, yte, ks=sorted({1, cfg.knn_k}), temperature=cfg.knn_t)
 

@@ -110,6 +110,27 @@ def amp_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[p]
 
 
+def has_amx() -> bool:
+    """Whether this CPU has AMX tiles (oneDNN runs bf16 matmuls and convolutions on them)."""
+    return bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
+
+
+def teacher_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of the frozen teacher, `cfg.teacher_precision` on `device` (None: fp32);
+    student: the students' (`amp_dtype`).
+
+    auto: the students' (`amp_dtype`) on CUDA. On a CPU, bf16 where it has AMX tiles: a forward
+    in inference mode needs no bf16 backward (which oneDNN runs slower than fp32 even there), and
+    the teacher's forward is a third of a CPU step (README, "Training speed beside LightlyTrain");
+    without AMX, fp32. A teacher key in bf16 is what every CUDA run distils from already."""
+    p = cfg.teacher_precision
+    if p == "student" or (p == "auto" and device.type != "cpu"):
+        return amp_dtype(cfg, device)
+    if p == "auto":
+        p = "bf16" if has_amx() else "fp32"
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[p]
+
+
 def autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
 

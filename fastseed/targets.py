@@ -41,7 +41,7 @@ from fastseed.cache import TeacherCache, teacher_record
 from fastseed.checkpoint import sha256
 from fastseed.config import Config
 from fastseed.methods import method_class, resolve_preset, teacher_target, teacher_tokens
-from fastseed.runtime import Env, amp_dtype, barrier, compiler, local_main
+from fastseed.runtime import Env, barrier, compiler, local_main, teacher_dtype
 from fastseed.teachers import load_teacher, release_res
 from fastseed.teachers.base import TeacherBundle
 from fastseed.teachers.bundled import BUNDLED
@@ -112,7 +112,7 @@ def load_run_teacher(cfg: Config, device: torch.device, dtype: torch.dtype | Non
 
 def build_targets(cfg: Config, device: torch.device, *, dtype: torch.dtype | None,
                   compile_fn: Callable[[nn.Module], nn.Module] | None) -> TeacherTargets | CachedTargets | None:
-    """The frozen teacher of `cfg` on `device` (bf16 weights when the run autocasts to bf16,
+    """The frozen teacher of `cfg` on `device` (bf16 weights when its `dtype`, the teacher autocast, is bf16,
     compiled with `compile_fn`), or its keys from `cfg.teacher_cache`; None when the method
     makes its own keys (MoCo)."""
     method = method_class(cfg.method)
@@ -163,5 +163,5 @@ def cached_targets(cfg: Config, device: torch.device, *, dtype: torch.dtype | No
 def live_targets(cfg: Config, env: Env) -> TeacherTargets:
     """The live teacher of `cfg` as a training run on `env` builds it (precision, compile): what
     a teacher cache is built from (fastseed.cache.build_cache)."""
-    return build_targets(cfg.replace(teacher_cache=None), env.device, dtype=amp_dtype(cfg, env.device),
+    return build_targets(cfg.replace(teacher_cache=None), env.device, dtype=teacher_dtype(cfg, env.device),
                          compile_fn=compiler(cfg, env))

@@ -29,7 +29,7 @@ from fastseed.methods import method_class, resolve_preset
 from fastseed.optim import Schedule
 from fastseed.mixing import check_mixup, mixup
 from fastseed.runtime import (Env, Preemption, amp_dtype, autocast, compiler, phase, restart_count, seed_everything,
-                              setup_env, teardown)
+                              setup_env, teacher_dtype, teardown)
 from fastseed.students import Students, build_student, oom_advice, student_configs
 from fastseed.targets import CachedTargets, build_targets, resolve_teacher_res
 from fastseed.teachers.base import IMAGENET_MEAN, IMAGENET_STD
@@ -54,6 +54,7 @@ class Run:
     steps_per_epoch: int
     resumed_at: int = 0        # the step the run started (or resumed) from
     preemption: Preemption | None = None  # SIGTERM / SIGUSR1 noted while `train` runs
+    teacher_dtype: torch.dtype | None = None  # the target source's autocast (`runtime.teacher_dtype`)
 
     def autocast(self):
         return autocast(self.env.device, self.dtype)
@@ -90,8 +91,9 @@ def prepare(cfg: Config, loader=None) -> Run:
             c.out_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.seed + env.rank)
     dtype = amp_dtype(cfg, env.device)
+    tdtype = teacher_dtype(cfg, env.device) if method.needs_teacher else dtype  # MoCo: its key encoder's
     cfg = resolve_teacher_res(cfg)
-    source = build_targets(cfg, env.device, dtype=dtype, compile_fn=compiler(cfg, env))
+    source = build_targets(cfg, env.device, dtype=tdtype, compile_fn=compiler(cfg, env))
     dim = source.dim if source is not None else cfg.dim or 128
     if cfg.dim is not None and method.needs_teacher and cfg.dim != dim:
         raise ConfigError(f"--dim {cfg.dim} does not match the teacher's embedding dim {dim}")
@@ -112,7 +114,8 @@ def prepare(cfg: Config, loader=None) -> Run:
     students = Students([build_student(c, env, dim, queues, dtype, token_dim) for c in student_configs(cfg)])
     targets = source if source is not None else students.members[0].method  # MoCo: its own key encoder
     return Run(cfg, env, students, targets, queues, source.info if source is not None else None, mean_std,
-               loader, augment, aug_gen, dtype, Schedule(cfg, steps_per_epoch, total), total, steps_per_epoch)
+               loader, augment, aug_gen, dtype, Schedule(cfg, steps_per_epoch, total), total, steps_per_epoch,
+               teacher_dtype=tdtype)
 
 
 def train_step(run: Run, views: list[torch.Tensor], step: int, batch=None) -> list[torch.Tensor]:
@@ -128,8 +131,10 @@ def train_step(run: Run, views: list[torch.Tensor], step: int, batch=None) -> li
     if run.cfg.mixup:
         views = mixup(views, run.aug_gen)
     phase("teacher")
-    with run.autocast():
+    with autocast(run.env.device, run.teacher_dtype):
         targets = run.targets.targets(views, batch)
+    if run.teacher_dtype != run.dtype:  # e.g. a bf16 teacher on an AMX CPU: keys in the students' dtype
+        targets = tuple(t.to(run.dtype or torch.float32) for t in targets)
     first = run.queues is not None and run.cfg.batch_in_queue
     if first:  # --batch-in-queue: the losses' logits are the queue's, the batch's keys among them
         phase("enqueue")
@@ -202,7 +207,7 @@ def final_knn(run: Run, monitor: KnnMonitor) -> dict:
         results["raw_pixels"] = monitor(None)
         t = getattr(run.targets, "teacher", None)
         if t is not None:
-            results["teacher"] = monitor(Resized(t.model, t.res))
+            results["teacher"] = monitor(Resized(t.model, t.res), dtype=run.teacher_dtype or torch.float32)
     return results
 
 

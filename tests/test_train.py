@@ -156,3 +156,41 @@ def test_knn_monitor_each_epoch_and_tensorboard(data, teacher_ckpt, tmp_path):
     except ImportError:
         return
     assert list((out / "tb").glob("events.out.tfevents.*"))
+
+
+def test_teacher_precision_auto_follows_the_students_on_cuda_and_amx_on_a_cpu(monkeypatch):
+    import fastseed.runtime as runtime
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert runtime.teacher_dtype(Config(), cuda) == torch.bfloat16
+    assert runtime.teacher_dtype(Config(precision="fp32"), cuda) is None
+    assert runtime.teacher_dtype(Config(precision="fp32", teacher_precision="bf16"), cuda) == torch.bfloat16
+    for amx, want in ((True, torch.bfloat16), (False, None)):
+        monkeypatch.setattr(runtime, "has_amx", lambda amx=amx: amx)
+        assert runtime.teacher_dtype(Config(), cpu) is want
+        assert runtime.teacher_dtype(Config(teacher_precision="fp32"), cpu) is None
+        assert runtime.amp_dtype(Config(), cpu) is None  # the students stay fp32 on a CPU
+        assert runtime.teacher_dtype(Config(teacher_precision="student"), cpu) is None  # as before auto
+    assert runtime.teacher_dtype(Config(teacher_precision="student", precision="fp16"), cuda) == torch.float16
+
+
+def test_bf16_teacher_feeds_fp32_students_and_its_own_knn_row(data, teacher_ckpt, tmp_path, monkeypatch):
+    """--teacher-precision bf16 beside fp32 students: the teacher runs in bf16, its keys reach the
+    loss and the queue in fp32, and the final table scores the teacher at its own precision."""
+    import fastseed.targets as targets
+    seen = []
+    load = targets.load_run_teacher
+
+    def spied(*args, **kwargs):
+        bundle = load(*args, **kwargs)
+        bundle.model.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+        return bundle
+
+    monkeypatch.setattr(targets, "load_run_teacher", spied)
+    out = tmp_path / "bf16"
+    result = train(tiny(data, teacher_ckpt, out, max_steps=3, teacher_precision="bf16", precision="fp32",
+                        final_table=True))
+    assert result["step"] == 3 and seen and set(seen) == {torch.bfloat16}
+    ckpt = read_checkpoint(out / "checkpoint_last.pt")
+    assert ckpt["buffers"]["queue.keys"].dtype == torch.float32
+    assert 0 < result["results"]["teacher"]["knn_top1@20"] <= 100
+    assert all(math.isfinite(r["loss"]) for r in read_metrics(out) if "loss" in r)
