@@ -159,8 +159,10 @@ def png_folder(dataset: str, size: dict, work: Path) -> Path:
     return folder
 
 
-def train_lightly(method: str, data: Path, out: Path, size: dict, seed: int, n_train: int, teacher) -> dict:
-    """One LightlyTrain run; returns its timing, the epochs it was given and the student's file."""
+def train_lightly(method: str, data: Path, out: Path, size: dict, seed: int, n_train: int, teacher,
+                  precision: str = "auto") -> dict:
+    """One LightlyTrain run; returns its timing, the epochs it was given and the student's file.
+    `precision`: its `pretrain` argument (auto is 32-true on a CPU)."""
     import lightly_train
     import timm
 
@@ -177,7 +179,7 @@ def train_lightly(method: str, data: Path, out: Path, size: dict, seed: int, n_t
     lightly_train.pretrain(
         out=str(out), data=str(data), model=student, method=method, method_args=method_args,
         epochs=epochs, batch_size=size["batch"], num_workers=WORKERS, accelerator="cpu", devices=1, seed=seed,
-        overwrite=True, trainer_args={"max_steps": size["steps"]},
+        overwrite=True, trainer_args={"max_steps": size["steps"]}, precision=precision,
         transform_args=dict(image_size=(RES, RES), random_resize=dict(min_scale=CROP_SCALE[0], max_scale=CROP_SCALE[1]),
                             random_flip=dict(horizontal_prob=0.5, vertical_prob=0.0), color_jitter=None,
                             random_gray_scale=None, gaussian_blur=None, normalize=dict(mean=mean, std=std)))

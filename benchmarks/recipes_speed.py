@@ -1,7 +1,10 @@
 """Training speed of fastseed beside LightlyTrain 0.18's `distillationv1` on the runs of the
 recipe study (benchmarks/recipes.py, recipes_lightly.py): the same train subset, bundled ImageNet
 EfficientNet-Lite0 teacher at 48 px, ResNet-18 student at 32 px from random init, batch 64,
-crop 0.6-1 + flip, float32 on the CPU, 2 loader workers (issue 24, item 4).
+crop 0.6-1 + flip, 2 loader workers (issue 24, item 4). Precision is each tool's choice on this
+CPU: fastseed's auto runs fp32 students and, where the CPU has AMX tiles, a bf16 teacher;
+LightlyTrain's auto is 32-true, and it is timed at bf16-mixed too (--lightly-precisions): the
+ratio is against its fastest row.
 
 Each timing is a fresh process that trains S steps or 2S steps and reports the wall time of
 the training call alone: `fastseed.train.train` (teacher load, loader, S steps, checkpoint; no
@@ -16,9 +19,9 @@ recorded: a figure counts only from a quiet machine.
 
 The recipes are each tool's own (they are what is compared): fastseed's default (SGD, τS = τT =
 0.07, linear head, clipping) and, with --fastseed-recipes, any recipes.py recipe (`peer` adds
-the peer's mixup, LARS, batch in the queue and queue size); LightlyTrain's v1 mixes inputs, clips
-and runs LARS. Rows: --out (default benchmarks/results/recipes_speed_<size>.jsonl); the table:
-.md beside it.
+the peer's mixup, LARS, batch in the queue and queue size; `default+teacher_precision=fp32` the
+default with an fp32 teacher); LightlyTrain's v1 mixes inputs, clips and runs LARS. Rows: --out
+(default benchmarks/results/recipes_speed_<size>.jsonl); the table: .md beside it.
 """
 from __future__ import annotations
 
@@ -58,8 +61,9 @@ def one_fastseed(recipe: str, dataset: str, size: dict, steps: int, work: Path, 
     return {"train_s": time.perf_counter() - t}
 
 
-def one_lightly(dataset: str, size: dict, steps: int, work: Path, out: Path) -> dict:
-    """`lightly_train.pretrain` (distillationv1) for `steps` steps, timed (recipes_lightly.py)."""
+def one_lightly(recipe: str, dataset: str, size: dict, steps: int, work: Path, out: Path) -> dict:
+    """`lightly_train.pretrain` (distillationv1) for `steps` steps, timed (recipes_lightly.py); a
+    recipe `distillationv1+P` runs at its precision P (e.g. bf16-mixed; else its auto, 32-true here)."""
     from cache_quality import betons
     from recipes_lightly import TEACHER, TEACHER_RES, TeacherAtSide, png_folder, train_lightly
 
@@ -68,7 +72,7 @@ def one_lightly(dataset: str, size: dict, steps: int, work: Path, out: Path) -> 
     n_train = min(size["train"], 4000) if dataset == "mnist-5k" else size["train"]
     teacher = TeacherAtSide(load_teacher(TEACHER, None).model.backbone, TEACHER_RES)
     timing = train_lightly("distillationv1", png_folder(dataset, size, work), out, {**size, "steps": steps}, 0,
-                           n_train, teacher)
+                           n_train, teacher, precision=recipe.partition("+")[2] or "auto")
     return {"train_s": timing["train_s"]}
 
 
@@ -91,7 +95,7 @@ def timed(python: str, tool: str, recipe: str, a, steps: int) -> dict:
 def table(rows: list[dict], size: dict) -> str:
     """Per tool and recipe: median end-to-end seconds at S and 2S steps, and the steady rate."""
     s = min(r["steps"] for r in rows)
-    lines = [f"| tool | recipe | reps | s at {s} steps | s at {2 * s} steps | steady images/s | vs LightlyTrain |",
+    lines = [f"| tool | recipe | reps | s at {s} steps | s at {2 * s} steps | steady images/s | vs fastest LightlyTrain |",
              "|---|---|---:|---:|---:|---:|---:|"]
     rates = {}
     for key in dict.fromkeys((r["tool"], r["recipe"]) for r in rows):
@@ -104,7 +108,7 @@ def table(rows: list[dict], size: dict) -> str:
         rates[key] = statistics.median(rate)
         lines.append((key, len(pairs), statistics.median(v[s] for v in pairs),
                       statistics.median(v[2 * s] for v in pairs), rates[key]))
-    base = next((v for (tool, _), v in rates.items() if tool == "lightly"), None)
+    base = max((v for (tool, _), v in rates.items() if tool == "lightly"), default=None)  # its fastest row
     out = lines[:2]
     for (tool, recipe), n, t1, t2, rate in lines[2:]:
         vs = f"{rate / base:.2f}x" if base else ""
@@ -119,6 +123,8 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--reps", type=int, default=2)
     p.add_argument("--fastseed-recipes", nargs="+", default=["default"])
     p.add_argument("--lightly-python", default=None, help="a LightlyTrain venv's python (recipes_lightly.py)")
+    p.add_argument("--lightly-precisions", nargs="+", default=["auto", "bf16-mixed"],
+                   help="LightlyTrain's precision per row (auto: its own choice, 32-true on a CPU)")
     p.add_argument("--workdir", default=None, help="default: data/recipes_<size>/ (recipes.py's, git-ignored)")
     p.add_argument("--out", default=None)
     p.add_argument("--one", choices=("fastseed", "lightly"), help=argparse.SUPPRESS)
@@ -132,7 +138,7 @@ def main(argv=None) -> list[dict]:
     if a.one:  # a child: one timing, one JSON line
         run = Path(a.run_dir)
         result = (one_fastseed(a.recipe, a.dataset, size, a.steps, Path(a.workdir), run) if a.one == "fastseed"
-                  else one_lightly(a.dataset, size, a.steps, Path(a.workdir), run))
+                  else one_lightly(a.recipe, a.dataset, size, a.steps, Path(a.workdir), run))
         print(json.dumps(result))
         return [result]
 
@@ -140,7 +146,8 @@ def main(argv=None) -> list[dict]:
     out = Path(a.out or ROOT / "benchmarks" / "results" / f"recipes_speed_{a.size}.jsonl")
     tools = [("fastseed", r, sys.executable) for r in a.fastseed_recipes]
     if a.lightly_python:
-        tools.append(("lightly", "distillationv1", a.lightly_python))
+        tools += [("lightly", "distillationv1" + (f"+{p}" if p != "auto" else ""), a.lightly_python)
+                  for p in a.lightly_precisions]
     rows, started = [], time.strftime("%Y-%m-%d %H:%M:%S")
     for rep in range(a.reps):
         order = tools if rep % 2 == 0 else tools[::-1]
