@@ -136,8 +136,6 @@ def write_beton(source: str, out_path: str, *, max_res: int | None = None, jpeg_
     None = raw for array sources of at most 64 px (Fashion-MNIST, CIFAR: JPEG would lose pixels
     and save little), else 0.5 as in FFCV's ImageNet recipe.
     """
-    from fastseed.data import ffcv_keeps_torch_threads
-    ffcv_keeps_torch_threads()  # the first FFCV import would set torch to one thread
     from ffcv.fields import RGBImageField
 
     if max_res is not None and max_res < 1:
