@@ -81,8 +81,7 @@ from torch import nn
 
 from fastseed.augment import Normalize
 from fastseed.config import Config
-from fastseed.data import (FLIP_BIT, RATIO, box_loader, check_beton, ffcv_keeps_torch_threads, image_sizes,
-                           random_boxes)
+from fastseed.data import FLIP_BIT, RATIO, box_loader, check_beton, image_sizes, random_boxes
 from fastseed.errors import CacheError
 from fastseed.methods import resolve_preset, teacher_target
 from fastseed.runtime import Env, teacher_dtype, use_compile
@@ -105,7 +104,6 @@ IDENTITY = ("beton", "teacher", "target", "teacher_res", "precision", "compile",
 def beton_identity(path) -> dict:
     """Size, sample count and sha256 of everything in a beton but the sample data: the header,
     field descriptors, per-sample metadata (data pointers, sizes, labels) and allocation table."""
-    ffcv_keeps_torch_threads()
     from ffcv.reader import Reader
 
     path = check_beton(path)

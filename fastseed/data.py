@@ -53,35 +53,10 @@ sys.unraisablehook = _ignore_numba_teardown
 JPEG_MODE = 0  # RGBImageField's IMAGE_MODES['jpg']
 RATIO = (3 / 4, 4 / 3)  # RandomResizedCrop's aspect-ratio range (torchvision's default)
 
-_FFCV_PATCHED = False
-
-
-def ffcv_keeps_torch_threads() -> None:
-    """Call before importing FFCV. Its `Compiler.set_num_threads(n)` sets numba's threads and
-    torch's intra-op threads (`torch.set_num_threads(n)`); its import calls it with 1, and each
-    Loader and epoch with the loader's worker count, so `--workers 1` trained on one core (165
-    images/s instead of 250 on 2 cores) and `--workers 4` on a 32-core CPU on four. Here, once
-    per process, it keeps its numba half only, and torch's count is put back to what it was."""
-    global _FFCV_PATCHED
-    if _FFCV_PATCHED:
-        return
-    threads = torch.get_num_threads()
-    import numba
-    from ffcv.pipeline.compiler import Compiler
-
-    def set_num_threads(cls, n: int) -> None:  # ffcv/pipeline/compiler.py's, less torch's half
-        cls.num_threads = n if n >= 1 else os.cpu_count()
-        numba.set_num_threads(cls.num_threads)
-
-    Compiler.set_num_threads = classmethod(set_num_threads)
-    torch.set_num_threads(threads)
-    _FFCV_PATCHED = True
-
 
 def check_beton(path: str | os.PathLike, fields=("image", "label")) -> str:
     """Raise FileNotFoundError / BetonError naming `path` unless it is a readable beton with
     `fields`. FFCV itself would fail later with an unrelated-looking numpy or numba error."""
-    ffcv_keeps_torch_threads()
     from ffcv.types import CURRENT_VERSION, FieldDescType, HeaderType
     from ffcv.utils import decode_null_terminated_string
 
@@ -109,7 +84,6 @@ def check_beton(path: str | os.PathLike, fields=("image", "label")) -> str:
 
 def image_sizes(path) -> tuple[np.ndarray, np.ndarray]:
     """(heights, widths) int64 of every image of a beton, from its metadata (nothing decoded)."""
-    ffcv_keeps_torch_threads()
     from ffcv.reader import Reader
     reader = Reader(check_beton(path))
     meta = reader.metadata[f"f{reader.field_names.index('image')}"]  # FFCV names metadata fields by position
@@ -119,7 +93,6 @@ def image_sizes(path) -> tuple[np.ndarray, np.ndarray]:
 def _image_reader(mem_read):
     """A compiled `read(field, storage_state, temp) -> (h, w, 3) uint8`: the sample's whole image,
     decoded into `temp` (JPEG) or viewed in place (raw). Shared by the crop decoders below."""
-    ffcv_keeps_torch_threads()
     from ffcv.libffcv import imdecode
     from ffcv.pipeline.compiler import Compiler
 
@@ -153,7 +126,6 @@ def _views_state_and_memory(previous_state, metadata, view_bytes: int):
     """A crop decoder's `declare_state_and_memory`: its output, one flat uint8 buffer of
     `view_bytes` per sample, and the scratch it decodes each full image into (the largest in
     the beton)."""
-    ffcv_keeps_torch_threads()
     from ffcv.pipeline.allocation_query import AllocationQuery
     u8 = np.dtype("<u1")
     shape = (int(view_bytes),)
@@ -218,7 +190,6 @@ def _crop_draws():
 
 def _multi_view_decoder():
     """Built lazily: importing ffcv pulls numba and OpenCV."""
-    ffcv_keeps_torch_threads()
     from ffcv.fields.rgb_image import SimpleRGBImageDecoder
     from ffcv.libffcv import resize_crop
     from ffcv.pipeline.compiler import Compiler
@@ -336,7 +307,6 @@ def _address_view(table: np.ndarray):
 
 def _box_decoder():
     """Built lazily: importing ffcv pulls numba and OpenCV."""
-    ffcv_keeps_torch_threads()
     from ffcv.fields.rgb_image import SimpleRGBImageDecoder
     from ffcv.libffcv import resize_crop
     from ffcv.pipeline.compiler import Compiler
@@ -391,7 +361,6 @@ class BetonLoader:
 
     def __init__(self, path, *, batch_size, image_pipeline, split, device, num_workers, order,
                  seed, distributed, drop_last, os_cache, batches_ahead, indices=None):
-        ffcv_keeps_torch_threads()
         from ffcv.fields.basics import IntDecoder
         from ffcv.loader import Loader
         from ffcv.transforms import ToDevice, ToTensor
@@ -431,7 +400,6 @@ class BetonLoader:
         self.epoch, self._skip = epoch, batch
 
     def __iter__(self):
-        ffcv_keeps_torch_threads()
         from ffcv.loader.epoch_iterator import EpochIterator
         from ffcv.pipeline.compiler import Compiler
 
@@ -530,7 +498,6 @@ def ssl_loader(path, *, batch_size: int, res: int, scale=(0.2, 1.0), num_global:
     The views are slices of one buffer: contiguous per sample (NHWC), with a sample stride of
     all views together; `torch.cat(views[:num_global])` makes one batch for one augment call.
     """
-    ffcv_keeps_torch_threads()
     from ffcv.loader import OrderOption
 
     if num_global < 1 or num_small < 0:
@@ -567,7 +534,6 @@ def replay_loader(path, cache, *, batch_size: int, res: int, device="cpu", num_w
     Per epoch, `cache.epoch_boxes(epoch)` is copied into the decoder's table before FFCV's thread
     starts (N x 8 bytes: 10 MB for ImageNet) and `cache.keys(indices, epoch)` gathers each
     batch's keys; the cache must describe this beton (`cache.check_beton`)."""
-    ffcv_keeps_torch_threads()
     from ffcv.loader import OrderOption
 
     cache.check_beton(path)
@@ -584,7 +550,6 @@ def box_loader(path, table: np.ndarray, *, size: int, indices, batch_size: int, 
     `table` (uint16 (N, V, 4), FLIP_BIT format, one row per image of the beton): yields
     `(crops, labels)`, crops uint8 (B, V, size, size, 3) on `device`. Last batch kept. The table
     is read by address while a pass runs (see `_address_view`): keep it alive and in place."""
-    ffcv_keeps_torch_threads()
     from ffcv.loader import OrderOption
 
     views = table.shape[1]
@@ -604,7 +569,6 @@ def eval_loader(path, *, batch_size: int, res: int, device="cpu", num_workers: i
     augmentation. With `distributed=True` each rank gets an interleaved shard (padded by
     DistributedSampler to equal length, as torch does); `indices` reads just those samples, in
     that order."""
-    ffcv_keeps_torch_threads()
     from ffcv.fields.rgb_image import CenterCropRGBImageDecoder
     from ffcv.loader import OrderOption
 

@@ -1,7 +1,5 @@
 """FFCV loaders: shapes, dtypes, multi-view, resume, exact eval pixels, early path errors.
 Two loaders for the whole module (each FFCV Loader JIT-compiles for several seconds)."""
-import subprocess
-import sys
 from types import SimpleNamespace
 
 import numpy as np
@@ -122,22 +120,3 @@ def test_path_errors(tmp_path):
         check_beton(tmp_path / "empty.beton")
     with pytest.raises(ValueError, match="num_global"):
         ssl_loader(tmp_path / "missing.beton", batch_size=8, res=16, num_global=0)
-
-
-def test_ffcv_leaves_torchs_threads_alone(fmnist):
-    """FFCV's Compiler.set_num_threads(n) (at its import, in each Loader and each epoch) also
-    called torch.set_num_threads(n): `--workers 1` trained on one core. A fresh process, as the
-    first import is one of the calls."""
-    code = f"""
-import torch
-torch.set_num_threads(2)
-from fastseed.data import ssl_loader
-loader = ssl_loader({str(fmnist("train", 512))!r}, batch_size=32, res=16, num_workers=1)
-from ffcv.pipeline.compiler import Compiler
-Compiler.set_num_threads(1)  # as every epoch does
-import numba
-print(torch.get_num_threads(), numba.get_num_threads(), Compiler.num_threads)
-"""
-    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stderr[-3000:]
-    assert p.stdout.split()[-3:] == ["2", "1", "1"]
