@@ -101,13 +101,16 @@ def main_rank() -> bool:
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
+AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}  # a --precision's autocast dtype
+
+
 def amp_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
     """The autocast dtype of `cfg.precision` on `device` (None: fp32, no autocast)."""
     p = cfg.precision
     if p == "auto":
         # CPUs without AMX run bf16 convolutions slower than fp32: autocast only on CUDA.
         p = "bf16" if device.type == "cuda" else "fp32"
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[p]
+    return AUTOCAST[p]
 
 
 def has_amx() -> bool:
@@ -128,7 +131,7 @@ def teacher_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
         return amp_dtype(cfg, device)
     if p == "auto":
         p = "bf16" if has_amx() else "fp32"
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[p]
+    return AUTOCAST[p]
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):
