@@ -136,6 +136,8 @@ def write_beton(source: str, out_path: str, *, max_res: int | None = None, jpeg_
     None = raw for array sources of at most 64 px (Fashion-MNIST, CIFAR: JPEG would lose pixels
     and save little), else 0.5 as in FFCV's ImageNet recipe.
     """
+    from fastseed._ffcv import keep_torch_threads
+    keep_torch_threads()  # before FFCV's first import, which sets torch to one thread
     from ffcv.fields import RGBImageField
 
     if max_res is not None and max_res < 1:

@@ -79,6 +79,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from fastseed._ffcv import keep_torch_threads
 from fastseed.augment import Normalize
 from fastseed.config import Config
 from fastseed.data import FLIP_BIT, RATIO, box_loader, check_beton, image_sizes, random_boxes
@@ -104,6 +105,7 @@ IDENTITY = ("beton", "teacher", "target", "teacher_res", "precision", "compile",
 def beton_identity(path) -> dict:
     """Size, sample count and sha256 of everything in a beton but the sample data: the header,
     field descriptors, per-sample metadata (data pointers, sizes, labels) and allocation table."""
+    keep_torch_threads()
     from ffcv.reader import Reader
 
     path = check_beton(path)

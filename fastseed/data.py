@@ -33,6 +33,7 @@ from dataclasses import replace
 import numpy as np
 import torch
 
+from fastseed._ffcv import keep_torch_threads
 from fastseed.errors import BetonError
 
 
@@ -57,6 +58,7 @@ RATIO = (3 / 4, 4 / 3)  # RandomResizedCrop's aspect-ratio range (torchvision's 
 def check_beton(path: str | os.PathLike, fields=("image", "label")) -> str:
     """Raise FileNotFoundError / BetonError naming `path` unless it is a readable beton with
     `fields`. FFCV itself would fail later with an unrelated-looking numpy or numba error."""
+    keep_torch_threads()
     from ffcv.types import CURRENT_VERSION, FieldDescType, HeaderType
     from ffcv.utils import decode_null_terminated_string
 
@@ -84,6 +86,7 @@ def check_beton(path: str | os.PathLike, fields=("image", "label")) -> str:
 
 def image_sizes(path) -> tuple[np.ndarray, np.ndarray]:
     """(heights, widths) int64 of every image of a beton, from its metadata (nothing decoded)."""
+    keep_torch_threads()
     from ffcv.reader import Reader
     reader = Reader(check_beton(path))
     meta = reader.metadata[f"f{reader.field_names.index('image')}"]  # FFCV names metadata fields by position
@@ -361,6 +364,7 @@ class BetonLoader:
 
     def __init__(self, path, *, batch_size, image_pipeline, split, device, num_workers, order,
                  seed, distributed, drop_last, os_cache, batches_ahead, indices=None):
+        keep_torch_threads()
         from ffcv.fields.basics import IntDecoder
         from ffcv.loader import Loader
         from ffcv.transforms import ToDevice, ToTensor
@@ -498,6 +502,7 @@ def ssl_loader(path, *, batch_size: int, res: int, scale=(0.2, 1.0), num_global:
     The views are slices of one buffer: contiguous per sample (NHWC), with a sample stride of
     all views together; `torch.cat(views[:num_global])` makes one batch for one augment call.
     """
+    keep_torch_threads()
     from ffcv.loader import OrderOption
 
     if num_global < 1 or num_small < 0:
@@ -534,6 +539,7 @@ def replay_loader(path, cache, *, batch_size: int, res: int, device="cpu", num_w
     Per epoch, `cache.epoch_boxes(epoch)` is copied into the decoder's table before FFCV's thread
     starts (N x 8 bytes: 10 MB for ImageNet) and `cache.keys(indices, epoch)` gathers each
     batch's keys; the cache must describe this beton (`cache.check_beton`)."""
+    keep_torch_threads()
     from ffcv.loader import OrderOption
 
     cache.check_beton(path)
@@ -550,6 +556,7 @@ def box_loader(path, table: np.ndarray, *, size: int, indices, batch_size: int, 
     `table` (uint16 (N, V, 4), FLIP_BIT format, one row per image of the beton): yields
     `(crops, labels)`, crops uint8 (B, V, size, size, 3) on `device`. Last batch kept. The table
     is read by address while a pass runs (see `_address_view`): keep it alive and in place."""
+    keep_torch_threads()
     from ffcv.loader import OrderOption
 
     views = table.shape[1]
@@ -569,6 +576,7 @@ def eval_loader(path, *, batch_size: int, res: int, device="cpu", num_workers: i
     augmentation. With `distributed=True` each rank gets an interleaved shard (padded by
     DistributedSampler to equal length, as torch does); `indices` reads just those samples, in
     that order."""
+    keep_torch_threads()
     from ffcv.fields.rgb_image import CenterCropRGBImageDecoder
     from ffcv.loader import OrderOption
 

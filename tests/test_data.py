@@ -120,3 +120,23 @@ def test_path_errors(tmp_path):
         check_beton(tmp_path / "empty.beton")
     with pytest.raises(ValueError, match="num_global"):
         ssl_loader(tmp_path / "missing.beton", batch_size=8, res=16, num_global=0)
+
+
+def test_ffcv_leaves_torch_threads_alone(betons):
+    """FFCV's Compiler.set_num_threads also set torch's intra-op threads: to 1 at its import and to
+    the loader's workers at each Loader and epoch, so `--workers 1` computed the student on one core.
+    In a fresh process (this one imported FFCV long ago): torch keeps the count it was given through
+    a Loader's epoch, while numba still gets the workers."""
+    import subprocess
+    import sys
+    code = (
+        "import torch, numba\n"
+        "torch.set_num_threads(3)\n"
+        "from fastseed.data import ssl_loader\n"
+        f"loader = ssl_loader({str(betons.raw)!r}, batch_size=64, res=16, num_workers=1)\n"
+        "after_loader = torch.get_num_threads()\n"
+        "views, _ = next(iter(loader))\n"
+        "print(after_loader, torch.get_num_threads(), numba.get_num_threads())\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-3:] == ["3", "3", "1"]
