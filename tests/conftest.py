@@ -2,6 +2,13 @@
 import pytest
 import torch
 
+from fastseed._ffcv import keep_torch_threads
+
+# Before any test module imports FFCV (test_folders.py does at collection): FFCV would otherwise set
+# this whole session to one torch thread, and a later test's in-process reference run would differ
+# from its subprocess run.
+keep_torch_threads()
+
 
 @pytest.fixture(scope="session")
 def teacher_ckpt(tmp_path_factory):
