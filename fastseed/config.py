@@ -94,6 +94,7 @@ class Config:
     queue_size: int = 65536
     moco_m: float = 0.999
     simreg_target: str = "backbone"      # backbone | projection
+    simreg_targets: str = "raw"          # simreg: raw (the paper's) | standardize (each dim over the global batch)
     dense_weight: float = 0.0            # seed/simreg: + W x the patch-token loss (methods/dense.py)
     batch_in_queue: bool = False         # seed: the batch's keys enter the queue before the loss, whose
                                          # logits are then the queue's alone (no t.t column)

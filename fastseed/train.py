@@ -139,7 +139,8 @@ def train_step(run: Run, views: list[torch.Tensor], step: int, batch=None) -> li
     if first:  # --batch-in-queue: the losses' logits are the queue's, the batch's keys among them
         phase("enqueue")
         run.queues.update(targets)
-    losses = run.students.step(views, targets, step, run.autocast)
+    losses = run.students.step(views, method_class(run.cfg.method).loss_targets(run.cfg, targets), step,
+                               run.autocast)
     if run.queues is not None and not first:
         phase("enqueue")
         run.queues.update(targets)  # after every backward: the losses' backward re-reads the queue

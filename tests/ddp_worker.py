@@ -7,7 +7,9 @@ BatchNorm) and a frozen LayerNorm/GroupNorm teacher, feeds every run the same fi
 uint8 batches (rank r takes rows r*B/W:(r+1)*B/W) and writes its losses, queue and weights to
 OUT/rank{r}.pt. SEED runs two students (widths 16 and 12) on the shared teacher and queue, each
 DDP-wrapped (or sharded) on its own, as `-a a,b` does; `seed-dense` is SEED with --dense-weight
-0.5 (the teacher's token map and each student's 1×1 projector, FSDP calling forward_features).
+0.5 (the teacher's token map and each student's 1×1 projector, FSDP calling forward_features);
+`simreg-std` is SimReg with one Linear head and --simreg-targets standardize (the statistics over
+every rank's keys; no queue).
 """
 from __future__ import annotations
 
@@ -38,6 +40,7 @@ QUEUE = 48  # 3 global batches: the ring wraps twice in 8 steps
 EPOCH = 4  # steps per epoch of the checkpoints' data position
 WIDTHS = {"seed": (16, 12), "seed-dense": (16, 12)}  # the students' widths (default: one of 16)
 DENSE_WEIGHT = {"seed-dense": 0.5}
+VARIANTS = {"seed-dense": {}, "simreg-std": dict(simreg_targets="standardize")}  # Config settings beside the method's
 
 
 class TinyNet(nn.Module):
@@ -85,11 +88,12 @@ def main(out_dir: str, method_name: str, mode: str = "ddp", *options: str) -> No
     checkpoint after step S), stop=S (train to step S), resume=1 (resume from DIR first)."""
     opts = dict(o.split("=", 1) for o in options)
     ckpt_dir = Path(opts.get("ckpt", out_dir))
-    cfg = Config(method=method_name, device="cpu", compile="off", precision="fp32", batch_size=GLOBAL_BATCH,
+    base, variant = method_name.split("-")[0], VARIANTS.get(method_name, {})
+    cfg = Config(method=base, **variant, device="cpu", compile="off", precision="fp32", batch_size=GLOBAL_BATCH,
                  optimizer="sgd", momentum=0.9, weight_decay=1e-4, queue_size=QUEUE, fsdp=mode == "fsdp",
                  output=str(ckpt_dir), resume="auto" if opts.get("resume") else None)
     env = setup_env(cfg)  # reads torchrun's RANK/WORLD_SIZE/LOCAL_RANK, inits gloo when WORLD_SIZE > 1
-    cls = METHODS[method_name.removesuffix("-dense")]
+    cls = METHODS[base]
     dense = dict(dense_weight=DENSE_WEIGHT.get(method_name, 0.0), token_dim=24)
     queues = cls.make_queues(dim=DIM, queue_size=QUEUE)
     lr = 0.5
@@ -97,7 +101,7 @@ def main(out_dir: str, method_name: str, mode: str = "ddp", *options: str) -> No
     for width in WIDTHS.get(method_name, (16,)):
         torch.manual_seed(0)  # same init on every rank and in the 1-rank run
         method = cls(TinyNet(width), queues, dim=DIM, temp=0.2, distill_t=0.05, moco_m=0.99,
-                     bn_groups=2, **dense).to(env.device)
+                     bn_groups=2, head="linear" if base == "simreg" else "mlp", **dense).to(env.device)
         model = wrap_model(method, cfg, env)
         optimizer = build_optimizer(cfg, method, lr, env.device)  # after fully_shard replaced the params
         scfg = cfg.replace(arch=f"tiny{width}", output=str(ckpt_dir / f"tiny{width}"))
@@ -164,8 +168,9 @@ def main(out_dir: str, method_name: str, mode: str = "ddp", *options: str) -> No
         restore(_read_for_resume(folder, False), members[0].cfg, fresh, fresh_opt, None, None, torch.Generator(), env)
         restored = all(torch.equal(full(a), full(b)) for a, b in
                        zip(method.state_dict().values(), fresh.state_dict().values()))
+    queue = getattr(method, "queue", None)  # SimReg has none
     torch.save({"rank": env.rank, "restored_equal": restored, "world": env.world, "local_loss": local,
-                "mean_loss": mean, "ddp": ddp, "queue": method.queue.keys.clone(), "ptr": method.queue.ptr.clone(),
+                "mean_loss": mean, "ddp": ddp, "queue": queue and queue.keys.clone(), "ptr": queue and queue.ptr.clone(),
                 "start": start, "during_save": during_save,
                 "students": [{k: full(v).clone() for k, v in s.method.student.state_dict().items()}
                              for s in members],

@@ -194,3 +194,64 @@ def test_sgd_and_adamw_step_with_fused_kernels_on_a_cpu_and_match_the_plain_step
                 opt.step()
         for a, b in zip(nets[0].parameters(), nets[1].parameters()):
             torch.testing.assert_close(a, b)
+
+
+def test_standardized_targets_are_each_dimension_over_the_batch():
+    """`--simreg-targets standardize`: (t − mean) / (std + 1e-5) per dimension over the batch's rows,
+    the std with Bessel's correction (numpy's ddof=1), computed here in float64 numpy."""
+    from fastseed.methods.simreg import standardize
+    g = torch.Generator().manual_seed(0)
+    t = F.normalize(torch.randn(7, 5, generator=g) + 3.0, dim=1)  # a shared component, as a teacher's
+    a = t.double().numpy()
+    want = (a - a.mean(0)) / (a.std(0, ddof=1) + 1e-5)
+    got = standardize(t)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), torch.from_numpy(want), rtol=1e-5, atol=1e-5)
+    assert got.mean(0).abs().max() < 1e-5 and (got.std(0) - 1).abs().max() < 1e-3
+    bf16 = standardize(t.bfloat16())  # a bf16 teacher's keys: the statistics still in float32
+    assert bf16.dtype == torch.float32
+    torch.testing.assert_close(bf16, standardize(t.bfloat16().float()))
+
+
+def test_simreg_targets_refusals_and_the_other_methods_keep_their_targets():
+    with pytest.raises(ConfigError, match="standardize"):
+        SimReg.check(Config(method="simreg", simreg_targets="whiten"), 1)
+    with pytest.raises(ConfigError, match="--batch-size"):
+        SimReg.check(Config(method="simreg", simreg_targets="standardize", batch_size=1), 1)
+    t = (torch.randn(4, 3),)
+    assert SimReg.loss_targets(Config(simreg_targets="raw"), t) is t
+    assert SEED.loss_targets(Config(simreg_targets="standardize"), t) is t  # SEED's softmax sees the raw keys
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("targets", ["raw", "standardize"])
+def test_a_simreg_run_regresses_what_its_setting_says(data_and_teacher, tmp_path, monkeypatch, targets):
+    """In a run, SimReg's loss sees the teacher's keys as the source gave them (raw) or standardised
+    per dimension over the batch, checked at each step against the formula on the source's keys."""
+    from fastseed.train import train
+    seen = []
+    real = SimReg.forward
+
+    def spy(self, views, t):
+        seen.append(t[0].detach().float().clone())
+        return real(self, views, t)
+
+    monkeypatch.setattr(SimReg, "forward", spy)
+    raw_keys = []
+    monkeypatch.setattr(SimReg, "loss_targets", staticmethod(
+        lambda cfg, t, real=SimReg.loss_targets: (raw_keys.append(t[0].float().clone()), real(cfg, t))[1]))
+    data, teacher = data_and_teacher
+    cfg = Config(method="simreg", arch="resnet10t", teacher_arch="resnet10t", distill=str(teacher), data=str(data),
+                 res=32, workers=2, epochs=1, batch_size=32, lr=0.1, warmup_epochs=0, head="linear",
+                 simreg_targets=targets, output=str(tmp_path / "run"), max_steps=2, log_every=1, ckpt_every=1000,
+                 knn_every=0, progress=False, device="cpu")
+    assert train(cfg)["step"] == 2
+    assert len(seen) == len(raw_keys) == 2
+    for raw, t in zip(raw_keys, seen):
+        if targets == "raw":
+            assert torch.equal(t, raw)
+        else:
+            a = raw.double().numpy()
+            want = torch.from_numpy((a - a.mean(0)) / (a.std(0, ddof=1) + 1e-5)).float()
+            torch.testing.assert_close(t, want, rtol=1e-4, atol=1e-4)
+            assert (t - raw).abs().max() > 0.5  # far from the raw keys

@@ -162,10 +162,13 @@ def test_fastseed_recipe_is_the_measured_one():
     assert (cfg.head, cfg.optimizer, peak_lr(cfg), cfg.weight_decay, cfg.clip_grad) == ("linear", "lars", 5.6, 1e-6, 1.0)
     assert [type(m) for m in SimReg.make_head(512, 2048, cfg.head)] == [nn.Linear]
     assert peak_lr(config_from_args(["--data", "x.beton", "--method", "simreg", "--lr", "0.3"])) == 0.3
+    # and it regresses the teacher's keys standardised per dimension; --simreg-targets raw undoes it
+    assert cfg.simreg_targets == "standardize"
+    assert config_from_args(["--data", "x.beton", "--method", "simreg", "--simreg-targets", "raw"]).simreg_targets == "raw"
     # the official SimReg keeps its deep predictor: UCDvision/simreg mlp_arch.py get_mlp(n_layers=4),
     # 4 Linear with BatchNorm1d-ReLU after the 1st and the 3rd
     cfg = config_from_args(["--data", "x.beton", "--method", "simreg", "--recipe", "official"])
-    assert (cfg.head, cfg.optimizer, peak_lr(cfg)) == ("mlp", "sgd", 0.05)
+    assert (cfg.head, cfg.optimizer, peak_lr(cfg), cfg.simreg_targets) == ("mlp", "sgd", 0.05, "raw")
     kinds = [type(m) for m in SimReg.make_head(512, 2048, cfg.head)]
     assert kinds == [nn.Linear, nn.BatchNorm1d, nn.ReLU, nn.Linear] * 2
     # MoCo-v2 keeps its own temperature and no clipping, with the demo's data or the user's

@@ -18,6 +18,8 @@ each method declares what the rest of fastseed asks of it.
     from_config(student, queues, dim, cfg, compile_fn, token_dim)   one student's objective
                                            (token_dim: the teacher's token width, when it asked for tokens)
     teacher_inputs(views) -> list          what the teacher sees, one batch per target
+    loss_targets(cfg, targets)             the targets its loss sees, from the source's, once per step and outside
+                                           the compiled loss (SimReg: --simreg-targets; the others: as they are)
     forward(views, targets)                the loss (what DDP wraps and torch.compile traces)
     encoder                                the backbone to evaluate and export (no head)
     queues.update(targets)                 once per step, after every student's backward: enqueue

@@ -40,6 +40,11 @@ def head_kind(state: dict[str, torch.Tensor]) -> str:
     return "bn-linear" if any(k.endswith("running_mean") for k in state) else "linear"
 
 
+def same_targets(cfg, targets: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """`loss_targets` of a method whose loss sees the source's targets as they are."""
+    return targets
+
+
 QUEUE_SIZE = flag("--queue-size", "--moco-k", dest="queue_size", type=int, help="queue length K")
 
 

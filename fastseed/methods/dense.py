@@ -29,7 +29,7 @@ from torch import nn
 from fastseed.errors import ConfigError
 from fastseed.models import token_map
 
-from ._common import flag
+from ._common import flag, same_targets
 
 DENSE_WEIGHT = flag("--dense-weight", dest="dense_weight", type=float,
                     help="seed, simreg: add W x the patch-token loss (--method dense) to the objective (default 0)")
@@ -126,6 +126,8 @@ class Dense(nn.Module):
     def augment_preset(teacher_format: str | None, small_crops: int) -> str:
         """'weak', as SimReg: a regression on one view that student and teacher share."""
         return "weak"
+
+    loss_targets = staticmethod(same_targets)  # its loss sees the source's targets as they are
 
     @staticmethod
     def check(cfg, students: int) -> None:

@@ -19,7 +19,7 @@ from fastseed.errors import ConfigError
 from fastseed.kernels import info_nce_loss
 from fastseed.models import projection_head
 
-from ._common import QUEUE_SIZE, TEMP, Queues, flag
+from ._common import QUEUE_SIZE, TEMP, Queues, flag, same_targets
 
 
 class MoCo(nn.Module):
@@ -72,6 +72,8 @@ class MoCo(nn.Module):
     def augment_preset(teacher_format: str | None, small_crops: int) -> str:
         """'moco_v2' (facebookresearch/moco README: --aug-plus)."""
         return "moco_v2"
+
+    loss_targets = staticmethod(same_targets)  # its loss sees the source's targets as they are
 
     @staticmethod
     def check(cfg, students: int) -> None:

@@ -17,7 +17,7 @@ from fastseed.errors import ConfigError
 from fastseed.kernels import seed_loss
 from fastseed.models import projection_head
 
-from ._common import HEAD, QUEUE_SIZE, TEMP, Queues, flag, head_kind, linear_head
+from ._common import HEAD, QUEUE_SIZE, TEMP, Queues, flag, head_kind, linear_head, same_targets
 from .dense import DENSE_WEIGHT, DenseHead, backbone_features, check_dense
 
 
@@ -99,6 +99,8 @@ class SEED(nn.Module):
     def teacher_tokens(cfg) -> bool:
         """Whether its targets end with the teacher's token map (`--dense-weight`)."""
         return cfg.dense_weight > 0
+
+    loss_targets = staticmethod(same_targets)  # its loss sees the source's targets as they are
 
     @staticmethod
     def check(cfg, students: int) -> None:

@@ -3,6 +3,10 @@ dropped after training, regresses the teacher's L2-normalised features:
 
     L = mean_i 2 − 2·cos(pred(s_i), t_i)
 
+`--simreg-targets standardize` (fastseed's recipe; the paper regresses `raw` keys) first
+standardises each dimension of the targets over the global batch, t ← (t − mean) / (std + 1e-5):
+an ImageNet teacher's features of a narrow domain share a large common component, which the raw
+cosine mostly spends the student on (README, "Recipes at equal steps": SimReg on MNIST-5k).
 `--dense-weight W` adds W × the patch-token loss (fastseed/methods/dense.py).
 """
 from __future__ import annotations
@@ -11,10 +15,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastseed.errors import ConfigError
 from fastseed.models import simreg_predictor
+from fastseed.runtime import gather_rows
 
 from ._common import HEAD, flag, head_kind, linear_head
 from .dense import DENSE_WEIGHT, DenseHead, backbone_features, check_dense
+
+
+TARGETS = ("raw", "standardize")
+STD_EPS = 1e-5
+
+
+def standardize(keys: torch.Tensor, eps: float = STD_EPS) -> torch.Tensor:
+    """`keys` [B, D] (this rank's rows) with each dimension standardised over the global batch:
+    (k − mean) / (std + eps), mean and std (unbiased) over every rank's rows, in float32, so a
+    run on N ranks regresses what one process with the whole batch would."""
+    rows = gather_rows(keys).float()
+    return (keys.float() - rows.mean(0)) / (rows.std(0) + eps)
 
 
 class SimReg(nn.Module):
@@ -24,13 +42,18 @@ class SimReg(nn.Module):
     # UCDvision/simreg main.py:42-55 (batch 256, lr 0.05 at any batch size, 130 epochs, wd 1e-4);
     # tools.py:13-18 (cosine per epoch, no warm-up)
     official = dict(lr=0.05, epochs=130, momentum=0.9, weight_decay=1e-4, warmup_epochs=0.0, clip_grad=None,
-                    mixup=False, head="mlp")
+                    mixup=False, head="mlp", simreg_targets="raw")
     # fastseed's recipe (README, "Recipes at equal steps"): one Linear as the head, LARS at 11.2 x
-    # sqrt(batch/256) (5.6 at batch 64, where it was measured), weight decay 1e-6; Config's clipping at 1
-    defaults = dict(head="linear", optimizer="lars", lr=None, base_lr=11.2, lr_scaling="sqrt", weight_decay=1e-6)
+    # sqrt(batch/256) (5.6 at batch 64, where it was measured), weight decay 1e-6; Config's clipping at 1;
+    # the targets standardised per dimension over the batch
+    defaults = dict(head="linear", optimizer="lars", lr=None, base_lr=11.2, lr_scaling="sqrt", weight_decay=1e-6,
+                    simreg_targets="standardize")
     target_flags = (flag("--simreg-target", dest="simreg_target", choices=["backbone", "projection"],
                          help="SimReg regresses the teacher's pooled backbone (default) or its projection"),)
-    flags = (*target_flags, DENSE_WEIGHT, HEAD)
+    flags = (*target_flags, DENSE_WEIGHT, HEAD,
+             flag("--simreg-targets", dest="simreg_targets", choices=TARGETS,
+                  help="SimReg regresses the teacher's keys as they are (raw: the paper's, --recipe official) or "
+                       "each dimension standardised over the global batch (standardize: the default)"))
 
     def __init__(self, student: nn.Module, queues=None, *, dim: int, dense_weight: float = 0.0,
                  token_dim: int | None = None, head: str = "mlp", **_):
@@ -74,6 +97,19 @@ class SimReg(nn.Module):
     @staticmethod
     def check(cfg, students: int) -> None:
         check_dense(cfg, cfg.dense_weight)
+        if cfg.simreg_targets not in TARGETS:
+            raise ConfigError(f"simreg_targets {cfg.simreg_targets!r}: choose {' or '.join(TARGETS)}")
+        if cfg.simreg_targets == "standardize" and cfg.batch_size < 2:
+            raise ConfigError("--simreg-targets standardize needs a batch of at least 2 images (a std over one "
+                              "row is undefined): raise --batch-size or pass --simreg-targets raw")
+
+    @staticmethod
+    def loss_targets(cfg, targets: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        """What its loss regresses: the source's keys, or with `--simreg-targets standardize` the
+        keys (targets[0]; not a token map after them) standardised with every rank's rows."""
+        if cfg.simreg_targets == "standardize":
+            return (standardize(targets[0]), *targets[1:])
+        return targets
 
     @staticmethod
     def make_queues(**_) -> None:
