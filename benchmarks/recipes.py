@@ -152,7 +152,7 @@ def config(size: dict, recipe: str, train: Path, test: Path, out: Path, seed: in
 
 def settings(cfg) -> dict:
     keys = ("method", "temp", "distill_t", "queue_size", "batch_in_queue", "head", "mixup", "optimizer", "lr",
-            "weight_decay", "clip_grad", "warmup_epochs", "lr_schedule", "teacher_precision")
+            "weight_decay", "clip_grad", "warmup_epochs", "lr_schedule", "teacher_precision", "simreg_targets")
     from fastseed.optim import peak_lr
     return {**{k: getattr(cfg, k) for k in keys}, "peak_lr": peak_lr(cfg)}
 
