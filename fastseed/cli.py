@@ -85,7 +85,11 @@ def _runtime_args(p) -> None:
            "students' dtype")
     g("--compile", choices=["auto", "on", "off"])
     g("--compile-mode", dest="compile_mode")
-    g("--no-channels-last", dest="channels_last", action="store_const", const=False)
+    g("--channels-last", dest="channels_last", action="store_const", const=True,
+      help="channels-last memory format for the students and the teacher (default auto: the teacher always; "
+           "a student on CUDA, and on a CPU where it has depthwise convolutions or inputs above 64 px)")
+    g("--no-channels-last", dest="channels_last", action="store_const", const=False,
+      help="the plain NCHW format for the students and the teacher")
     g("--workers", type=int, help="FFCV decode threads (default: the CPU cores this process may use)")
     g("--seed", type=int)
     g("--no-progress", dest="progress", action="store_const", const=False)

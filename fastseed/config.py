@@ -108,7 +108,8 @@ class Config:
     precision: str = "auto"              # auto (bf16 on cuda, fp32 on cpu) | bf16 | fp16 | fp32
     teacher_precision: str = "auto"      # the frozen teacher's: auto (the students' on cuda; on a cpu bf16 where
                                          # it has AMX tiles, else fp32) | student (the students') | bf16 | fp16 | fp32
-    channels_last: bool = True
+    channels_last: bool | None = None    # None: auto (the teacher channels-last; each student as
+                                         # models.student_channels_last picks: on a CPU, small plain convnets NCHW)
     compile: str = "auto"                # auto (on for cuda) | on | off
     compile_mode: str | None = None      # e.g. max-autotune
     fsdp: bool = False

@@ -36,7 +36,7 @@ from torch import nn
 from fastseed.config import Config
 from fastseed.errors import ConfigError
 from fastseed.methods import method_class
-from fastseed.models import create_student, to_channels_last
+from fastseed.models import create_student, student_channels_last, to_channels_last
 from fastseed.optim import build_optimizer, peak_lr
 from fastseed.runtime import Env, compiler, main_rank, phase, wrap_model
 
@@ -70,7 +70,8 @@ def build_method(cfg: Config, env: Env, dim: int, queues, token_dim: int | None 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         # channels-last before the method copies it: MoCo's key encoder is a deep copy of the student
-        student = to_channels_last(create_student(cfg.arch), cfg.channels_last)
+        student = create_student(cfg.arch)
+        student = to_channels_last(student, channels_last(cfg, student, env))
         method = method_class(cfg.method).from_config(student, queues, dim, cfg, compiler(cfg, env),
                                                       token_dim=token_dim)
     return method.to(env.device)
@@ -85,7 +86,13 @@ def build_student(cfg: Config, env: Env, dim: int, queues, dtype: torch.dtype | 
     lr = peak_lr(cfg)
     optimizer = build_optimizer(cfg, method, lr, env.device)
     scaler = torch.amp.GradScaler(env.device.type) if dtype == torch.float16 else None
-    return Student(cfg, method, model, optimizer, scaler, lr)
+    return Student(cfg, method, model, optimizer, scaler, lr, channels_last=channels_last(cfg, method.encoder, env))
+
+
+def channels_last(cfg: Config, student: nn.Module, env: Env) -> bool:
+    """Whether `student` runs channels-last (`models.student_channels_last`, at its largest crop)."""
+    res = max(cfg.res, cfg.small_res if cfg.small_crops else 0)
+    return student_channels_last(cfg.channels_last, student, res, env.device)
 
 
 @dataclass(eq=False)  # compared and hashed by identity
@@ -97,6 +104,7 @@ class Student:
     optimizer: torch.optim.Optimizer
     scaler: object                # GradScaler (fp16) or None
     lr: float                     # base lr of the schedule
+    channels_last: bool = True    # its memory format; False: its views are made NCHW before its forward
     tag: str = ""                 # "" alone; its arch beside others (metrics keys, phases, messages)
     failed: str | None = None     # why it stopped (one line)
     first_bad: torch.Tensor = field(init=False)  # first step with a non-finite loss, -1: none
@@ -160,11 +168,13 @@ class Students:
     def step(self, views, targets, step: int, autocast) -> list[torch.Tensor]:
         """Forward, backward and optimizer step of each live student; their losses on the device.
         Each part is marked for a profiler (`runtime.phase`)."""
-        losses = []
+        losses, nchw = [], None
         for s in self.live:
             phase(s.phase("loss"))
+            if not s.channels_last:  # the augmentation writes channels-last; once for every NCHW student
+                nchw = nchw or [v.contiguous() for v in views]
             with autocast():
-                loss = s.model(views, targets)
+                loss = s.model(views if s.channels_last else nchw, targets)
             phase(s.phase("backward"))
             if s.scaler is not None:
                 s.scaler.scale(loss).backward()

@@ -106,7 +106,7 @@ def load_run_teacher(cfg: Config, device: torch.device, dtype: torch.dtype | Non
     """The teacher of `cfg` with the target its method distils, ready to run on `device`."""
     bundle = load_teacher(cfg.teacher_arch, cfg.distill, cfg.teacher_ssl, use_head=teacher_target(cfg) == "head",
                           trust=cfg.trust_checkpoint, res=teacher_side(cfg), pool=cfg.teacher_pool)
-    return bundle.prepare(device, dtype=dtype, channels_last=cfg.channels_last, res=teacher_side(cfg),
+    return bundle.prepare(device, dtype=dtype, channels_last=cfg.channels_last is not False, res=teacher_side(cfg),
                           compile_fn=compile_fn)
 
 
