@@ -115,12 +115,14 @@ def factors(recipe: str) -> tuple[str, ...]:
 
 
 def setting(factor: str) -> dict:
-    """A factor written `field=value` (e.g. lr=0.7, optimizer=adamw): that Config field set to the value,
-    read as a number where it is one; {} for anything else."""
+    """A factor written `field=value` (e.g. lr=0.7, optimizer=adamw, channels_last=true): that Config
+    field set to the value, read as a number, a bool or None where it is one; {} for anything else."""
     from fastseed.config import Config
     name, eq, value = factor.partition("=")
     if not eq or name not in Config.__dataclass_fields__:
         return {}
+    if value.lower() in ("true", "false", "none"):
+        return {name: {"true": True, "false": False, "none": None}[value.lower()]}
     try:
         return {name: int(value) if value.isdigit() else float(value)}
     except ValueError:
