@@ -21,7 +21,8 @@ The recipes are each tool's own (they are what is compared): fastseed's default 
 0.07, linear head, clipping) and, with --fastseed-recipes, any recipes.py recipe (`peer` adds
 the peer's mixup, LARS, batch in the queue and queue size; `default+teacher_precision=fp32` the
 default with an fp32 teacher); LightlyTrain's v1 mixes inputs, clips and runs LARS. Rows: --out
-(default benchmarks/results/recipes_speed_<size>.jsonl); the table: .md beside it.
+(default benchmarks/results/recipes_speed_<size>.jsonl, each with the command that ran it); the table
+and the command: .md beside it.
 """
 from __future__ import annotations
 
@@ -149,15 +150,17 @@ def main(argv=None) -> list[dict]:
         tools += [("lightly", "distillationv1" + (f"+{p}" if p != "auto" else ""), a.lightly_python)
                   for p in a.lightly_precisions]
     rows, started = [], time.strftime("%Y-%m-%d %H:%M:%S")
+    command = " ".join(["benchmarks/recipes_speed.py", *(sys.argv[1:] if argv is None else argv)])
     for rep in range(a.reps):
         order = tools if rep % 2 == 0 else tools[::-1]
         for tool, recipe, python in order:
             for steps in (size["steps"], 2 * size["steps"]):
                 row = {**timed(python, tool, recipe, a, steps), "rep": rep, "run": started, "dataset": a.dataset, "size": a.size,
-                       "batch": size["batch"], "res": 32, "teacher_res": 48, **provenance("cpu")}
+                       "batch": size["batch"], "res": 32, "teacher_res": 48, "command": command, **provenance("cpu")}
                 rows.append(row)
                 print(append_row(out, row), file=sys.stderr)
-    text = table(rows, size)
+    first = rows[0]
+    text = table(rows, size) + f"\n\n{first['device']}, commit {first['commit']}, torch {first['torch']}: `{command}`"
     out.with_suffix(".md").write_text(text + "\n")
     print(text)
     return rows

@@ -57,7 +57,10 @@ def test_recipes_speed_alternates_the_tools_and_rates_the_steady_steps(tmp_path,
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["rep"] for r in rows] == [0] * 6 + [1] * 6 and all(r["commit"] for r in rows)
     batch = recipes_speed.SIZES["tiny"]["batch"]
-    lines = {line.split("|")[2].strip(): line for line in out.with_suffix(".md").read_text().splitlines()}
+    md = out.with_suffix(".md").read_text()
+    assert f"`benchmarks/recipes_speed.py --size tiny --reps 2 --lightly-python {sys.executable}" in md  # the command
+    assert all(r["command"].startswith("benchmarks/recipes_speed.py --size tiny") for r in rows)
+    lines = {line.split("|")[2].strip(): line for line in md.splitlines() if line.startswith("|")}
     rate = {r: s * batch / (per_step[r] * s + 0.01) for r in per_step}
     fastest = rate["distillationv1+bf16-mixed"]
     assert f"| {rate['default']:.0f} | {rate['default'] / fastest:.2f}x |" in lines["default"]  # its set-up is 6x longer
