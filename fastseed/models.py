@@ -80,7 +80,6 @@ def student_channels_last(setting: bool | None, model: nn.Module, res: int, devi
     return grouped or res > CPU_CONTIGUOUS_MAX_RES
 
 
-
 def resize(x: torch.Tensor, res: int | None) -> torch.Tensor:
     """A batch of images at side `res` (bilinear, antialiased when shrinking; None: as it is)."""
     if res is None or x.shape[-1] == res:

@@ -170,7 +170,8 @@ def main(out_dir: str, method_name: str, mode: str = "ddp", *options: str) -> No
                        zip(method.state_dict().values(), fresh.state_dict().values()))
     queue = getattr(method, "queue", None)  # SimReg has none
     torch.save({"rank": env.rank, "restored_equal": restored, "world": env.world, "local_loss": local,
-                "mean_loss": mean, "ddp": ddp, "queue": queue and queue.keys.clone(), "ptr": queue and queue.ptr.clone(),
+                "mean_loss": mean, "ddp": ddp, "queue": None if queue is None else queue.keys.clone(),
+                "ptr": None if queue is None else queue.ptr.clone(),
                 "start": start, "during_save": during_save,
                 "students": [{k: full(v).clone() for k, v in s.method.student.state_dict().items()}
                              for s in members],
