@@ -142,6 +142,9 @@ def train_parser() -> argparse.ArgumentParser:
     a("--wd", "--weight-decay", dest="weight_decay", type=float)
     a("--momentum", type=float)
     a("--warmup-epochs", dest="warmup_epochs", type=float)
+    a("--warmup-cap", dest="warmup_cap", type=float,
+      help="the warm-up never exceeds this share of the run's steps (default 0.1; 1: as --warmup-epochs says; "
+           "--recipe official: the paper's epochs)")
     a("--optimizer", choices=["sgd", "lars", "adamw"])
     a("--clip-grad", dest="clip_grad", type=float, help="clip each student's gradient to this global L2 norm (default 1; 0: no clipping; MoCo and "
                                   "--recipe official: none)")

@@ -84,6 +84,7 @@ class Config:
     momentum: float = 0.9
     weight_decay: float = 1e-4
     warmup_epochs: float = 5.0
+    warmup_cap: float | None = 0.1       # the step schedule's warm-up never exceeds this share of the run
     lr_schedule: str = "step"            # step: fastseed's; epoch: the official one (optim.epoch_lr)
     optimizer: str = "sgd"               # sgd | lars | adamw
 
@@ -91,11 +92,14 @@ class Config:
     temp: float = 0.07                   # student temperature (MoCo: InfoNCE temperature; its own default
                                          # is 0.2, `MoCo.defaults`); the SEED paper's: 0.2
     distill_t: float = 0.07              # teacher temperature (the SEED paper's: 1e-4)
-    queue_size: int = 65536
+    queue_size: int | str = "auto"       # K, or auto: sized to the data and the key width
+                                         # (methods/_common.py `auto_queue_size`); the papers': 65536
     moco_m: float = 0.999
     simreg_target: str = "backbone"      # backbone | projection
     simreg_targets: str = "raw"          # simreg: raw (the paper's) | standardize (each dim over the global batch)
     dense_weight: float = 0.0            # seed/simreg: + W x the patch-token loss (methods/dense.py)
+    local_weight: float = 0.0            # seed/simreg/dense: + W x the patch-relation loss (methods/local.py)
+    local_t: float = 0.07                # its temperature
     batch_in_queue: bool = False         # seed: the batch's keys enter the queue before the loss, whose
                                          # logits are then the queue's alone (no t.t column)
     head: str = "linear"                 # seed, simreg: the student's head, linear | bn-linear | mlp (the papers')

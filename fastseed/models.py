@@ -56,6 +56,17 @@ def token_map(feats: torch.Tensor, prefix_tokens: int = 0) -> torch.Tensor:
     return tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], side, side)
 
 
+def to_grid(x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """`x` [B, C, H, W] on an h×w grid: area when it shrinks, bilinear when it grows (why:
+    fastseed/methods/dense.py's docstring)."""
+    (H, W), (h, w) = x.shape[-2:], grid
+    if (H, W) == (h, w):
+        return x
+    if H >= h and W >= w:
+        return F.adaptive_avg_pool2d(x, (h, w))
+    return F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False)
+
+
 def to_channels_last(model: nn.Module, enabled: bool = True) -> nn.Module:
     # Convolutions in NHWC skip a layout transpose per layer in cuDNN on tensor cores.
     return model.to(memory_format=torch.channels_last) if enabled else model

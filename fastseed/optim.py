@@ -1,7 +1,8 @@
 """Optimisers and learning-rate schedules.
 
-Two schedules: fastseed's per-step linear warm-up then cosine to zero (`lr_at`), and the
-official per-epoch one (`epoch_lr`, `--recipe official`). `Schedule` picks one for a run.
+Two schedules: fastseed's per-step linear warm-up then cosine to zero (`lr_at`), its warm-up at
+most `--warmup-cap` of the run's steps, and the official per-epoch one (`epoch_lr`, `--recipe
+official`). `Schedule` picks one for a run.
 """
 from __future__ import annotations
 
@@ -85,7 +86,19 @@ class Schedule:
     def __post_init__(self):
         if self.cfg.lr_schedule not in ("step", "epoch"):
             raise ConfigError(f"unknown lr_schedule {self.cfg.lr_schedule!r}: step or epoch")
-        self.warmup = int(self.cfg.warmup_epochs * self.steps_per_epoch)
+        self.asked = int(self.cfg.warmup_epochs * self.steps_per_epoch)  # --warmup-epochs, in steps
+        cap = self.cfg.warmup_cap
+        if cap is not None and not 0 <= cap <= 1:
+            raise ConfigError(f"--warmup-cap {cap}: give a share of the run between 0 and 1")
+        # a run of a few epochs would otherwise spend them warming up (5 epochs of a 2-epoch run)
+        self.warmup = self.asked if cap is None else min(self.asked, int(cap * self.total))
+
+    def note(self) -> str | None:
+        """The line said once at the start when --warmup-cap shortened the warm-up."""
+        if self.cfg.lr_schedule != "step" or self.warmup >= self.asked:
+            return None
+        return (f"warm-up: {self.warmup} steps, not the {self.asked} of --warmup-epochs {self.cfg.warmup_epochs:g}: "
+                f"at most {self.cfg.warmup_cap:.0%} of the {self.total}-step run (--warmup-cap)")
 
     def __call__(self, step: int, lr: float) -> float:
         c = self.cfg

@@ -13,6 +13,7 @@ NaN guard are read only at log and checkpoint steps); queue enqueue without a ho
 from __future__ import annotations
 
 import signal
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -25,7 +26,7 @@ from fastseed.data import replay_loader, ssl_loader
 from fastseed.errors import ConfigError, TrainingError
 from fastseed.evaluate import KnnMonitor, Resized
 from fastseed.logs import Logger, Throughput, progress_bar
-from fastseed.methods import method_class, resolve_preset
+from fastseed.methods import method_class, resolve_preset, resolve_queue_size
 from fastseed.optim import Schedule
 from fastseed.mixing import check_mixup, mixup
 from fastseed.runtime import (Env, Preemption, amp_dtype, autocast, compiler, phase, restart_count, seed_everything,
@@ -100,21 +101,27 @@ def prepare(cfg: Config, loader=None) -> Run:
     mean_std = source.mean_std if source is not None else (tuple(IMAGENET_MEAN), tuple(IMAGENET_STD))
     # the preset and its crop scale (an explicit one wins), resolved here so checkpoints record them
     cfg = resolve_preset(cfg, source and source.info["format"])
-    queues = method.queues_for(cfg, dim, torch.bfloat16 if dtype == torch.bfloat16 else torch.float32)
     if loader is None:
         loader = build_loader(cfg, env, source)
-    augment = preset_augment(cfg.aug, mean_std[0], mean_std[1]).to(env.device)
-    aug_gen = torch.Generator(env.device).manual_seed(cfg.seed * 1000 + env.rank)
     steps_per_epoch = len(loader)
     if steps_per_epoch == 0:
         raise ConfigError(f"{cfg.data} holds fewer images than one batch of {cfg.batch_size // env.world} "
                           "per rank: lower --batch-size")
+    cfg, queue_note = resolve_queue_size(cfg, steps_per_epoch * cfg.batch_size, dim)
+    queues = method.queues_for(cfg, dim, torch.bfloat16 if dtype == torch.bfloat16 else torch.float32)
+    augment = preset_augment(cfg.aug, mean_std[0], mean_std[1]).to(env.device)
+    aug_gen = torch.Generator(env.device).manual_seed(cfg.seed * 1000 + env.rank)
     total = cfg.epochs * steps_per_epoch if cfg.max_steps is None else min(cfg.epochs * steps_per_epoch, cfg.max_steps)
+    schedule = Schedule(cfg, steps_per_epoch, total)
+    if env.main:  # what was chosen for the user, said once
+        for note in (queue_note if queues is not None else None, schedule.note()):
+            if note:
+                print(note, file=sys.stderr)
     token_dim = source.token_dim if source is not None else None  # the patch-token projectors' output
     students = Students([build_student(c, env, dim, queues, dtype, token_dim) for c in student_configs(cfg)])
     targets = source if source is not None else students.members[0].method  # MoCo: its own key encoder
     return Run(cfg, env, students, targets, queues, source.info if source is not None else None, mean_std,
-               loader, augment, aug_gen, dtype, Schedule(cfg, steps_per_epoch, total), total, steps_per_epoch,
+               loader, augment, aug_gen, dtype, schedule, total, steps_per_epoch,
                teacher_dtype=tdtype)
 
 

@@ -8,6 +8,7 @@ uint8 batches (rank r takes rows r*B/W:(r+1)*B/W) and writes its losses, queue a
 OUT/rank{r}.pt. SEED runs two students (widths 16 and 12) on the shared teacher and queue, each
 DDP-wrapped (or sharded) on its own, as `-a a,b` does; `seed-dense` is SEED with --dense-weight
 0.5 (the teacher's token map and each student's 1×1 projector, FSDP calling forward_features);
+`seed-local` is SEED with --local-weight 0.5 (the patch-relation loss: per image, so nothing crosses ranks);
 `simreg-std` is SimReg with one Linear head and --simreg-targets standardize (the statistics over
 every rank's keys; no queue).
 """
@@ -38,9 +39,10 @@ RES = 16
 DIM = 32
 QUEUE = 48  # 3 global batches: the ring wraps twice in 8 steps
 EPOCH = 4  # steps per epoch of the checkpoints' data position
-WIDTHS = {"seed": (16, 12), "seed-dense": (16, 12)}  # the students' widths (default: one of 16)
+WIDTHS = {"seed": (16, 12), "seed-dense": (16, 12), "seed-local": (16, 12)}  # the students' widths (default: 16)
 DENSE_WEIGHT = {"seed-dense": 0.5}
-VARIANTS = {"seed-dense": {}, "simreg-std": dict(simreg_targets="standardize")}  # Config settings beside the method's
+LOCAL_WEIGHT = {"seed-local": 0.5}
+VARIANTS = {"seed-dense": {}, "seed-local": {}, "simreg-std": dict(simreg_targets="standardize")}  # Config settings beside the method's
 
 
 class TinyNet(nn.Module):
@@ -94,7 +96,8 @@ def main(out_dir: str, method_name: str, mode: str = "ddp", *options: str) -> No
                  output=str(ckpt_dir), resume="auto" if opts.get("resume") else None)
     env = setup_env(cfg)  # reads torchrun's RANK/WORLD_SIZE/LOCAL_RANK, inits gloo when WORLD_SIZE > 1
     cls = METHODS[base]
-    dense = dict(dense_weight=DENSE_WEIGHT.get(method_name, 0.0), token_dim=24)
+    dense = dict(dense_weight=DENSE_WEIGHT.get(method_name, 0.0), local_weight=LOCAL_WEIGHT.get(method_name, 0.0),
+                 token_dim=24)
     queues = cls.make_queues(dim=DIM, queue_size=QUEUE)
     lr = 0.5
     members = []
@@ -115,7 +118,8 @@ def main(out_dir: str, method_name: str, mode: str = "ddp", *options: str) -> No
         for p in tnet.parameters():
             p.requires_grad_(False)
         targets = TeacherTargets(frozen_teacher(Teacher(tnet), res=RES), cls.teacher_inputs, DIM,
-                                 ((0.5,) * 3, (0.25,) * 3), {}, tokens=dense["dense_weight"] > 0)
+                                 ((0.5,) * 3, (0.25,) * 3), {},
+                                 tokens=dense["dense_weight"] > 0 or dense["local_weight"] > 0)
     ddp = None
     if env.world > 1 and mode == "ddp":
         ddp = {"is_ddp": isinstance(model, nn.parallel.DistributedDataParallel),
@@ -175,8 +179,8 @@ def main(out_dir: str, method_name: str, mode: str = "ddp", *options: str) -> No
                 "start": start, "during_save": during_save,
                 "students": [{k: full(v).clone() for k, v in s.method.student.state_dict().items()}
                              for s in members],
-                "projectors": [{k: full(v).clone() for k, v in s.method.dense.state_dict().items()}
-                               for s in members if hasattr(s.method, "dense")]},
+                "projectors": [{k: full(v).clone() for k, v in getattr(s.method, head).state_dict().items()}
+                               for s in members for head in ("dense", "local") if hasattr(s.method, head)]},
                Path(out_dir) / f"rank{env.rank}.pt")
     if env.world > 1:
         dist.barrier()

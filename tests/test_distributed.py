@@ -1,6 +1,7 @@
 """DDP through torchrun on CPU (gloo): 2 ranks train exactly like 1 rank with the same global batch.
 SEED runs two students on one teacher and queue (`-a a,b`), each with its own DDP wrapper;
 `seed-dense` adds the patch-token loss (--dense-weight): the projectors must agree as the students do;
+`seed-local` adds the patch-relation loss (--local-weight), per image and so per rank;
 `simreg-std` standardises SimReg's targets with statistics over every rank's keys.
 
 Each run is a subprocess of tests/ddp_worker.py: the 2-rank run is launched by torch's own
@@ -59,7 +60,7 @@ def _launch(out: Path, method: str, nproc: int, mode: str = "ddp") -> list[dict]
     return [torch.load(out / f"rank{r}.pt") for r in range(nproc)]
 
 
-@pytest.mark.parametrize("method", ["seed", "moco", "seed-dense", "simreg-std"])
+@pytest.mark.parametrize("method", ["seed", "moco", "seed-dense", "seed-local", "simreg-std"])
 def test_two_gloo_ranks_match_one_rank(tmp_path, method):
     (one,) = _launch(tmp_path / "one", method, 1)
     r0, r1 = _launch(tmp_path / "two", method, 2)
@@ -79,7 +80,7 @@ def test_two_gloo_ranks_match_one_rank(tmp_path, method):
                                rtol=LOSS_RTOL, atol=LOSS_ATOL)
     assert len(one["local_loss"]) == 8 and len({tuple(x) for x in one["local_loss"]}) > 1  # it trained
     assert len(one["students"]) == (2 if method.startswith("seed") else 1)
-    assert len(one["projectors"]) == (2 if method == "seed-dense" else 0)
+    assert len(one["projectors"]) == (2 if method in ("seed-dense", "seed-local") else 0)
 
     # gradients were averaged across ranks: the ranks' students agree, with each other and with 1 rank
     for s_one, s0, s1 in zip(one["students"] + one["projectors"], r0["students"] + r0["projectors"],
@@ -101,7 +102,7 @@ def test_two_gloo_ranks_match_one_rank(tmp_path, method):
     assert (swapped - one["queue"][0:16]).abs().max() > 100 * QUEUE_ATOL
 
 
-@pytest.mark.parametrize("method", ["seed", "seed-dense"])
+@pytest.mark.parametrize("method", ["seed", "seed-dense", "seed-local"])
 def test_two_fsdp2_ranks_match_one_rank(tmp_path, method):
     """--fsdp: fully_shard'ed student and head (and projector: sharded parameters,
     reduce-scattered gradients) train exactly as one rank does; the optimizer must hold the
@@ -111,7 +112,7 @@ def test_two_fsdp2_ranks_match_one_rank(tmp_path, method):
     assert r0["ddp"] is None and r0["world"] == 2
     torch.testing.assert_close(torch.tensor(r0["mean_loss"]), torch.tensor(one["local_loss"]),
                                rtol=LOSS_RTOL, atol=LOSS_ATOL)
-    assert len(one["projectors"]) == (2 if method == "seed-dense" else 0)
+    assert len(one["projectors"]) == (2 if method in ("seed-dense", "seed-local") else 0)
     for s_one, s0, s1 in zip(one["students"] + one["projectors"], r0["students"] + r0["projectors"],
                              r1["students"] + r1["projectors"]):
         for k, v in s_one.items():

@@ -32,6 +32,7 @@ from fastseed.augment import PRESETS
 from fastseed.config import Config
 from fastseed.errors import ConfigError
 
+from ._common import auto_queue_size
 from .dense import Dense
 from .moco import MoCo
 from .seed import SEED
@@ -85,6 +86,16 @@ def preset_name(aug: str, method: str, teacher_format: str | None, small_crops: 
     return method_class(method).augment_preset(teacher_format, small_crops)
 
 
+def resolve_queue_size(cfg: Config, images: int, dim: int) -> tuple[Config, str | None]:
+    """`cfg` with `queue_size` auto made a number of keys (`auto_queue_size` for `images` per epoch
+    and `dim`-d keys), as checkpoints record it, and the line that says so (None when it was given)."""
+    if cfg.queue_size != "auto":
+        return cfg, None
+    k = auto_queue_size(images, dim, cfg.batch_size)
+    return cfg.replace(queue_size=k), (f"--queue-size auto: {k} keys for {images} images of {dim}-d keys "
+                                       f"(at most half the images, 65536 and 2^23 / {dim})")
+
+
 def resolve_preset(cfg: Config, teacher_format: str | None) -> Config:
     """`cfg` with `aug` resolved to a preset name (see `preset_name`) and `crop_scale` to the
     preset's unless given explicitly: what training's loader and the teacher cache both crop with."""
@@ -93,4 +104,4 @@ def resolve_preset(cfg: Config, teacher_format: str | None) -> Config:
 
 
 __all__ = ["SEED", "SimReg", "MoCo", "Dense", "METHODS", "method_class", "official", "recipe", "teacher_target",
-           "teacher_tokens", "preset_name", "resolve_preset"]
+           "teacher_tokens", "preset_name", "resolve_preset", "resolve_queue_size"]

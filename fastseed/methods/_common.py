@@ -1,10 +1,13 @@
 """What the methods share: the queues of teacher keys, and the flags more than one declares."""
 from __future__ import annotations
 
+import argparse
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastseed.errors import ConfigError
 from fastseed.kernels import enqueue_
 from fastseed.runtime import gather_rows
 
@@ -45,7 +48,45 @@ def same_targets(cfg, targets: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, 
     return targets
 
 
-QUEUE_SIZE = flag("--queue-size", "--moco-k", dest="queue_size", type=int, help="queue length K")
+def queue_size_arg(text: str) -> int | str:
+    """`--queue-size`: a number of keys, or auto."""
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a number of keys nor auto") from None
+
+
+QUEUE_SIZE = flag("--queue-size", "--moco-k", dest="queue_size", type=queue_size_arg,
+                  help="queue length K, or auto (the default): the largest power of two up to half the data set's "
+                       "images, at most 65536 and 2^23 / key width (the papers' 65536 x 128), at least the batch")
+PAPER_QUEUE = 65536          # SEED's and MoCo's K
+PAPER_QUEUE_ELEMENTS = 65536 * 128  # their K x D: a queue of wider keys holds fewer
+
+
+def auto_queue_size(images: int, dim: int, batch: int) -> int:
+    """`--queue-size auto`: the largest power of two up to images / 2, capped at 65,536 keys and at
+    2^23 / `dim` (the papers' queue, 65,536 keys of 128-d, in elements), and at least the global
+    batch rounded up to a power of two.
+
+    Why: the papers' 65,536 keys were sized for ImageNet's 1.28M images; 1,500 images would sit in
+    such a queue about 44 times each, so the softmax over it compares each crop mostly with copies
+    of keys it has seen, and with 1280-d keys the loss costs about twice the student's step on a
+    CPU. Half the data set is the middle of the 20-50 % that short distillation runs use
+    (LightlyTrain's queue: 8,192 keys for 20k images, 2,048 up to 10k); the K·D cap keeps the
+    queue's memory and FLOPs at the paper's whatever the key width. Examples: 1,500 images ->
+    512; 5,000 -> 2,048; 32,000 images of 1280-d keys -> 4,096; ImageNet of 128-d keys -> 65,536."""
+    k = 1 << max(0, (images // 2).bit_length() - 1)
+    k = min(k, PAPER_QUEUE, 1 << max(0, (PAPER_QUEUE_ELEMENTS // max(1, dim)).bit_length() - 1))
+    return max(k, 1 << max(0, (batch - 1).bit_length()))
+
+
+def check_queue_size(cfg) -> None:
+    """ConfigError for a `queue_size` that is neither auto nor a positive number of keys."""
+    k = cfg.queue_size
+    if k != "auto" and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
+        raise ConfigError(f"--queue-size {k!r}: give a number of keys >= 1, or auto")
 
 
 class Queue(nn.Module):

@@ -6,7 +6,8 @@ resized to the teacher's h×w grid and projected to P(S), and the teacher's toke
     L = mean_{b, i<h·w} ‖ P(S)_bi/‖P(S)_bi‖ − T_bi/‖T_bi‖ ‖² = mean_{b, i} 2 − 2·cos(P(S)_bi, T_bi)
 
 A CNN teacher's last feature map is its tokens (`Teacher.features`), so any teacher has them.
-`--method dense` trains L alone; `--dense-weight W` adds W·L to SEED or SimReg (their files call
+`--method dense` trains L alone (with `--local-weight W`, plus W × the patch-relation loss of
+fastseed/methods/local.py); `--dense-weight W` adds W·L to SEED or SimReg (their files call
 `DenseHead` and `check_dense`). The tokens come with the teacher's embedding from one teacher
 pass per step for every student (`fastseed.targets.TeacherTargets`: the last target); each
 student's map comes from the same backbone pass as its pooled features (`backbone_features`).
@@ -27,9 +28,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastseed.errors import ConfigError
-from fastseed.models import token_map
+from fastseed.models import to_grid, token_map
 
 from ._common import flag, same_targets
+from .local import LOCAL_T, LOCAL_WEIGHT, LocalHead, check_local, token_losses
 
 DENSE_WEIGHT = flag("--dense-weight", dest="dense_weight", type=float,
                     help="seed, simreg: add W x the patch-token loss (--method dense) to the objective (default 0)")
@@ -39,16 +41,6 @@ def dense_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     """mean over images and tokens of 2 − 2·cos between `student` and `teacher` [B, C, h, w]
     (the squared distance of the L2-normalised tokens), in fp32; no gradient to `teacher`."""
     return (2 - 2 * F.cosine_similarity(student.float(), teacher.detach().float(), dim=1)).mean()
-
-
-def to_grid(x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-    """`x` [B, C, H, W] on an h×w grid: area when it shrinks, bilinear when it grows (module docstring)."""
-    (H, W), (h, w) = x.shape[-2:], grid
-    if (H, W) == (h, w):
-        return x
-    if H >= h and W >= w:
-        return F.adaptive_avg_pool2d(x, (h, w))
-    return F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False)
 
 
 def backbone_features(student: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -102,16 +94,20 @@ class Dense(nn.Module):
     official = None        # no official recipe: --recipe official refuses
     defaults = dict(clip_grad=None)  # measured without clipping (benchmarks/dense_quality.py)
     target_flags = ()
-    flags = (DENSE_WEIGHT,)
+    flags = (DENSE_WEIGHT, LOCAL_WEIGHT, LOCAL_T)
 
-    def __init__(self, student: nn.Module, queues=None, *, token_dim: int | None = None, **_):
+    def __init__(self, student: nn.Module, queues=None, *, token_dim: int | None = None, local_weight: float = 0.0,
+                 local_t: float = 0.07, **_):
         super().__init__()
         self.student = student
         self.dense = DenseHead.for_student(student, token_dim)  # no embedding head: nothing to pool into
+        self.dense_weight, self.local_weight = 1.0, local_weight
+        if local_weight:
+            self.local = LocalHead.for_student(student, token_dim, local_t)
 
     @classmethod
     def from_config(cls, student: nn.Module, queues, dim: int, cfg, compile_fn=None, token_dim=None) -> "Dense":
-        return cls(student, queues, token_dim=token_dim)
+        return cls(student, queues, token_dim=token_dim, local_weight=cfg.local_weight, local_t=cfg.local_t)
 
     @staticmethod
     def teacher_target(cfg) -> str:
@@ -137,6 +133,7 @@ class Dense(nn.Module):
         if cfg.small_crops:
             raise ConfigError("--small-crops is SEED's small-patch variant: --method dense uses one crop")
         check_dense(cfg, 1.0)
+        check_local(cfg)
 
     @staticmethod
     def make_queues(**_) -> None:
@@ -156,4 +153,4 @@ class Dense(nn.Module):
 
     def forward(self, views: list[torch.Tensor], targets: tuple[torch.Tensor, ...]) -> torch.Tensor:
         fmap = token_map(self.student.forward_features(views[0]), getattr(self.student, "num_prefix_tokens", 0))
-        return self.dense(fmap, targets[-1])
+        return token_losses(self, fmap, targets[-1])

@@ -19,7 +19,7 @@ from fastseed.errors import ConfigError
 from fastseed.kernels import info_nce_loss
 from fastseed.models import projection_head
 
-from ._common import QUEUE_SIZE, TEMP, Queues, flag, same_targets
+from ._common import QUEUE_SIZE, TEMP, Queues, check_queue_size, flag, same_targets
 
 
 class MoCo(nn.Module):
@@ -30,7 +30,7 @@ class MoCo(nn.Module):
     # README.md:51 (MoCo v2: --cos), main_moco.py:372-381 (cosine per epoch, no warm-up)
     # MoCo-v2 (moco README): main_moco.py --moco-t 0.2 --moco-k 65536 --moco-m 0.999, no clipping
     official = dict(lr=0.03, epochs=200, momentum=0.9, weight_decay=1e-4, warmup_epochs=0.0, temp=0.2,
-                    queue_size=65536, moco_m=0.999, clip_grad=None, mixup=False)
+                    queue_size=65536, moco_m=0.999, clip_grad=None, mixup=False, warmup_cap=None)
     # MoCo-v2's τ 0.2; Config's clipping was measured for the distillation methods only
     defaults = dict(temp=0.2, clip_grad=None)
     target_flags = ()
@@ -83,8 +83,10 @@ class MoCo(nn.Module):
         if cfg.teacher_cache is not None:
             raise ConfigError("--teacher-cache holds a teacher's keys; --method moco has no teacher: "
                               "drop one or the other")
-        if cfg.dense_weight:
-            raise ConfigError("--dense-weight distils a teacher's patch tokens; --method moco has no teacher")
+        if cfg.dense_weight or cfg.local_weight:
+            raise ConfigError("--dense-weight and --local-weight distil a teacher's patch tokens; --method moco has "
+                              "no teacher")
+        check_queue_size(cfg)
 
     @staticmethod
     def make_queues(*, dim: int, queue_size: int, queue_dtype: torch.dtype = torch.float32, **_) -> Queues:

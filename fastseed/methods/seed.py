@@ -6,7 +6,8 @@ over a queue of teacher keys.
 then the teacher keys enter the queue. Small-patch variant: the small crops have a queue of
 their own and L = CE224 + CE96; which small keys enter it: `Queues`. The queues hold teacher
 keys only, so every student of a run shares them. `--dense-weight W` adds W × the patch-token
-loss of the global view (fastseed/methods/dense.py).
+loss of the global view (fastseed/methods/dense.py), `--local-weight W` W × its patch-relation
+loss (fastseed/methods/local.py).
 """
 from __future__ import annotations
 
@@ -17,8 +18,10 @@ from fastseed.errors import ConfigError
 from fastseed.kernels import seed_loss
 from fastseed.models import projection_head
 
-from ._common import HEAD, QUEUE_SIZE, TEMP, Queues, flag, head_kind, linear_head, same_targets
+from ._common import (HEAD, QUEUE_SIZE, TEMP, Queues, check_queue_size, flag, head_kind, linear_head,
+                      same_targets)
 from .dense import DENSE_WEIGHT, DenseHead, backbone_features, check_dense
+from .local import LOCAL_T, LOCAL_WEIGHT, LocalHead, check_local, token_losses
 
 
 class SEED(nn.Module):
@@ -31,7 +34,7 @@ class SEED(nn.Module):
     # column before the queue's, no gradient clipping and no input mixing (seed/builder.py, main.py)
     official = dict(lr=None, base_lr=0.03, epochs=200, momentum=0.9, weight_decay=1e-4, warmup_epochs=5.0,
                     temp=0.2, distill_t=1e-4, queue_size=65536, head="mlp", clip_grad=None, batch_in_queue=False,
-                    mixup=False)
+                    mixup=False, warmup_cap=None)
     # fastseed's recipe is Config's own defaults (τS = τT = 0.07, linear head, clipping at 1): README,
     # "Recipes at equal steps"
     defaults = {}
@@ -46,6 +49,8 @@ class SEED(nn.Module):
              help="keys entering the small-crop queue: first (official: crop 0 of each image, at the large "
                   "queue's pointer) or all (every small crop)"),
         DENSE_WEIGHT,
+        LOCAL_WEIGHT,
+        LOCAL_T,
         flag("--batch-in-queue", dest="batch_in_queue", action="store_const", const=True,
              help="enqueue the batch's teacher keys before the loss, whose logits are then the queue's alone "
                   "(no t.t column): every row sees the batch's other keys too"),
@@ -54,21 +59,25 @@ class SEED(nn.Module):
 
     def __init__(self, student: nn.Module, queues: Queues, *, dim: int, temp: float = 0.2,
                  distill_t: float = 1e-4, dense_weight: float = 0.0, token_dim: int | None = None,
-                 batch_in_queue: bool = False, head: str = "mlp", **_):
+                 batch_in_queue: bool = False, head: str = "mlp", local_weight: float = 0.0, local_t: float = 0.07,
+                 **_):
         super().__init__()
         self.student = student
         self.head = self.make_head(student.num_features, dim, head)
         self.queue, self.small_queue = queues.queue, queues.small_queue  # shared by every student
-        self.temp, self.distill_t, self.dense_weight = temp, distill_t, dense_weight
+        self.temp, self.distill_t, self.dense_weight, self.local_weight = temp, distill_t, dense_weight, local_weight
         self.self_logit = not batch_in_queue  # with the batch in the queue its keys are columns already
         if dense_weight:  # without it the state is SEED's alone, as before the patch-token loss
             self.dense = DenseHead.for_student(student, token_dim)
+        if local_weight:
+            self.local = LocalHead.for_student(student, token_dim, local_t)
 
     @classmethod
     def from_config(cls, student: nn.Module, queues: Queues, dim: int, cfg, compile_fn=None,
                     token_dim: int | None = None) -> "SEED":
         return cls(student, queues, dim=dim, temp=cfg.temp, distill_t=cfg.distill_t, dense_weight=cfg.dense_weight,
-                   token_dim=token_dim, batch_in_queue=cfg.batch_in_queue, head=cfg.head)
+                   token_dim=token_dim, batch_in_queue=cfg.batch_in_queue, head=cfg.head,
+                   local_weight=cfg.local_weight, local_t=cfg.local_t)
 
     @staticmethod
     def make_head(in_dim: int, out_dim: int, kind: str = "mlp") -> nn.Module:
@@ -97,17 +106,19 @@ class SEED(nn.Module):
 
     @staticmethod
     def teacher_tokens(cfg) -> bool:
-        """Whether its targets end with the teacher's token map (`--dense-weight`)."""
-        return cfg.dense_weight > 0
+        """Whether its targets end with the teacher's token map (`--dense-weight`, `--local-weight`)."""
+        return cfg.dense_weight > 0 or cfg.local_weight > 0
 
     loss_targets = staticmethod(same_targets)  # its loss sees the source's targets as they are
 
     @staticmethod
     def check(cfg, students: int) -> None:
         check_dense(cfg, cfg.dense_weight)
+        check_local(cfg)
         if cfg.batch_in_queue and cfg.small_crops:
             raise ConfigError("--batch-in-queue is for the global crop's queue: drop it or --small-crops")
-        if cfg.batch_in_queue and cfg.queue_size < cfg.batch_size:
+        check_queue_size(cfg)
+        if cfg.batch_in_queue and cfg.queue_size != "auto" and cfg.queue_size < cfg.batch_size:
             raise ConfigError(f"--batch-in-queue needs --queue-size ({cfg.queue_size}) >= --batch-size "
                               f"({cfg.batch_size}): the queue must hold the whole batch")
 
@@ -134,15 +145,16 @@ class SEED(nn.Module):
         return self.head(self.student(x))
 
     def forward(self, views: list[torch.Tensor], targets: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        if self.dense_weight:  # one backbone pass: the map for the tokens, its pooling for the head
+        tokens = self.dense_weight or self.local_weight
+        if tokens:  # one backbone pass: the map for the token losses, its pooling for the head
             pooled, fmap = backbone_features(self.student, views[0])
             s = self.head(pooled)
         else:
             s = self.embed(views[0])
         loss = seed_loss(s, targets[0], self.queue.keys, student_temp=self.temp, teacher_temp=self.distill_t,
                          self_logit=self.self_logit)
-        if self.dense_weight:
-            loss = loss + self.dense_weight * self.dense(fmap, targets[-1])
+        if tokens:
+            loss = loss + token_losses(self, fmap, targets[-1])
         if len(views) > 1:
             loss = loss + seed_loss(self.embed(torch.cat(views[1:])), targets[1], self.small_queue.keys,
                                     student_temp=self.temp, teacher_temp=self.distill_t)

@@ -7,7 +7,8 @@ dropped after training, regresses the teacher's L2-normalised features:
 standardises each dimension of the targets over the global batch, t ← (t − mean) / (std + 1e-5):
 an ImageNet teacher's features of a narrow domain share a large common component, which the raw
 cosine mostly spends the student on (README, "Recipes at equal steps": SimReg on MNIST-5k).
-`--dense-weight W` adds W × the patch-token loss (fastseed/methods/dense.py).
+`--dense-weight W` adds W × the patch-token loss (fastseed/methods/dense.py), `--local-weight W`
+W × the patch-relation loss (fastseed/methods/local.py).
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from fastseed.runtime import gather_rows
 
 from ._common import HEAD, flag, head_kind, linear_head
 from .dense import DENSE_WEIGHT, DenseHead, backbone_features, check_dense
+from .local import LOCAL_T, LOCAL_WEIGHT, LocalHead, check_local, token_losses
 
 
 TARGETS = ("raw", "standardize")
@@ -42,7 +44,7 @@ class SimReg(nn.Module):
     # UCDvision/simreg main.py:42-55 (batch 256, lr 0.05 at any batch size, 130 epochs, wd 1e-4);
     # tools.py:13-18 (cosine per epoch, no warm-up)
     official = dict(lr=0.05, epochs=130, momentum=0.9, weight_decay=1e-4, warmup_epochs=0.0, clip_grad=None,
-                    mixup=False, head="mlp", simreg_targets="raw")
+                    mixup=False, head="mlp", simreg_targets="raw", warmup_cap=None)
     # fastseed's recipe (README, "Recipes at equal steps"): one Linear as the head, LARS at 11.2 x
     # sqrt(batch/256) (5.6 at batch 64, where it was measured), weight decay 1e-6; Config's clipping at 1;
     # the targets standardised per dimension over the batch
@@ -50,24 +52,28 @@ class SimReg(nn.Module):
                     simreg_targets="standardize")
     target_flags = (flag("--simreg-target", dest="simreg_target", choices=["backbone", "projection"],
                          help="SimReg regresses the teacher's pooled backbone (default) or its projection"),)
-    flags = (*target_flags, DENSE_WEIGHT, HEAD,
+    flags = (*target_flags, DENSE_WEIGHT, LOCAL_WEIGHT, LOCAL_T, HEAD,
              flag("--simreg-targets", dest="simreg_targets", choices=TARGETS,
                   help="SimReg regresses the teacher's keys as they are (raw: the paper's, --recipe official) or "
                        "each dimension standardised over the global batch (standardize: the default)"))
 
     def __init__(self, student: nn.Module, queues=None, *, dim: int, dense_weight: float = 0.0,
-                 token_dim: int | None = None, head: str = "mlp", **_):
+                 token_dim: int | None = None, head: str = "mlp", local_weight: float = 0.0, local_t: float = 0.07,
+                 **_):
         super().__init__()
         self.student = student
         self.head = self.make_head(student.num_features, dim, head)
-        self.dense_weight = dense_weight
+        self.dense_weight, self.local_weight = dense_weight, local_weight
         if dense_weight:
             self.dense = DenseHead.for_student(student, token_dim)
+        if local_weight:
+            self.local = LocalHead.for_student(student, token_dim, local_t)
 
     @classmethod
     def from_config(cls, student: nn.Module, queues, dim: int, cfg, compile_fn=None,
                     token_dim: int | None = None) -> "SimReg":
-        return cls(student, queues, dim=dim, dense_weight=cfg.dense_weight, token_dim=token_dim, head=cfg.head)
+        return cls(student, queues, dim=dim, dense_weight=cfg.dense_weight, token_dim=token_dim, head=cfg.head,
+                   local_weight=cfg.local_weight, local_t=cfg.local_t)
 
     @staticmethod
     def make_head(in_dim: int, out_dim: int, kind: str = "mlp") -> nn.Module:
@@ -91,12 +97,13 @@ class SimReg(nn.Module):
 
     @staticmethod
     def teacher_tokens(cfg) -> bool:
-        """Whether its targets end with the teacher's token map (`--dense-weight`)."""
-        return cfg.dense_weight > 0
+        """Whether its targets end with the teacher's token map (`--dense-weight`, `--local-weight`)."""
+        return cfg.dense_weight > 0 or cfg.local_weight > 0
 
     @staticmethod
     def check(cfg, students: int) -> None:
         check_dense(cfg, cfg.dense_weight)
+        check_local(cfg)
         if cfg.simreg_targets not in TARGETS:
             raise ConfigError(f"simreg_targets {cfg.simreg_targets!r}: choose {' or '.join(TARGETS)}")
         if cfg.simreg_targets == "standardize" and cfg.batch_size < 2:
@@ -129,12 +136,13 @@ class SimReg(nn.Module):
 
     def forward(self, views: list[torch.Tensor], targets: tuple[torch.Tensor, ...]) -> torch.Tensor:
         x = torch.cat(views) if len(views) > 1 else views[0]
-        if self.dense_weight:  # one backbone pass: the map for the tokens, its pooling for the predictor
+        tokens = self.dense_weight or self.local_weight
+        if tokens:  # one backbone pass: the map for the token losses, its pooling for the predictor
             pooled, fmap = backbone_features(self.student, x)
         else:
             pooled = self.student(x)
         pred = self.head(pooled).float()
         loss = (2 - 2 * F.cosine_similarity(pred, targets[0].float(), dim=1)).mean()
-        if self.dense_weight:
-            loss = loss + self.dense_weight * self.dense(fmap, targets[-1])
+        if tokens:
+            loss = loss + token_losses(self, fmap, targets[-1])
         return loss
