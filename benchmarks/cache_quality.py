@@ -67,9 +67,14 @@ def mnist_5k_npz(out_dir: Path) -> tuple[Path, Path]:
 
 
 def betons(dataset: str, size: dict, work: Path) -> tuple[Path, Path]:
-    """(train subset, test subset) betons of `dataset`, written once."""
+    """(train subset, test subset) betons of `dataset`, written once. "stamps" is the colour set
+    of benchmarks/stamps.py at its defaults (`stamps_betons(work)`): all of its images, so the
+    size's train and test counts do not apply to it."""
     from fastseed.data_prep import write_beton
 
+    if dataset == "stamps":
+        from stamps import stamps_betons
+        return stamps_betons(work)
     train, test = work / f"{dataset}_train.beton", work / f"{dataset}_test.beton"
     if not (train.exists() and test.exists()):
         sources = (("fashion-mnist:train", "fashion-mnist:test") if dataset == "fashion-mnist"
