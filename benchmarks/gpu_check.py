@@ -552,19 +552,21 @@ def step_restart(ctx: Ctx) -> dict:
                                      [[row["devices"], row["kill_to_first_step_s"], row["resumed"], row["final_step"]]])}
 
 
-def run_optional(script: str, args: list[str]) -> Callable[[Ctx], dict]:
-    """A benchmark another change adds, in its program mode (`--out FILE`, JSON)."""
+def run_optional(script: str, args: list[str], dry_args: list[str] | None = None) -> Callable[[Ctx], dict]:
+    """A benchmark another change adds, in its program mode (`--out FILE`, JSON); the dry run
+    passes `dry_args` instead (CPU, tiny sizes), where the step has them."""
     def step(ctx: Ctx) -> dict:
+        args_ = dry_args if ctx.dry and dry_args is not None else args
         out = ctx.scratch / f"{Path(script).stem}.json"
         # between compile_cache's load and save, like the demo; its output straight to the log
-        subprocess.run([sys.executable, "-m", "compile_cache", "run", str(HERE / script), *args, "--out", str(out)],
+        subprocess.run([sys.executable, "-m", "compile_cache", "run", str(HERE / script), *args_, "--out", str(out)],
                        cwd=ctx.scratch, check=True)
         text = out.read_text()
         try:
             result = json.loads(text)
         except json.JSONDecodeError:  # JSON lines
             result = [json.loads(line) for line in text.splitlines() if line.strip()]
-        return {"result": result, "table": f"`{script} {' '.join(args)}`: see {JSONL}"}
+        return {"result": result, "table": f"`{script} {' '.join(args_)}`: see {JSONL}"}
     return step
 
 
@@ -654,6 +656,17 @@ STEPS = [
     Step("m-multi", run_optional("bench_multi.py", ["--res", "224", "--device", "cuda"]), 60, 120,
          "one joint and three solo runs at 224 px, each compiled", needs="benchmarks/bench_multi.py",
          cuda_only=True),
+    Step("n-local", run_optional("bench_local.py", ["--device", "cuda", "--res", "224", "--batch", "256",
+                                                    "--teacher", "resnet50"],
+                                 dry_args=["--device", "cpu", "-a", "resnet10t", "--res", "32", "--teacher-res", "64",
+                                           "--batch", "4", "--steps", "1", "--rounds", "2", "--micro-batch", "4",
+                                           "--micro-width", "16", "--micro-grids", "3", "--micro-queues", "64"]),
+         150, 240,
+         "ResNet-50 (random weights) -> ResNet-18 at 224 px, batch 256, bf16: SEED against SEED + --local-weight 1 "
+         "(7x7 tokens), each compiled: the SEED run's graphs may come from the on-disk Inductor cache f-train "
+         "filled, the teacher's token pass and the local run's step are cold compiles (60-90 s each); 3 warm-up, "
+         "5 rounds of 5 steps each way and 3 phase-timed eager steps (~10 s); the losses alone at 7x7 and 16x16 "
+         "and K 512 and 65536 (~5 s)"),
 ]
 EXPECTED_S = {"install": 20}  # measured 3.7 s on the H200; 20 kept for a slower disk  # what is not a step: pip and no index, the wheels and the tree (a reuse: ~1 s)
 DRY_CAP_S = 600              # a dry step's cap (CPU, tiny sizes): a hang must end, a slow CPU must not
@@ -676,7 +689,7 @@ CALLS = {
     1: Call(["a-environment", "b-correctness", "c-kernels", "d-no-host-sync", "e-knn"], 270,
             "the fused kernels' correctness and figures, a step with no host sync, the k-NN target"),
     2: Call(["f-train", "g-demo"], 300, "end to end with one pair (the headline pair), then the demo"),
-    3: Call(["h-vit-teacher", "i-restart", "j-data", "k-train-pairs", "l-cache", "m-multi"], 420,
+    3: Call(["h-vit-teacher", "i-restart", "j-data", "k-train-pairs", "l-cache", "m-multi", "n-local"], 420,
             "the rest, in a window with time left: the ViT teacher and the restart first"),
 }
 

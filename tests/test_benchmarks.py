@@ -1,7 +1,7 @@
 """Every benchmark runs end to end at a tiny size on CPU (speed is measured elsewhere: these only
 keep the scripts working; their numbers mean nothing on a shared 2-core CPU).
 
-The GPU check's dry run (`make gpu-check-dry`) runs the data, training, k-NN and kernel
+The GPU check's dry run (`make gpu-check-dry`) runs the data, training, k-NN, kernel and local-loss
 benchmarks, the demo and the CUDA test files through the very script the GPU machine runs,
 after the same offline install of the tree."""
 import gzip
@@ -20,7 +20,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 pytestmark = pytest.mark.slow
 
 STEPS = ["install", "a-environment", "b-correctness", "c-kernels", "d-no-host-sync", "e-knn", "f-train", "g-demo",
-         "h-vit-teacher", "i-restart", "j-data", "k-train-pairs", "l-cache", "m-multi", "triton-cache"]
+         "h-vit-teacher", "i-restart", "j-data", "k-train-pairs", "l-cache", "m-multi", "n-local", "triton-cache"]
 
 
 def run(*args, timeout=300):
@@ -45,10 +45,10 @@ def test_gpu_check_dry_run(tmp_path):
     records = [json.loads(line) for line in (out / "gpu_check.jsonl").read_text().splitlines()]
     status = {r["step"]: r["status"] for r in records if "status" in r}
     assert list(status) == STEPS
-    dry_as_f = ("k-train-pairs", "h-vit-teacher")
-    assert all(status[s].startswith("ok") for s in STEPS[:-3] if s not in dry_as_f), status
+    dry_as_f, no_cuda = ("k-train-pairs", "h-vit-teacher"), ("l-cache", "m-multi")
+    assert all(status[s].startswith("ok") for s in STEPS[:-1] if s not in dry_as_f + no_cuda), status
     assert all(status[s].startswith("skipped: dry, f-train ran the same code") for s in dry_as_f), status
-    assert all(status[s].startswith("skipped: no CUDA") for s in STEPS[-3:-1]), status
+    assert all(status[s].startswith("skipped: no CUDA") for s in no_cuda), status
     result = {r["step"]: r["result"] for r in records if "result" in r}
     # the install says plainly what it could not install here: CI has no .whl/, and the ffcv wheel
     # is a cp312 build (make gpu-rehearse installs it under the GPU machine's Python 3.12)
@@ -83,6 +83,10 @@ def test_gpu_check_dry_run(tmp_path):
     assert result["j-data"]["result"]["fastseed_images_per_s"] > 0
     assert rows["f-train"] and all(r["official_img_s"] > 0 and r["fastseed_img_s"] > 0 for r in rows["f-train"])
     assert "| student distilled (seed)" in result["g-demo"]["table"]
+    # n-local's dry arguments: one comparison on a 2x2 grid, then the two losses alone
+    local = result["n-local"]["result"]
+    assert [(r["bench"], r.get("grid")) for r in local] == [("local_cost", "2x2"), ("local_loss_alone", "3x3"),
+                                                            ("local_loss_alone", None)]
     # the kill/restart step, with two gloo ranks here: the restarted group resumed and finished
     restart = result["i-restart"]
     assert restart["resumed"].startswith("resumed from") and restart["final_step"] == 24
