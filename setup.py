@@ -4,6 +4,7 @@ setup(
     name="fastseed",
     version="0.1.0",
     description="Fast, faithful self-supervised distillation (SEED, SimReg, MoCo-v2) of small vision encoders",
+    license="Apache-2.0",
     python_requires=">=3.10",
     packages=["fastseed", "fastseed.methods", "fastseed.teachers", "fastseed.kernels", "fastseed.data_prep"],
     # kernels/ and data_prep/ are top-level folders (the project's layout) imported as

@@ -6,7 +6,7 @@ dropped after training, regresses the teacher's L2-normalised features:
 `--simreg-targets standardize` (fastseed's recipe; the paper regresses `raw` keys) first
 standardises each dimension of the targets over the global batch, t ← (t − mean) / (std + 1e-5):
 an ImageNet teacher's features of a narrow domain share a large common component, which the raw
-cosine mostly spends the student on (README, "Recipes at equal steps": SimReg on MNIST-5k).
+cosine mostly spends the student on (docs/objectives.md, "Recipes at equal steps": SimReg on MNIST-5k).
 `--dense-weight W` adds W × the patch-token loss (fastseed/methods/dense.py), `--local-weight W`
 W × the patch-relation loss (fastseed/methods/local.py).
 """
