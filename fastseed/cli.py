@@ -17,8 +17,8 @@ from pathlib import Path
 from fastseed.augment import PRESETS
 from fastseed.cache import TeacherCache, build_cache
 from fastseed.checkpoint import find_resume
-from fastseed.config import Config, demo, fit_workers
-from fastseed.configfile import read_settings, recipe_file, recipe_names, to_yaml
+from fastseed.config import Config, fit_workers
+from fastseed.configfile import demo, read_settings, recipe_file, recipe_names, to_yaml
 from fastseed.data import check_beton, image_sizes
 from fastseed.data_prep import main as data_prep_main
 from fastseed.data_prep import write_beton

@@ -7,8 +7,8 @@ method whose own defaults differ says so in its recipe file (fastseed/recipes/<m
 `fastseed.methods.recipe` applies it, as `fastseed-train` does.
 
 The official recipe of each method (`--recipe official`) is fastseed/recipes/<method>-official.yaml;
-`demo()` (fastseed/recipes/demo.yaml) is what `fastseed-train` runs with no `--data`. Settings
-files (`--config`, OUTPUT/config.yaml): fastseed/configfile.py.
+`fastseed.configfile.demo()` (fastseed/recipes/demo.yaml) is what `fastseed-train` runs with no
+`--data`. Settings files (`--config`, OUTPUT/config.yaml): fastseed/configfile.py.
 """
 from __future__ import annotations
 
@@ -149,11 +149,3 @@ class Config:
 
 
 DEMO_DATA_DIR = Path("data")
-
-
-def demo(**overrides) -> Config:
-    """A run that shows SEED working within minutes on a 2-core CPU: fastseed/recipes/demo.yaml
-    (real Fashion-MNIST, the bundled ImageNet EfficientNet-Lite0 teacher; why each value:
-    its comments), then `overrides`."""
-    from fastseed.configfile import recipe_settings  # reads this module's Config
-    return Config().replace(**recipe_settings("demo")).replace(**overrides)

@@ -146,6 +146,13 @@ def method_recipe(name: str) -> dict:
     return {k: v for k, v in recipe_settings(name).items() if k != "method"}
 
 
+def demo(**overrides) -> Config:
+    """A run that shows SEED working within minutes on a 2-core CPU: fastseed/recipes/demo.yaml
+    (real Fashion-MNIST, the bundled ImageNet EfficientNet-Lite0 teacher; why each value: its
+    comments), then `overrides`."""
+    return Config().replace(**recipe_settings("demo")).replace(**overrides)
+
+
 def recipe_file(name: str) -> Path:
     """A shipped recipe's file, or `name` itself when it is a file."""
     shipped = RECIPES_DIR / f"{name}.yaml"

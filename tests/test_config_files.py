@@ -12,8 +12,8 @@ import yaml
 
 from fastseed.checkpoint import read_checkpoint
 from fastseed.cli import TRAIN_GROUPS, config_from_args, train_main, train_parser
-from fastseed.config import Config, demo
-from fastseed.configfile import RECIPES_DIR, read_settings, recipe_names, to_yaml
+from fastseed.config import Config
+from fastseed.configfile import RECIPES_DIR, demo, read_settings, recipe_names, to_yaml
 from fastseed.methods import METHODS, official, recipe
 from helpers import refusal
 
