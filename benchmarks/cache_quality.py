@@ -85,7 +85,7 @@ def betons(dataset: str, size: dict, work: Path) -> tuple[Path, Path]:
 
 
 def config(size: dict, train: Path, test: Path, out: Path, seed: int):
-    from fastseed.config import demo
+    from fastseed.configfile import demo
     # SEED with the demo's teacher and crops, named here so that the figures keep their meaning
     # if the demo's own recipe changes
     return demo(method="seed", aug="moco_v2", crop_scale=(0.35, 1.0), teacher_arch="efficientnet_lite0",

@@ -53,7 +53,7 @@ OBJECTIVES = {"seed": dict(method="seed"), "dense": dict(method="dense"),
 
 
 def config(size: dict, objective: str, train: Path, test: Path, out: Path, seed: int, res: int, teacher_res: int):
-    from fastseed.config import demo
+    from fastseed.configfile import demo
     # the demo's recipe, named here so that the figures keep their meaning if the demo's changes
     return demo(**OBJECTIVES[objective], aug="weak", crop_scale=(0.6, 1.0), teacher_arch="efficientnet_lite0",
                 res=res, teacher_res=teacher_res, lr=size["lr"], weight_decay=5e-4, warmup_epochs=0.25,

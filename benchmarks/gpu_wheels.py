@@ -240,7 +240,7 @@ def fashion_mnist() -> str:
     """The demo's Fashion-MNIST files (the GPU image lacks Debian's dataset-fashion-mnist),
     only the images its betons hold: see demo_fashion_mnist."""
     from fastseed.cli import demo_data_jobs
-    from fastseed.config import demo
+    from fastseed.configfile import demo
     from fastseed.data_prep.sources import FASHION_MNIST_DIRS, FASHION_MNIST_FILES
     names = [f"{n}.gz" for pair in FASHION_MNIST_FILES.values() for n in pair]
     src = next((Path(d) for d in FASHION_MNIST_DIRS if d and all((Path(d) / n).is_file() for n in names)), None)

@@ -130,7 +130,7 @@ def setting(factor: str) -> dict:
 
 
 def config(size: dict, recipe: str, train: Path, test: Path, out: Path, seed: int, n_train: int):
-    from fastseed.config import demo
+    from fastseed.configfile import demo
     from fastseed.methods import official
     from fastseed.methods import recipe as recipe_of
     data = dict(data=str(train), val_data=str(test), knn_bank=str(train), epochs=size["epochs"],

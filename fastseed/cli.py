@@ -17,7 +17,8 @@ from pathlib import Path
 from fastseed.augment import PRESETS
 from fastseed.cache import TeacherCache, build_cache
 from fastseed.checkpoint import find_resume
-from fastseed.config import Config, demo, fit_workers
+from fastseed.config import Config, fit_workers
+from fastseed.configfile import demo, read_settings, recipe_file, recipe_names, to_yaml
 from fastseed.data import check_beton, image_sizes
 from fastseed.data_prep import main as data_prep_main
 from fastseed.data_prep import write_beton
@@ -77,22 +78,24 @@ def _teacher_args(p) -> None:
 
 def _runtime_args(p) -> None:
     g = p.add_argument_group("runtime").add_argument
-    g("--device", help="auto, cuda or cpu")
-    g("--precision", choices=["auto", "bf16", "fp16", "fp32"])
+    g("--device", help="auto (cuda when there is one), cuda or cpu")
+    g("--precision", choices=["auto", "bf16", "fp16", "fp32"],
+      help="the students' autocast: auto is bf16 on CUDA and fp32 on a CPU")
     g("--teacher-precision", choices=["auto", "student", "bf16", "fp16", "fp32"],
       help="the frozen teacher's autocast (default auto: the students' on CUDA; on a CPU bf16 where it has "
            "AMX tiles, else fp32; student: the students' everywhere); its keys reach the losses in the "
            "students' dtype")
-    g("--compile", choices=["auto", "on", "off"])
-    g("--compile-mode", dest="compile_mode")
+    g("--compile", choices=["auto", "on", "off"], help="torch.compile the students and the teacher (auto: on CUDA)")
+    g("--compile-mode", dest="compile_mode", help="torch.compile's mode, e.g. max-autotune or reduce-overhead")
     g("--channels-last", dest="channels_last", action="store_const", const=True,
       help="channels-last memory format for the students and the teacher (default auto: the teacher always; "
            "a student on CUDA, and on a CPU where it has depthwise convolutions or inputs above 64 px)")
     g("--no-channels-last", dest="channels_last", action="store_const", const=False,
       help="the plain NCHW format for the students and the teacher")
     g("--workers", type=int, help="FFCV decode threads (default: the CPU cores this process may use)")
-    g("--seed", type=int)
-    g("--no-progress", dest="progress", action="store_const", const=False)
+    g("--seed", type=int, help="seeds the students' init, the data order, the crops and the augmentation")
+    g("--no-progress", dest="progress", action="store_const", const=False,
+      help="no progress bar (default: a bar on the main rank)")
 
 
 def _augment_args(p, what: str) -> None:
@@ -103,19 +106,45 @@ def _augment_args(p, what: str) -> None:
       help="RandomResizedCrop scale, e.g. 0.2,1 (default: the --aug preset's)")
 
 
-def train_parser() -> argparse.ArgumentParser:
+TRAIN_GROUPS = (  # --help's sections, in order: (title, the flags' dests)
+    ("run", ("config", "print_config", "recipe", "method", "arch", "dim")),
+    ("data", ("data", "val_data", "knn_bank", "res", "teacher_cache", "workers")),
+    ("teacher", ("teacher_arch", "teacher_ssl", "distill", "teacher_use_head", "teacher_res", "teacher_pool",
+                 "trust_checkpoint", "teacher_precision")),
+    ("objective (fastseed/methods)", ()),  # the methods' own flags
+    ("optimiser and schedule", ("lr", "base_lr", "lr_scaling", "batch_size", "epochs", "max_steps", "optimizer",
+                                "weight_decay", "momentum", "warmup_epochs", "warmup_cap", "clip_grad")),
+    ("augmentation", ("aug", "crop_scale", "mixup")),
+    ("checkpoint and logging", ("output", "resume", "ckpt_every", "log", "log_every", "knn_every", "final_table",
+                                "profile", "progress")),
+    ("distributed (under torchrun)", ("fsdp", "dist_timeout")),
+    ("runtime", ("device", "precision", "compile", "compile_mode", "channels_last", "seed")),
+)
+
+
+def train_parser(with_defaults: bool = True) -> argparse.ArgumentParser:
+    """`fastseed-train`'s parser: its flags in TRAIN_GROUPS's sections, each help ending with the
+    default of a run with --data and the default method (`_show_defaults`). Every flag's default is
+    argparse.SUPPRESS, so the recipe (and a --config file) decide what a flag left out means."""
     p = argparse.ArgumentParser(
         prog="fastseed-train",
-        description="Self-supervised distillation (SEED, SimReg) and MoCo-v2. With no --data, runs the "
-                    "embedded demo: Fashion-MNIST, ImageNet EfficientNet-Lite0 teacher, ResNet-18 student.",
+        description="Self-supervised distillation (SEED, SimReg, patch tokens) and MoCo-v2. With no --data, runs "
+                    "the embedded demo: Fashion-MNIST, ImageNet EfficientNet-Lite0 teacher, ResNet-18 student. "
+                    "Precedence: flags > --config FILE > --recipe > the method's defaults.",
+        usage="%(prog)s [--config FILE] [--data BETON] [-a ARCH] [-k TEACHER] [--distill CKPT] [options]",
         argument_default=argparse.SUPPRESS)
-    a = p.add_argument
-    a("--method", choices=list(METHODS))
-    a("--recipe", choices=["fastseed", "official"],
-      help="fastseed: fastseed's defaults (per-step warm-up and cosine); official: the method's official "
-           "lr, epochs, weight decay, per-epoch schedule (README, Defaults). Flags given win over either")
-    a("-a", "--arch", help="student: any timm model name (default resnet18), or a comma list to distil them "
-                           "all in one run: one loader, augmentation, teacher forward and queue")
+    flat = argparse.ArgumentParser(add_help=False, argument_default=argparse.SUPPRESS)  # collects, then sorted
+    a = flat.add_argument
+    a("--config", metavar="FILE", help="a YAML file of settings (keys: Config's fields, e.g. a run's "
+      "OUTPUT/config.yaml); flags given win over it")
+    a("--print-config", dest="print_config", action="store_true",
+      help="print the run's resolved settings as YAML (what OUTPUT/config.yaml will hold) and exit")
+    a("--method", choices=list(METHODS), help="the objective: seed, simreg, dense (patch tokens) or moco")
+    a("--recipe", metavar="NAME|FILE",
+      help=f"settings to start from: {', '.join(recipe_names())} (fastseed/recipes/), or a YAML file; "
+           "fastseed: the method's fastseed defaults; official: the method's paper recipe")
+    a("-a", "--arch", help="student: any timm model name, or a comma list to distil them all in one run: one "
+                           "loader, augmentation, teacher forward and queue")
     a("--data", help="train .beton (from fastseed-prep), or an image folder (written once to a cached .beton "
                      "beside --output)")
     a("--teacher-cache", dest="teacher_cache",
@@ -124,64 +153,113 @@ def train_parser() -> argparse.ArgumentParser:
            "given, they must match it")
     a("--val-data", dest="val_data", help="val .beton (or image folder) for k-NN monitoring")
     a("--knn-bank", dest="knn_bank", help="labelled .beton used as the k-NN memory bank (default --data)")
-    a("--output", help="output directory (checkpoints, metrics.jsonl)")
+    a("--output", help="output directory (checkpoints, metrics.jsonl, config.yaml)")
     a("--resume", help="checkpoint path (a file, or an FSDP2 run's .dcp folder), or 'auto' for OUTPUT's "
                        "checkpoint_last.pt or .dcp (several students: 'auto', or the earlier run's OUTPUT)")
-    a("--lr", type=_floats, help="learning rate (default: --base-lr scaled to the batch); with several students "
+    a("--lr", type=_floats, help="peak learning rate (none: --base-lr scaled to the batch); with several students "
                                  "one for all or a comma list, one per student")
-    a("--base-lr", dest="base_lr", type=float,
-      help="the lr at batch 256 when --lr is not given (default 0.03; SimReg: 11.2 with LARS and sqrt scaling)")
+    a("--base-lr", dest="base_lr", type=float, help="the lr at batch 256 when --lr is not given")
     a("--lr-scaling", dest="lr_scaling", choices=["linear", "sqrt"],
       help="how --base-lr scales to the batch: linear (x batch/256, SEED and MoCo) or sqrt (x sqrt(batch/256), "
            "SimReg's LARS default)")
-    a("-b", "--batch-size", dest="batch_size", type=int, help="global batch size")
-    a("--epochs", type=int)
-    a("--max-steps", dest="max_steps", type=int, help="stop after this many steps")
+    a("-b", "--batch-size", dest="batch_size", type=int, help="global batch size, over every rank")
+    a("--epochs", type=int, help="epochs over --data; the schedule spans them (or --max-steps)")
+    a("--max-steps", dest="max_steps", type=int, help="stop after this many steps; the schedule ends there")
     a("--dim", type=int, help="embedding dim (MoCo head; the teacher's for a method with a teacher)")
-    a("--res", type=int, help="crop resolution")
-    a("--wd", "--weight-decay", dest="weight_decay", type=float)
-    a("--momentum", type=float)
-    a("--warmup-epochs", dest="warmup_epochs", type=float)
+    a("--res", type=int, help="the students' crop side (default: the largest side --data stores, at most 224)")
+    a("--wd", "--weight-decay", dest="weight_decay", type=float, help="weight decay")
+    a("--momentum", type=float, help="SGD and LARS momentum")
+    a("--warmup-epochs", dest="warmup_epochs", type=float, help="linear warm-up, in epochs")
     a("--warmup-cap", dest="warmup_cap", type=float,
-      help="the warm-up never exceeds this share of the run's steps (default 0.1; 1: as --warmup-epochs says; "
-           "--recipe official: the paper's epochs)")
-    a("--optimizer", choices=["sgd", "lars", "adamw"])
-    a("--clip-grad", dest="clip_grad", type=float, help="clip each student's gradient to this global L2 norm (default 1; 0: no clipping; MoCo and "
-                                  "--recipe official: none)")
+      help="the warm-up never exceeds this share of the run's steps (1: as --warmup-epochs says)")
+    a("--optimizer", choices=["sgd", "lars", "adamw"], help="fused SGD or AdamW, or LARS (timm's)")
+    a("--clip-grad", dest="clip_grad", type=float,
+      help="clip each student's gradient to this global L2 norm (0 or none: no clipping)")
     a("--mixup", action="store_const", const=True,
       help="mix each batch with a permutation of itself (lambda ~ U(0,1) per step) before the teacher and the "
            "students see it")
-    a("--fsdp", action="store_const", const=True, help="FSDP2 (fully_shard) instead of DDP under torchrun")
+    a("--fsdp", action="store_const", const=True, help="FSDP2 (fully_shard) instead of DDP")
     a("--dist-timeout", dest="dist_timeout", type=float,
-      help="seconds a collective may wait for the other ranks before the run fails (default 1800)")
-    a("--log-every", dest="log_every", type=int)
+      help="seconds a collective may wait for the other ranks before the run fails")
+    a("--log-every", dest="log_every", type=int, help="log loss, lr and images/s every N steps")
     a("--log", help=f"metric sinks: auto (jsonl, and tensorboard when installed) or a comma list of {', '.join(SINKS)}")
     a("--ckpt-every", dest="ckpt_every", type=int, help="checkpoint every N steps (and every epoch end)")
     a("--knn-every", dest="knn_every", type=int, help="k-NN monitor every N epochs (0: at the end only)")
     a("--profile", action="store_const", const=True, help="profile a few steps and write reports")
     a("--table", dest="final_table", action="store_const", const=True,
       help="k-NN of raw pixels, teacher, student at init and distilled student at the end")
-    _teacher_args(p)
-    _augment_args(p, "")
-    _runtime_args(p)
-    g = p.add_argument_group("method settings (fastseed/methods)")
-    _flags(g, [f for m in METHODS.values() for f in m.flags])
+    _teacher_args(flat)
+    _augment_args(flat, "")
+    _runtime_args(flat)
+    actions = {act.dest: act for act in flat._actions}
+    for title, dests in TRAIN_GROUPS:
+        g = p.add_argument_group(title)
+        if not dests:
+            _flags(g, [f for m in METHODS.values() for f in m.flags])
+        for dest in dests:
+            for act in [x for x in flat._actions if x.dest == dest]:
+                g._add_action(act)  # the group shares the parser's lists of actions and options
+    missing = set(actions) - {d for _, ds in TRAIN_GROUPS for d in ds}
+    assert not missing, f"flags in no --help group: {missing}"
+    if with_defaults:
+        _show_defaults(p)
     return p
 
 
+def _show_defaults(p: argparse.ArgumentParser) -> None:
+    """End each flag's help with its default in a run with --data and the default method
+    (`recipe(Config.method)`): what leaving the flag out gives."""
+    cfg = recipe(Config.method)
+    shown = {None: "none", True: "on", False: "off"}
+    for act in p._actions:
+        if act.help in (None, argparse.SUPPRESS) or act.dest in ("help", "config", "print_config") \
+                or "(default" in act.help:  # the help says it already (in words: auto, the preset's, ...)
+            continue
+        if act.dest == "recipe":
+            value = "fastseed"
+        elif act.dest in ("progress", "channels_last") or not hasattr(cfg, act.dest):
+            value = {"progress": "on", "channels_last": "auto"}.get(act.dest, "the method's")
+        else:
+            value = getattr(cfg, act.dest)
+        text = shown.get(value, value) if isinstance(value, (bool, type(None))) else value
+        if isinstance(text, tuple):
+            text = ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in text)
+        act.help = f"{act.help} (default: {text})"
+
+
 def config_from_args(argv: list[str] | None, notes: list[str] | None = None) -> Config:
-    """The run's Config from the command line; what was chosen for the user goes to `notes`."""
+    """The run's Config from the command line; what was chosen for the user goes to `notes`.
+
+    Precedence, lowest first: the method's recipe (`--recipe fastseed`, the default: the method's
+    fastseed defaults over the demo without --data, over Config() with it; `official`: the paper's),
+    a recipe file's settings (`--recipe FILE`), a `--config FILE`'s, the flags given."""
+    return config_and_flags(argv, notes)[0]
+
+
+def config_and_flags(argv: list[str] | None, notes: list[str] | None = None) -> tuple[Config, dict]:
+    """`config_from_args`, and the parsed flags (the entry point reads --print-config there)."""
     args = vars(train_parser().parse_args(argv))
-    if args.pop("recipe", "fastseed") == "official":
-        base = official(args.get("method", Config.method))
+    flags = dict(args)
+    args.pop("print_config", None)
+    name = args.pop("recipe", "fastseed")
+    recipe_file_settings = read_settings(recipe_file(name)) if name not in ("fastseed", "official") else {}
+    files = {**recipe_file_settings, **(read_settings(args.pop("config")) if "config" in args else {})}
+    method = args.get("method", files.get("method", Config.method))
+    start = demo() if "data" not in args and "data" not in files else Config()
+    if name == "official":
+        base = official(method)
+    elif recipe_file_settings:  # a recipe file states its settings over Config's defaults
+        base = start.replace(method=method)
     else:
-        base = recipe(args.get("method", Config.method), demo() if "data" not in args else Config())
+        base = recipe(method, start)
+    base = base.replace(**files)
     if "teacher_cache" in args and "teacher_arch" not in args:
         # the cache names its teacher: no -k needed (one given is checked against it)
         args["teacher_arch"] = TeacherCache.open(args["teacher_cache"]).header["teacher"]["arch"]
-    if "res" not in args and "data" in args and Path(args["data"]).is_file():
-        args["res"] = res_from_data(args["data"], notes if notes is not None else [])
-    return _config(base, args)
+    data = args.get("data", files.get("data"))
+    if "res" not in args and "res" not in files and data and Path(data).is_file():
+        args["res"] = res_from_data(data, notes if notes is not None else [])
+    return _config(base, args), flags
 
 
 def res_from_data(beton: str, notes: list[str], most: int = Config.res) -> int:
@@ -271,7 +349,10 @@ def check_inputs(cfg: Config) -> None:
 @_entry_point
 def train_main(argv: list[str] | None = None) -> int:
     notes = []
-    cfg = config_from_args(argv, notes)
+    cfg, flags = config_and_flags(argv, notes)
+    if flags.get("print_config"):  # before anything is written or checked on disk
+        print(to_yaml(cfg), end="")
+        return 0
     if cfg.data == demo().data:
         prepare_demo_data(cfg)
     cfg = resolve_config(cfg)

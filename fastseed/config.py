@@ -1,14 +1,14 @@
 """Every setting of a run, in one dataclass. Defaults are fastseed's recipe for SEED, the default
 method: the SEED paper's optimiser settings (official code) with fastseed's own learning-rate
 schedule (a per-step linear warm-up, then a per-step cosine) and the objective settings that
-measured best at equal steps: equal temperatures of 0.07, a linear head and clipping at 1
-(README, "Defaults" and "Recipes at equal steps"). A method whose own defaults differ says so in
-its `defaults` (MoCo-v2: τ 0.2, no clipping); `fastseed.methods.recipe` applies them, as
-`fastseed-train` does.
+measured best at equal steps: equal temperatures of 0.07, a linear head, clipping at 1, the
+queue sized to the data and the warm-up capped at a tenth of the run (docs/objectives.md). A
+method whose own defaults differ says so in its recipe file (fastseed/recipes/<method>.yaml);
+`fastseed.methods.recipe` applies it, as `fastseed-train` does.
 
-The official recipe of each method (`--recipe official`) is `fastseed.methods.official`; `demo()` is the
-embedded default of `fastseed-train` with no `--data`: a CPU-sized run on real Fashion-MNIST with
-the bundled ImageNet EfficientNet-Lite0 teacher.
+The official recipe of each method (`--recipe official`) is fastseed/recipes/<method>-official.yaml;
+`fastseed.configfile.demo()` (fastseed/recipes/demo.yaml) is what `fastseed-train` runs with no
+`--data`. Settings files (`--config`, OUTPUT/config.yaml): fastseed/configfile.py.
 """
 from __future__ import annotations
 
@@ -149,49 +149,3 @@ class Config:
 
 
 DEMO_DATA_DIR = Path("data")
-
-
-def demo(**overrides) -> Config:
-    """A run that shows SEED working within minutes on a 2-core CPU.
-
-    Real data (Fashion-MNIST, 28 px) and a real teacher (ImageNet EfficientNet-Lite0). The
-    student is trained at 32 px; the teacher sees the same crop at 48 px, where its ImageNet
-    features are useful (k-NN 84% at 48 px vs 77% at 32 px, measured on 2k test images).
-    Two epochs over a 32k-image random subset of the train split (500 steps of 128) keep the
-    whole run, k-NN evaluations included, within 4 minutes on 2 cores.
-
-    Augmentation: SimReg's 'weak' preset (crop and flip, no colour ops) on crops of 0.6-1 of
-    the image. Fashion-MNIST is grey and centred; on a 2-core CPU the colour ops (jitter,
-    grayscale, blur) cost about as much as the student's step, so without them the same time
-    buys twice the steps. Measured on this machine (k-NN top-1, 10k test images; raw pixels
-    78.50, teacher 82.56): moco_v2 crops 0.35-1, 1 epoch 78.1-79.0; weak 0.35-1, 1 epoch
-    80.33; weak 0.6-1, 1 epoch 80.65; weak 0.6-1, 2 epochs 83.79 (README, Quick start).
-    The paper's 5 warm-up epochs of 200 would be a whole run here: warm up for 1/4 epoch.
-    The objective is Config's: τS = τT = 0.07, a linear head, clipping at 1 (README, "Recipes at
-    equal steps"); the demo had τS 0.2, τT 0.02, the MLP head and no clipping before.
-    """
-    cfg = Config(
-        method="seed",
-        arch="resnet18",
-        teacher_arch="efficientnet_lite0",
-        data=str(DEMO_DATA_DIR / "fashion_mnist_train_32k.beton"),
-        val_data=str(DEMO_DATA_DIR / "fashion_mnist_test.beton"),
-        knn_bank=str(DEMO_DATA_DIR / "fashion_mnist_train_10k.beton"),
-        res=32,
-        teacher_res=48,
-        aug="weak",
-        crop_scale=(0.6, 1.0),
-        workers=2,
-        epochs=2,
-        batch_size=128,
-        lr=0.2,
-        warmup_epochs=0.25,
-        weight_decay=5e-4,
-        queue_size=4096,
-        output="output",
-        log_every=10,
-        ckpt_every=200,
-        knn_every=0,
-        final_table=True,
-    )
-    return cfg.replace(**overrides)

@@ -82,7 +82,7 @@ def student_channels_last(setting: bool | None, model: nn.Module, res: int, devi
     (AMX; fp32 forward, backward and fused SGD, batch 64, milliseconds, NCHW vs channels-last):
     ResNet-18 at 32 px 145 vs 164, ResNet-50 at 32 px 438 vs 481, ResNet-18 at 96 px 802 vs 765
     and at 224 px (batch 16) 1119 vs 945, EfficientNet-B0 at 32 px 419 vs 192, MobileNetV3-Large
-    at 32 px 283 vs 146 (README, "Memory format")."""
+    at 32 px 283 vs 146 (docs/profiling.md, "Memory format")."""
     if setting is not None:
         return setting
     if device.type != "cpu":

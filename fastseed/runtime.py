@@ -124,7 +124,7 @@ def teacher_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
 
     auto: the students' (`amp_dtype`) on CUDA. On a CPU, bf16 where it has AMX tiles: a forward
     in inference mode needs no bf16 backward (which oneDNN runs slower than fp32 even there), and
-    the teacher's forward is about a fifth of a CPU step (README, "Training speed beside LightlyTrain");
+    the teacher's forward is about a fifth of a CPU step (docs/profiling.md, "--profile");
     without AMX, fp32. A teacher key in bf16 is what every CUDA run distils from already."""
     p = cfg.teacher_precision
     if p == "student" or (p == "auto" and device.type != "cpu"):

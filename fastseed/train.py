@@ -22,6 +22,7 @@ from torch import nn
 from fastseed.augment import preset_augment
 from fastseed.checkpoint import check_not_stopped, mark_stopped, resume, save_checkpoints
 from fastseed.config import Config
+from fastseed.configfile import write_config
 from fastseed.data import replay_loader, ssl_loader
 from fastseed.errors import ConfigError, TrainingError
 from fastseed.evaluate import KnnMonitor, Resized
@@ -90,6 +91,7 @@ def prepare(cfg: Config, loader=None) -> Run:
     if env.main:
         for c in (cfg, *configs):
             c.out_dir.mkdir(parents=True, exist_ok=True)
+        write_config(cfg, cfg.out_dir / "config.yaml")  # the settings as given: --config of it reruns the run
     seed_everything(cfg.seed + env.rank)
     dtype = amp_dtype(cfg, env.device)
     tdtype = teacher_dtype(cfg, env.device) if method.needs_teacher else dtype  # MoCo: its key encoder's

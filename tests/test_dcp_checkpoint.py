@@ -59,7 +59,7 @@ def test_a_folder_and_its_tools(tmp_path):
     assert checkpoint_file(folder) == folder and checkpoint_file(run) == folder
     module, pre = load_encoder(run)
     assert pre.res == 32 and module(torch.zeros(1, 3, 32, 32)).shape == (1, model.num_features)
-    # converted to one file (README's one-liner), it resumes a plain run: weights and optimizer
+    # converted to one file (docs/clusters.md's one-liner), it resumes a plain run: weights and optimizer
     atomic_save(read_checkpoint(folder), tmp_path / "student.pt")
     fresh = _state(0)
     torch.manual_seed(1)

@@ -151,8 +151,9 @@ def test_official_recipe_keeps_the_papers_objectives():
 
 
 def test_fastseed_recipe_is_the_measured_one():
-    """README "Recipes at equal steps": equal temperatures of 0.07, a linear head and clipping at 1
-    gave SEED students 78.57 / 91.50 k-NN top-1 against the paper's settings' 69.07 / 81.23."""
+    """docs/objectives.md, "Recipes at equal steps": equal temperatures of 0.07, a linear head and
+    clipping at 1 gave SEED students 78.57 / 91.50 k-NN top-1 against the demo's earlier settings'
+    69.07 / 81.23."""
     for argv in ([], ["--data", "x.beton"], ["--data", "x.beton", "--recipe", "fastseed"]):
         cfg = config_from_args(argv)
         assert (cfg.method, cfg.temp, cfg.distill_t, cfg.head, cfg.clip_grad) == ("seed", 0.07, 0.07, "linear", 1.0)

@@ -55,7 +55,7 @@ def official(method: str = "seed", **overrides) -> Config:
     recipe = method_class(method).official
     if recipe is None:
         raise ConfigError(f"--method {method} has no official recipe to follow: use --recipe fastseed")
-    cfg = Config(method=method, optimizer="sgd", lr_schedule="epoch", **recipe)
+    cfg = Config(method=method, **recipe)  # the file sets SGD and the per-epoch schedule
     return cfg.replace(**overrides)
 
 

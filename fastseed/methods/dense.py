@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastseed.configfile import method_recipe
 from fastseed.errors import ConfigError
 from fastseed.models import to_grid, token_map
 
@@ -92,7 +93,7 @@ class Dense(nn.Module):
     needs_teacher = True   # its targets are a frozen teacher's tokens
     global_views = 1       # student and teacher see the same crop
     official = None        # no official recipe: --recipe official refuses
-    defaults = dict(clip_grad=None)  # measured without clipping (benchmarks/dense_quality.py)
+    defaults = method_recipe("dense")  # fastseed/recipes/dense.yaml: measured without clipping
     target_flags = ()
     flags = (DENSE_WEIGHT, LOCAL_WEIGHT, LOCAL_T)
 

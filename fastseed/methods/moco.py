@@ -15,6 +15,7 @@ import copy
 import torch
 from torch import nn
 
+from fastseed.configfile import method_recipe
 from fastseed.errors import ConfigError
 from fastseed.kernels import info_nce_loss
 from fastseed.models import projection_head
@@ -26,15 +27,10 @@ class MoCo(nn.Module):
     name = "moco"
     needs_teacher = False  # its keys come from its own momentum encoder (`targets`)
     global_views = 2       # query and key from two crops of each image
-    # facebookresearch/moco main_moco.py:42-58 (200 epochs, lr 0.03 at any batch size, wd 1e-4),
-    # README.md:51 (MoCo v2: --cos), main_moco.py:372-381 (cosine per epoch, no warm-up)
-    # MoCo-v2 (moco README): main_moco.py --moco-t 0.2 --moco-k 65536 --moco-m 0.999, no clipping
-    official = dict(lr=0.03, epochs=200, momentum=0.9, weight_decay=1e-4, warmup_epochs=0.0, temp=0.2,
-                    queue_size=65536, moco_m=0.999, clip_grad=None, mixup=False, warmup_cap=None)
-    # MoCo-v2's τ 0.2; Config's clipping was measured for the distillation methods only
-    defaults = dict(temp=0.2, clip_grad=None)
+    official = method_recipe("moco-official")  # fastseed/recipes/moco-official.yaml, with its sources
+    defaults = method_recipe("moco")            # fastseed/recipes/moco.yaml: MoCo-v2's τ 0.2, no clipping
     target_flags = ()
-    flags = (TEMP, QUEUE_SIZE, flag("--moco-m", dest="moco_m", type=float, help="key encoder momentum (0.999)"))
+    flags = (TEMP, QUEUE_SIZE, flag("--moco-m", dest="moco_m", type=float, help="key encoder momentum"))
 
     def __init__(self, student: nn.Module, queues: Queues, *, dim: int = 128, temp: float = 0.2,
                  moco_m: float = 0.999, bn_groups: int = 4, compile_fn=None, **_):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from fastseed.configfile import method_recipe
 from fastseed.errors import ConfigError
 from fastseed.kernels import seed_loss
 from fastseed.models import projection_head
@@ -28,23 +29,15 @@ class SEED(nn.Module):
     name = "seed"
     needs_teacher = True   # its targets are a frozen teacher's keys
     global_views = 1       # student and teacher see the same crop
-    # jacobswan1/SEED tools/opts.py:74-99 (lr 0.03, momentum 0.9, wd 1e-4), :55-59 (200 epochs);
-    # main.py:116-121 (peak lr 0.03 x batch/256, 5 warm-up epochs); tools/utils.py:89-101
-    # tools/opts.py --temp 0.2 (τS), --distill-t 1e-4 (τT), --queue 65536, --student_mlp True; the t.t
-    # column before the queue's, no gradient clipping and no input mixing (seed/builder.py, main.py)
-    official = dict(lr=None, base_lr=0.03, epochs=200, momentum=0.9, weight_decay=1e-4, warmup_epochs=5.0,
-                    temp=0.2, distill_t=1e-4, queue_size=65536, head="mlp", clip_grad=None, batch_in_queue=False,
-                    mixup=False, warmup_cap=None)
-    # fastseed's recipe is Config's own defaults (τS = τT = 0.07, linear head, clipping at 1): README,
-    # "Recipes at equal steps"
-    defaults = {}
+    official = method_recipe("seed-official")  # fastseed/recipes/seed-official.yaml: the paper's, with sources
+    defaults = method_recipe("seed")            # fastseed/recipes/seed.yaml: Config's own defaults
     target_flags = ()  # the flags that decide `teacher_target` (fastseed-cache has them too)
     flags = (
         TEMP,
         flag("--distill-t", dest="distill_t", type=float, help="teacher temperature (default 0.07; the paper's 1e-4)"),
         QUEUE_SIZE,
         flag("--small-crops", dest="small_crops", type=int, help="SEED small-patch: number of small crops (6)"),
-        flag("--small-res", dest="small_res", type=int),
+        flag("--small-res", dest="small_res", type=int, help="SEED small-patch: the small crops' side"),
         flag("--small-enqueue", dest="small_enqueue", choices=["first", "all"],
              help="keys entering the small-crop queue: first (official: crop 0 of each image, at the large "
                   "queue's pointer) or all (every small crop)"),

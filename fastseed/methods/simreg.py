@@ -6,7 +6,7 @@ dropped after training, regresses the teacher's L2-normalised features:
 `--simreg-targets standardize` (fastseed's recipe; the paper regresses `raw` keys) first
 standardises each dimension of the targets over the global batch, t ← (t − mean) / (std + 1e-5):
 an ImageNet teacher's features of a narrow domain share a large common component, which the raw
-cosine mostly spends the student on (README, "Recipes at equal steps": SimReg on MNIST-5k).
+cosine mostly spends the student on (docs/objectives.md, "Recipes at equal steps": SimReg on MNIST-5k).
 `--dense-weight W` adds W × the patch-token loss (fastseed/methods/dense.py), `--local-weight W`
 W × the patch-relation loss (fastseed/methods/local.py).
 """
@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastseed.configfile import method_recipe
 from fastseed.errors import ConfigError
 from fastseed.models import simreg_predictor
 from fastseed.runtime import gather_rows
@@ -41,15 +42,8 @@ class SimReg(nn.Module):
     name = "simreg"
     needs_teacher = True
     global_views = 1
-    # UCDvision/simreg main.py:42-55 (batch 256, lr 0.05 at any batch size, 130 epochs, wd 1e-4);
-    # tools.py:13-18 (cosine per epoch, no warm-up)
-    official = dict(lr=0.05, epochs=130, momentum=0.9, weight_decay=1e-4, warmup_epochs=0.0, clip_grad=None,
-                    mixup=False, head="mlp", simreg_targets="raw", warmup_cap=None)
-    # fastseed's recipe (README, "Recipes at equal steps"): one Linear as the head, LARS at 11.2 x
-    # sqrt(batch/256) (5.6 at batch 64, where it was measured), weight decay 1e-6; Config's clipping at 1;
-    # the targets standardised per dimension over the batch
-    defaults = dict(head="linear", optimizer="lars", lr=None, base_lr=11.2, lr_scaling="sqrt", weight_decay=1e-6,
-                    simreg_targets="standardize")
+    official = method_recipe("simreg-official")  # fastseed/recipes/simreg-official.yaml, with its sources
+    defaults = method_recipe("simreg")            # fastseed/recipes/simreg.yaml: measured at equal steps
     target_flags = (flag("--simreg-target", dest="simreg_target", choices=["backbone", "projection"],
                          help="SimReg regresses the teacher's pooled backbone (default) or its projection"),)
     flags = (*target_flags, DENSE_WEIGHT, LOCAL_WEIGHT, LOCAL_T, HEAD,

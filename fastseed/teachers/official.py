@@ -3,8 +3,8 @@ ResNet-50s), SimCLR (SEED's release, TF conversions, PyTorch ports), BYOL (ports
 conversion with TF padding), DINO, solo-learn, and plain timm state dicts.
 
 Formats are detected from the key layout after removing ``module.`` (DDP) and ``_orig_mod.``
-(torch.compile) prefixes and unwrapping ``teacher`` / ``state_dict`` / ``model`` entries; the
-README's teacher table lists each with its source repository, how it is detected, the embedding
+(torch.compile) prefixes and unwrapping ``teacher`` / ``state_dict`` / ``model`` entries;
+docs/teachers.md lists each with its source repository, how it is detected, the embedding
 used and its input normalisation, and ``_LAYOUTS`` cites the official code of each layout.
 Where a file cannot say (bare backbone keys: DINO, BYOL and SimCLR conversions ship backbones
 only), a converter's fingerprint is read with a warning naming the flag that decides, or the
