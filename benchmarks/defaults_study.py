@@ -60,6 +60,7 @@ SIZES = {
 DATASETS = ("fashion-mnist", "mnist-5k", "stamps")
 SIDES = {"fashion-mnist": (32, 48), "mnist-5k": (32, 48), "stamps": (64, 64)}  # student, teacher px
 PROBED = ("fashion-mnist", "stamps")
+PROBE_RES = 256  # every encoder sees the 64 px mosaic at 256 px: an 8x8 map, 4x4 cells per item
 RECIPES = {
     "before": ["--queue-size", "65536", "--warmup-cap", "1", "--aug", "moco_v2"],
     "default": [],
@@ -109,8 +110,6 @@ def argv_of(dataset: str, size: dict, train: Path, test: Path, out: Path, seed: 
 
 def run_one(argv: list[str], dataset: str, size: dict, work: Path, n_train: int) -> dict:
     """Train as `fastseed-train argv` would, then score: k-NN, the probe, images/s."""
-    from dense_probe import probe_checkpoint
-
     from fastseed.cli import check_inputs, config_from_args
     from fastseed.optim import Schedule
     from fastseed.train import train
@@ -137,12 +136,18 @@ def run_one(argv: list[str], dataset: str, size: dict, work: Path, n_train: int)
            "optimizer": saved["optimizer"], "local_weight": saved["local_weight"],
            "dense_weight": saved["dense_weight"], "mixup": saved["mixup"]}
     if dataset in PROBED:
-        p = probe_checkpoint(Path(cfg.output) / "checkpoint_last.pt", dataset, work / "probe", grid=2, side=64,
-                             n_train=size["probe_train"], n_test=size["probe_test"], seed=0,
-                             steps=size["probe_steps"])
-        row |= {"miou": p["miou"], "pixel_acc": p["pixel_acc"],
-                "probe": {k: p[k] for k in ("grid", "side", "n_train", "n_test", "steps", "batch", "lr")}}
+        row |= run_probe(Path(cfg.output) / "checkpoint_last.pt", dataset, size, work)
     return row
+
+
+def run_probe(checkpoint: Path, dataset: str, size: dict, work: Path) -> dict:
+    """The dense probe of a trained student (2x2 mosaics at 64 px, seen at PROBE_RES)."""
+    from dense_probe import probe_checkpoint
+    p = probe_checkpoint(checkpoint, dataset, work / "probe", grid=2, side=64, n_train=size["probe_train"],
+                         n_test=size["probe_test"], seed=0, steps=size["probe_steps"], res=PROBE_RES)
+    return {"miou": p["miou"], "pixel_acc": p["pixel_acc"],
+            "probe": {k: p.get(k) for k in ("grid", "side", "n_train", "n_test", "steps", "batch", "lr",
+                                            "student_side", "teacher_side")}}
 
 
 REFERENCES = ("raw", "init", "teacher")  # the rows every student is read against
@@ -173,9 +178,11 @@ def reference_row(row: str, dataset: str, size: dict, train: Path, test: Path, w
     out = {"knn_top1@20": knn["knn_top1@20"], "knn_top1@1": knn["knn_top1@1"]}
     if dataset in PROBED:
         p = probe_row(row, dataset, work / "probe", grid=2, side=64, n_train=size["probe_train"],
-                      n_test=size["probe_test"], seed=seed, arch=size["arch"], steps=size["probe_steps"])
+                      n_test=size["probe_test"], seed=seed, arch=size["arch"], steps=size["probe_steps"],
+                      res=None if row == "raw" else PROBE_RES)
         out |= {"miou": p["miou"], "pixel_acc": p["pixel_acc"],
-                "probe": {k: p[k] for k in ("grid", "side", "n_train", "n_test", "steps", "batch", "lr")}}
+                "probe": {k: p.get(k) for k in ("grid", "side", "n_train", "n_test", "steps", "batch", "lr",
+                                                "student_side", "teacher_side")}}
     return out
 
 
@@ -223,6 +230,8 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
     p.add_argument("--references", nargs="*", choices=REFERENCES, default=[],
                    help="also score raw pixels, the random-init student and the teacher (once per set)")
+    p.add_argument("--reprobe", action="store_true",
+                   help="probe the rows of --out again from their runs' checkpoints (after a change of the probe)")
     p.add_argument("--stamps-steps", type=int, default=None, help="steps on the colour set (default: the size's)")
     p.add_argument("--workdir", default=None, help="betons and runs (default: data/defaults_<size>/, git-ignored)")
     p.add_argument("--out", default=None)
@@ -266,6 +275,21 @@ def main(argv=None) -> list[dict]:
                        "command": "fastseed-train " + " ".join(run_argv)}
                 rows.append(row)
                 print(append_row(out, row), file=sys.stderr)
+    if a.reprobe:  # the probe again, on the runs' saved checkpoints (the training is not redone)
+        for r in rows:
+            if r["dataset"] not in PROBED or PROBE_RES in ((r.get("probe") or {}).get("student_side"),
+                                                            (r.get("probe") or {}).get("teacher_side")) \
+                    or r["recipe"] == "raw" and (r.get("probe") or {}).get("steps"):
+                continue
+            train, test = betons(r["dataset"], size, work)
+            if r["recipe"] in REFERENCES:
+                p = reference_row(r["recipe"], r["dataset"], size, train, test, work, r["seed"])
+            else:
+                run = work / f"{r['dataset']}_{r['recipe']}_s{r['seed']}_{r['steps']}"
+                p = run_probe(run / "checkpoint_last.pt", r["dataset"], size, work)
+            r |= {k: p[k] for k in ("miou", "pixel_acc", "probe")} | {"probe_commit": ran["commit"]}
+            print(f"{r['dataset']} {r['recipe']} s{r['seed']}: mIoU {r['miou']:.2f}", file=sys.stderr)
+        out.write_text("".join(json.dumps(r) + "\n" for r in rows))
     text = table(rows)
     out.with_suffix(".md").write_text(text + "\n")
     print(text)

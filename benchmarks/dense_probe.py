@@ -9,8 +9,8 @@ labelled with the class of the item covering it, the rest with the background cl
 number of classes). Train mosaics draw items from the train split only, held-out mosaics from
 the test split only (without replacement while the split lasts). Two sources:
   fashion-mnist: Debian's dataset-fashion-mnist (10 classes); an item is its 28 px grey image,
-    foreground = grey >= 16 (of 255) at 28 px, resized with it (linear) and kept where the
-    resized foreground is >= 0.5; pasted as grey on a dark grey texture (a smooth 8×8 random
+    foreground = grey >= 16 (of 255) at 28 px, resized with it (area when shrinking, linear
+    when enlarging) and kept where the resized foreground share is >= 0.5; pasted as grey on a dark grey texture (a smooth 8×8 random
     field in [0, 48] plus pixel noise in [0, 16]). Not black: on black, one pixel's value alone
     (> 0) separates item from background, which would credit raw pixels with the background
     class and every edge; on the texture the dim pixels of dark items (5% of foreground is
@@ -27,7 +27,8 @@ the teacher's mean/std too); a trained student uses the mean/std its checkpoint 
   raw: the normalised image itself (C = 3, h = w = S).
   init: `fastseed.models.create_student(--arch)` after torch.manual_seed(seed), at side S.
   teacher: `load_teacher("efficientnet_lite0", use_head=False)`, its token map
-    (`TeacherBundle.with_tokens`) at --teacher-side (default S: a 3×3 map at 96 px).
+    (`TeacherBundle.with_tokens`) at --teacher-side, px or a multiple of S such as 2x (default S:
+    a 2×2 map at 64 px, 3×3 at 96 px: one token per cell).
   checkpoint: a fastseed checkpoint (`fastseed.export.read_student`) or an export folder
     (`load_encoder`), at side S unless `res` is given.
 
@@ -39,20 +40,28 @@ background-only pixel accuracy while the 3-channel raw row was still converging)
 C -> classes + 1, zero-initialised; its logits upsampled bilinearly (align_corners False) to
 S×S; pixel cross-entropy; SGD, momentum 0.9, lr 3 cosine to zero, no weight decay, batch 16
 mosaics, 400 steps, batches from a permutation per epoch drawn from `seed`. The same schedule
-for every encoder, never tuned per row; on 1,000 train mosaics, 1,600 steps lowered the final
-train loss of a row by 0.04 at most. Metrics on the held-out mosaics: IoU_c = TP / (TP + FP + FN)
+for every encoder, never tuned per row; on 1,000 Fashion-MNIST train mosaics, 1,600 steps
+lowered the final train loss of the raw, init and teacher (1× and 2× side) rows by 0.04 at most. Metrics on the held-out mosaics: IoU_c = TP / (TP + FP + FN)
 per class, background included; mIoU = the mean over the classes present in the prediction or
 the truth (a class absent from both is skipped); pixel accuracy = correct pixels / all pixels;
 both in %. A probe that predicts background everywhere scores the background's pixel share
-(about 70%) as accuracy and that share / (classes + 1) as mIoU.
+(about 70%) as accuracy and about that share / (classes + 1) as mIoU.
+
+Reading the figures: at the default sides a stride-32 encoder has one token per 32 px cell,
+and the last map of such a small input barely localises (a token of a 2×2 teacher map told its
+own cell's class no better than a neighbour's, ~20% against 10% chance); there every row but
+raw pixels scored background-only in benchmarks/results/dense_probe_cpu.md. The teacher at
+3× the side (3×3 tokens per cell) is the first row well above it.
 
     .venv/bin/python benchmarks/dense_probe.py --dataset fashion-mnist --rows raw init teacher --size cpu
     .venv/bin/python benchmarks/dense_probe.py --dataset stamps --rows raw init teacher --size cpu
+    .venv/bin/python benchmarks/dense_probe.py --dataset fashion-mnist --rows teacher --teacher-side 3x
     .venv/bin/python benchmarks/dense_probe.py --dataset fashion-mnist --rows --checkpoint RUN/checkpoint_last.pt
     .venv/bin/python benchmarks/dense_probe.py --dataset fashion-mnist --rows raw init --size tiny   # tests
 
-A row already in --out (same dataset, layout, row, encoder, seed) is skipped when started
-again. Rows: --out (JSON lines, default benchmarks/results/dense_probe_<size>.jsonl); the
+A row already in --out (same dataset, layout, row, encoder or checkpoint, teacher side, seed,
+counts) is skipped when started again; --threads sets torch's CPU threads (the cpu figures: 1,
+which on the shared 2-core machine ran the probe's small steps several times faster than 2). Rows: --out (JSON lines, default benchmarks/results/dense_probe_<size>.jsonl); the
 table: the same name with .md.
 """
 from __future__ import annotations
@@ -62,9 +71,9 @@ import json
 import math
 import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -331,7 +340,10 @@ def _teacher_arch(info) -> str | None:
 def encoder(row: str, *, side: int, device: torch.device, arch: str = "resnet18", seed: int = 0,
             teacher_side: int | None = None, checkpoint: str | Path | None = None,
             res: int | None = None) -> tuple[Callable, tuple, dict]:
-    """(features_fn, (mean, std), what the row records) of a row: raw, init, teacher or checkpoint."""
+    """(features_fn, (mean, std), what the row records) of a row: raw, init, teacher or checkpoint.
+    `res` resizes the mosaic for the init and checkpoint rows (and the teacher, without
+    `teacher_side`): a stride-32 net's map of a 64 px 2×2 mosaic is 2×2, one vector per cell,
+    where most of a cell is background and the probe's best answer is background everywhere."""
     from fastseed.models import student_channels_last
     if row == "raw":
         return (lambda x: x), TEACHER_MEAN_STD, {"encoder": "pixels"}
@@ -341,13 +353,13 @@ def encoder(row: str, *, side: int, device: torch.device, arch: str = "resnet18"
         model = create_student(arch).eval().to(device)
         if student_channels_last(None, model, side, device):
             model = model.to(memory_format=torch.channels_last)
-        return _timm_map(model, None), TEACHER_MEAN_STD, {"encoder": arch}
+        return _timm_map(model, res), TEACHER_MEAN_STD, {"encoder": arch, "student_side": res or side}
     if row == "teacher":
         from fastseed.teachers import load_teacher
         bundle = load_teacher(TEACHER, use_head=False)
-        bundle.prepare(device, res=teacher_side or side)
+        bundle.prepare(device, res=teacher_side or res or side)
         return (lambda x: bundle.with_tokens(x)[1]), (bundle.mean, bundle.std), \
-            {"encoder": TEACHER, "teacher_side": teacher_side or side}
+            {"encoder": TEACHER, "teacher_side": teacher_side or res or side}
     if row == "checkpoint":
         path = Path(checkpoint)
         if (path / "config.json").is_file():
@@ -412,6 +424,13 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _side(text: str | None, side: int) -> int:
+    """--teacher-side: None -> the mosaic's side; '2x' -> twice it; '128' -> 128 px."""
+    if text is None:
+        return side
+    return round(float(text[:-1]) * side) if text.endswith("x") else int(text)
+
+
 def _layout(text: str) -> tuple[int, int]:
     grid, _, side = text.partition("x")
     return int(grid), int(side)
@@ -427,7 +446,8 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--layouts", nargs="+", type=_layout, default=list(LAYOUTS),
                    help="GRIDxSIDE, e.g. 2x64 3x96 (the default)")
     p.add_argument("--arch", default="resnet18", help="the init row's student (the demo's)")
-    p.add_argument("--teacher-side", type=int, default=None, help="the teacher's input side (default the mosaic's)")
+    p.add_argument("--teacher-side", default=None,
+                   help="the teacher's input side: px, or a multiple of the mosaic's side such as 2x (default 1x)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default torch's)")
@@ -445,12 +465,12 @@ def main(argv=None) -> list[dict]:
     for grid, side in a.layouts:
         for row, ckpt in jobs:
             name = str(ckpt) if ckpt else {"raw": "pixels", "init": a.arch, "teacher": TEACHER}[row]
-            teacher_side = (a.teacher_side or side) if row == "teacher" else None
+            teacher_side = _side(a.teacher_side, side) if row == "teacher" else None
             if (a.dataset, grid, side, row, name, a.seed, teacher_side, size["n_train"], size["n_test"]) in done:
                 continue
             result = probe_row(row, a.dataset, work, grid=grid, side=side, n_train=size["n_train"],
                                n_test=size["n_test"], seed=a.seed, device=a.device, arch=a.arch,
-                               teacher_side=a.teacher_side, checkpoint=ckpt, steps=size["steps"])
+                               teacher_side=_side(a.teacher_side, side), checkpoint=ckpt, steps=size["steps"])
             result = {**result, "size": a.size, "threads": torch.get_num_threads(), **provenance(_device(a.device))}
             rows.append(result)
             done.add(_key(result))
