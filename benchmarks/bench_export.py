@@ -88,8 +88,8 @@ def table(rows: list[dict]) -> str:
     order = {b: i for i, b in enumerate(BACKENDS)}
     for r in sorted(rows, key=lambda r: (ARCHS.index(r["arch"]) if r["arch"] in ARCHS else 9, r["batch"],
                                          order.get(r["backend"], 9))):
-        lines.append(f"| {r['arch']} ({r['step']}) | {r['backend']} | {r['batch']} | {r['ms_per_batch']:.1f}, {r['min_ms']:.1f} | "
-                     f"{r['images_per_s']:.1f} | {r['knn_top1@20']:.2f} | "
+        lines.append(f"| {r['arch']} ({r['step']}) | {r['backend']} | {r['batch']} | "
+                     f"{r['ms_per_batch']:.1f}, {r['min_ms']:.1f} | {r['images_per_s']:.1f} | {r['knn_top1@20']:.2f} | "
                      f"{r['loadavg_before'][0]:.1f} → {r['loadavg_after'][0]:.1f} |")
     return "\n".join(lines)
 

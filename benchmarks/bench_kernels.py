@@ -217,8 +217,9 @@ def table(rows) -> str:
     for r in rows:
         mib = None if r["peak_extra_bytes"] is None else r["peak_extra_bytes"] / 2**20
         pct = None if r.get("mem_vs_eager") is None else 100 * r["mem_vs_eager"]
-        out.append(f"| {r['B']} | {r['K']} | {r['D']} | {r['impl']} | {r['us']:.1f} | {_fmt(r.get('x_vs_eager'), '.2f')} "
-                   f"| {_fmt(mib, '.2f')} | {_fmt(pct, '.2f')} | {r['loss_rel_err']:.1e} | {r['grad_cos']:.5f} "
+        out.append(f"| {r['B']} | {r['K']} | {r['D']} | {r['impl']} | {r['us']:.1f} "
+                   f"| {_fmt(r.get('x_vs_eager'), '.2f')} | {_fmt(mib, '.2f')} | {_fmt(pct, '.2f')} "
+                   f"| {r['loss_rel_err']:.1e} | {r['grad_cos']:.5f} "
                    f"| {_fmt(r['floor_math_us'], '.1f')} / {_fmt(r['floor_algorithm_us'], '.1f')} "
                    f"| {_fmt(r['of_math_floor'], '.0%')} / {_fmt(r['of_algorithm_floor'], '.0%')} |")
     return "\n".join(out)

@@ -117,8 +117,8 @@ def fastseed_run(teacher_ckpt, teacher_arch, student_arch, beton, *, batch, res,
     from fastseed.train import prepare, train_step
 
     cfg = Config(method="seed", arch=student_arch, teacher_arch=teacher_arch, distill=str(teacher_ckpt),
-                 teacher_use_head=teacher_arch not in DINO_TIMM, data=str(beton), res=res, batch_size=batch, queue_size=queue,
-                 workers=workers, device=device.type, compile="on" if compile_ else "off",
+                 teacher_use_head=teacher_arch not in DINO_TIMM, data=str(beton), res=res, batch_size=batch,
+                 queue_size=queue, workers=workers, device=device.type, compile="on" if compile_ else "off",
                  output=tempfile.mkdtemp(), progress=False, epochs=10**6)
     run = prepare(cfg)
     run.students.train()
@@ -158,8 +158,10 @@ def teacher_checkpoint(arch: str, path: Path) -> Path:
     m = timm.create_model(arch, num_classes=0)
     d = m.num_features
     state = {f"module.encoder_q.{k}": v for k, v in m.state_dict().items()}
-    state |= {"module.encoder_q.fc.0.weight": torch.randn(d, d) * 0.01, "module.encoder_q.fc.0.bias": torch.zeros(d),
-              "module.encoder_q.fc.2.weight": torch.randn(128, d) * 0.01, "module.encoder_q.fc.2.bias": torch.zeros(128)}
+    state |= {"module.encoder_q.fc.0.weight": torch.randn(d, d) * 0.01,
+              "module.encoder_q.fc.0.bias": torch.zeros(d),
+              "module.encoder_q.fc.2.weight": torch.randn(128, d) * 0.01,
+              "module.encoder_q.fc.2.bias": torch.zeros(128)}
     torch.save({"state_dict": state, "arch": arch}, path)
     return path
 
@@ -204,9 +206,9 @@ def run_all(tiny: bool, out: str | None = None, steps: int | None = None, worker
 
 def table(result: dict) -> str:
     e = result["env"]
-    lines = [f"device {e['device']} ({e['cpu_count']} CPUs), torch {e['torch']}, triton {e['triton']}, commit {e['commit']}; "
-             f"batch {result['batch']}, {result['res']} px, K={result['queue']}, {result['steps']} timed steps, "
-             f"{result['workers']} workers", "",
+    lines = [f"device {e['device']} ({e['cpu_count']} CPUs), torch {e['torch']}, triton {e['triton']}, "
+             f"commit {e['commit']}; batch {result['batch']}, {result['res']} px, K={result['queue']}, "
+             f"{result['steps']} timed steps, {result['workers']} workers", "",
              "| pair | official img/s | fastseed synthetic img/s | fastseed img/s | vs official | loader / synthetic |",
              "|---|---:|---:|---:|---:|---:|"]
     for r in result["rows"]:

@@ -89,7 +89,8 @@ def config(size: dict, train: Path, test: Path, out: Path, seed: int):
     # SEED with the demo's teacher and crops, named here so that the figures keep their meaning
     # if the demo's own recipe changes
     return demo(method="seed", aug="moco_v2", crop_scale=(0.35, 1.0), teacher_arch="efficientnet_lite0",
-                res=32, teacher_res=48, temp=0.2, distill_t=0.02, head="mlp", clip_grad=None, teacher_precision="student", data=str(train), val_data=str(test), knn_bank=str(train),
+                res=32, teacher_res=48, temp=0.2, distill_t=0.02, head="mlp", clip_grad=None,
+                teacher_precision="student", data=str(train), val_data=str(test), knn_bank=str(train),
                 epochs=size["epochs"],
                 batch_size=size["batch"], queue_size=size["queue"], arch=size["arch"], seed=seed, output=str(out),
                 final_table=False, progress=False, resume="auto", ckpt_every=10**9, log_every=10**9)

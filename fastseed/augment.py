@@ -115,8 +115,10 @@ class Normalize(nn.Module):
 
     def __init__(self, mean, std, out_dtype: torch.dtype = torch.float32):
         super().__init__()
-        self.register_buffer("scale", 1.0 / (255.0 * torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)), persistent=False)
-        self.register_buffer("shift", -torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1) / torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("scale", 1.0 / (255.0 * torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)),
+                             persistent=False)
+        self.register_buffer("shift", -torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
+                             / torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         self.out_dtype = out_dtype
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -332,7 +332,8 @@ def plan(cfg: Config, env: Env, record: dict, beton: dict, *, crops: int, dtype:
     precision = {torch.bfloat16: "bf16", torch.float16: "fp16", None: "fp32"}[teacher_dtype(cfg, env.device)]
     header = {"format": "fastseed teacher cache", "beton": beton, "teacher": record,
               "target": teacher_target(cfg), "teacher_res": cfg.teacher_res or cfg.res,
-              "precision": precision, "compile": use_compile(cfg, env), "crops": crops, "seed": cfg.seed, "crop_scale": list(cfg.crop_scale), "ratio": list(RATIO),
+              "precision": precision, "compile": use_compile(cfg, env), "crops": crops, "seed": cfg.seed,
+              "crop_scale": list(cfg.crop_scale), "ratio": list(RATIO),
               "dim": record["dim"], "dtype": dtype, "chunk": chunk,
               "layout": layout(beton["num_samples"], crops, record["dim"], chunk),
               "source": {"beton": os.path.abspath(cfg.data), "checkpoint": cfg.distill},

@@ -393,7 +393,8 @@ def _load_dcp(folder: Path, method, optimizer) -> dict:
         from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
         from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
         state: dict = {}
-        _load_state_dict(state, storage_reader=_index_reader(folder), planner=_EmptyStateDictLoadPlanner(), no_dist=True)
+        _load_state_dict(state, storage_reader=_index_reader(folder), planner=_EmptyStateDictLoadPlanner(),
+                         no_dist=True)
         return state
     from torch.distributed.checkpoint.state_dict import get_state_dict
     model_state, optim_state = get_state_dict(method, optimizer)  # the templates DCP fills in place
@@ -517,9 +518,9 @@ def _check_position(ckpt: dict, path: Path, run) -> None:
     meta, world = ckpt["fastseed"], len(ckpt["rng"])
     here = divmod(meta["step"], run.steps_per_epoch)
     if here != (meta["epoch"], meta["batch_in_epoch"]):
-        raise TrainingError(f"{path} is at epoch {meta['epoch']}, batch {meta['batch_in_epoch']} (step {meta['step']}), "
-                            f"which this run's {run.steps_per_epoch} batches per epoch put at epoch {here[0]}, batch "
-                            f"{here[1]}: resume with the run's --batch-size and --data")
+        raise TrainingError(f"{path} is at epoch {meta['epoch']}, batch {meta['batch_in_epoch']} "
+                            f"(step {meta['step']}), which this run's {run.steps_per_epoch} batches per epoch put at "
+                            f"epoch {here[0]}, batch {here[1]}: resume with the run's --batch-size and --data")
     if world != run.env.world and meta["batch_in_epoch"]:
         raise TrainingError(f"{path} is in the middle of epoch {meta['epoch']} of a {world}-rank run, whose data "
                             f"order this {run.env.world}-rank run cannot continue: resume it on {world} rank(s), or "

@@ -471,7 +471,8 @@ def embed(encoder: str | os.PathLike, data: str, output: str | os.PathLike, *, a
     norm = Normalize(pre.mean.flatten().tolist(), pre.std.flatten().tolist()).to(dev)
     feats, _ = extract_features(module, tqdm(loader, desc="embed", unit="batch", disable=not progress,
                                              file=sys.stderr),
-                                device=dev, transform=norm, dtype=torch.bfloat16 if dev.type == "cuda" else torch.float32)
+                                device=dev, transform=norm,
+                                dtype=torch.bfloat16 if dev.type == "cuda" else torch.float32)
     array = F.normalize(feats, dim=1).cpu().numpy().astype(np.float32)
     tmp = temp_beside(target)
     try:

@@ -33,7 +33,8 @@ def device_name(device: torch.device | str | None = None) -> str:
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"CPU {platform.processor() or platform.machine()} x{os.cpu_count()} (torch threads {torch.get_num_threads()})"
+    return (f"CPU {platform.processor() or platform.machine()} x{os.cpu_count()} "
+            f"(torch threads {torch.get_num_threads()})")
 
 
 def _version(module: str) -> str | None:

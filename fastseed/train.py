@@ -91,7 +91,6 @@ def prepare(cfg: Config, loader=None) -> Run:
     if env.main:
         for c in (cfg, *configs):
             c.out_dir.mkdir(parents=True, exist_ok=True)
-        write_config(cfg, cfg.out_dir / "config.yaml")  # the settings as given: --config of it reruns the run
     seed_everything(cfg.seed + env.rank)
     dtype = amp_dtype(cfg, env.device)
     tdtype = teacher_dtype(cfg, env.device) if method.needs_teacher else dtype  # MoCo: its key encoder's
@@ -231,6 +230,8 @@ def train(cfg: Config, loader=None) -> dict:
     logger, meter, preempted, results = Logger(cfg.out_dir, env.main, cfg.log), Throughput(), None, {}
     try:
         step = run.resumed_at = resume(run)
+        if env.main:  # once the teacher, the data and any checkpoint were read: a refused run writes nothing
+            write_config(run.cfg, cfg.out_dir / "config.yaml")  # --config of it reruns the run
         monitor = KnnMonitor(cfg, env.device, run.mean_std, run.dtype, rank=env.rank, world=env.world)
         evaluate = monitor.enabled
         if cfg.final_table and evaluate and step == 0:

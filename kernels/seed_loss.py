@@ -484,7 +484,8 @@ def seed_loss(student: torch.Tensor, teacher: torch.Tensor, queue: torch.Tensor,
     check_loss_args("student", student, "teacher", teacher, queue,
                     {"student_temp": student_temp, "teacher_temp": teacher_temp})
     if not self_logit and queue.shape[0] == 0:
-        raise ValueError("seed_loss with self_logit=False needs a queue of at least one row: its logits are the queue's")
+        raise ValueError("seed_loss with self_logit=False needs a queue of at least one row: "
+                         "its logits are the queue's")
     return _seed_ce(student, teacher.detach(), queue.detach(),
                      float(student_temp), float(teacher_temp), False, bool(self_logit))[0]
 

@@ -42,7 +42,8 @@ EPOCH = 4  # steps per epoch of the checkpoints' data position
 WIDTHS = {"seed": (16, 12), "seed-dense": (16, 12), "seed-local": (16, 12)}  # the students' widths (default: 16)
 DENSE_WEIGHT = {"seed-dense": 0.5}
 LOCAL_WEIGHT = {"seed-local": 0.5}
-VARIANTS = {"seed-dense": {}, "seed-local": {}, "simreg-std": dict(simreg_targets="standardize")}  # Config settings beside the method's
+# Config settings beside the method's
+VARIANTS = {"seed-dense": {}, "seed-local": {}, "simreg-std": dict(simreg_targets="standardize")}
 
 
 class TinyNet(nn.Module):

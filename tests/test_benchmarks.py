@@ -195,7 +195,8 @@ def test_pytest_steps_record_each_test_and_fail_one_past_its_limit(tmp_path):
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1 and time.monotonic() - t0 < 25, proc.stdout[-2000:]
     lines = [json.loads(line) for line in results.read_text().splitlines()]
-    assert [(r["test"].split("::")[1], r["outcome"]) for r in lines] == [("test_slow", "failed"), ("test_fast", "passed")]
+    assert [(r["test"].split("::")[1], r["outcome"]) for r in lines] == [("test_slow", "failed"),
+                                                                          ("test_fast", "passed")]
     assert "ran past its 1 s limit" in lines[0]["error"] and lines[0]["step"] == "probe"
 
 

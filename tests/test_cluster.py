@@ -69,8 +69,8 @@ def reference(beton, tmp_path_factory):
 def test_a_schedulers_signal_checkpoints_at_a_step_boundary_and_resume_is_exact(beton, reference, tmp_path, sig):
     out = tmp_path / "run"
     # no periodic checkpoint: the only one is the signal's
-    proc = subprocess.Popen(_args(beton, out, "--max-steps", str(STOP_AT), "--ckpt-every", "1000"), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, env=_env())
+    proc = subprocess.Popen(_args(beton, out, "--max-steps", str(STOP_AT), "--ckpt-every", "1000"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=_env())
     deadline = time.monotonic() + 300
     while not (out / "metrics.jsonl").is_file() or len(_metrics(out)) < 2:  # a few steps in, mid-epoch
         assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-3000:]

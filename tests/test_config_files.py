@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import re
-from pathlib import Path
 
 import pytest
 import torch
@@ -100,9 +99,10 @@ def test_a_runs_config_yaml_reruns_it_bit_for_bit(fmnist, teacher_ckpt, tmp_path
     the same encoder, bit for bit, on the CPU."""
     data = fmnist("train", 256)
     first = tmp_path / "first"
-    argv = ["--data", str(data), "-a", "resnet10t", "-k", "resnet10t", "--distill", str(teacher_ckpt), "--res", "32", "--teacher-res", "64",
-            "-b", "32", "--epochs", "1", "--max-steps", "3", "--local-weight", "0.5", "--lr", "0.05", "--device",
-            "cpu", "--compile", "off", "--workers", "2", "--no-progress", "--knn-every", "0", "--output", str(first)]
+    argv = ["--data", str(data), "-a", "resnet10t", "-k", "resnet10t", "--distill", str(teacher_ckpt), "--res", "32",
+            "--teacher-res", "64", "-b", "32", "--epochs", "1", "--max-steps", "3", "--local-weight", "0.5", "--lr",
+            "0.05", "--device", "cpu", "--compile", "off", "--workers", "2", "--no-progress", "--knn-every", "0",
+            "--output", str(first)]
     assert train_main(argv) == 0
     written = read_settings(first / "config.yaml")
     assert written["local_weight"] == 0.5 and written["output"] == str(first)

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from fastseed import checkpoint
-from fastseed.checkpoint import (COMMIT_JOURNAL, RUN_STATE, _write_dcp_temp, atomic_save, commit_all, dcp_folder, find_resume,
-                                 finish_commit, read_checkpoint, restore, save_checkpoint)
+from fastseed.checkpoint import (COMMIT_JOURNAL, RUN_STATE, _write_dcp_temp, atomic_save, commit_all, dcp_folder,
+                                 find_resume, finish_commit, read_checkpoint, restore, save_checkpoint)
 from fastseed.config import Config
 from fastseed.errors import TrainingError
 from fastseed.evaluate import load_student

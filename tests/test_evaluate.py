@@ -165,7 +165,6 @@ class _ThreadFilledLoader:
         self.batches = batches
 
     def __iter__(self):
-        import threading
         buffer, errors = torch.empty(4, 3), []  # here, at iter(), as FFCV's EpochIterator does
         return self._batches(buffer, errors)
 

@@ -149,7 +149,8 @@ def test_no_module_outside_methods_names_a_method(name):
     for node in ast.walk(ast.parse(modules()[name].read_text())):
         if isinstance(node, ast.Compare) and _about_method(node) and _names_method(node, names):
             found.append(f"line {node.lineno}: a comparison with a method name")
-        elif isinstance(node, ast.Dict) and sum(isinstance(k, ast.Constant) and k.value in names for k in node.keys) > 1:
+        elif (isinstance(node, ast.Dict)
+              and sum(isinstance(k, ast.Constant) and k.value in names for k in node.keys) > 1):
             found.append(f"line {node.lineno}: a table keyed by method names")
         elif isinstance(node, ast.Subscript) and _about_method(node.value) and _names_method(node.slice, names):
             found.append(f"line {node.lineno}: a registry looked up by a literal method name")

@@ -14,7 +14,6 @@ from fastseed.errors import ConfigError
 from fastseed.export import method_head
 from fastseed.kernels import reference as ref
 from fastseed.methods import SEED, SimReg
-from fastseed.methods._common import Queues
 from fastseed.mixing import check_mixup, mixup
 from fastseed.students import clip
 

@@ -160,12 +160,14 @@ def test_fastseed_recipe_is_the_measured_one():
         assert [type(m) for m in SEED.make_head(512, 128, cfg.head)] == [nn.Linear]
     # SimReg: one Linear, LARS at 11.2 x sqrt(batch/256) (5.6 at batch 64, where it was measured)
     cfg = config_from_args(["--data", "x.beton", "--method", "simreg", "-b", "64"])
-    assert (cfg.head, cfg.optimizer, peak_lr(cfg), cfg.weight_decay, cfg.clip_grad) == ("linear", "lars", 5.6, 1e-6, 1.0)
+    assert ((cfg.head, cfg.optimizer, peak_lr(cfg), cfg.weight_decay, cfg.clip_grad)
+            == ("linear", "lars", 5.6, 1e-6, 1.0))
     assert [type(m) for m in SimReg.make_head(512, 2048, cfg.head)] == [nn.Linear]
     assert peak_lr(config_from_args(["--data", "x.beton", "--method", "simreg", "--lr", "0.3"])) == 0.3
     # and it regresses the teacher's keys standardised per dimension; --simreg-targets raw undoes it
     assert cfg.simreg_targets == "standardize"
-    assert config_from_args(["--data", "x.beton", "--method", "simreg", "--simreg-targets", "raw"]).simreg_targets == "raw"
+    assert (config_from_args(["--data", "x.beton", "--method", "simreg", "--simreg-targets", "raw"]).simreg_targets
+            == "raw")
     # the official SimReg keeps its deep predictor: UCDvision/simreg mlp_arch.py get_mlp(n_layers=4),
     # 4 Linear with BatchNorm1d-ReLU after the 1st and the 3rd
     cfg = config_from_args(["--data", "x.beton", "--method", "simreg", "--recipe", "official"])

@@ -63,6 +63,7 @@ def test_recipes_speed_alternates_the_tools_and_rates_the_steady_steps(tmp_path,
     lines = {line.split("|")[2].strip(): line for line in md.splitlines() if line.startswith("|")}
     rate = {r: s * batch / (per_step[r] * s + 0.01) for r in per_step}
     fastest = rate["distillationv1+bf16-mixed"]
-    assert f"| {rate['default']:.0f} | {rate['default'] / fastest:.2f}x |" in lines["default"]  # its set-up is 6x longer
+    # its set-up is 6x longer
+    assert f"| {rate['default']:.0f} | {rate['default'] / fastest:.2f}x |" in lines["default"]
     assert f"| {rate['distillationv1']:.0f} | {rate['distillationv1'] / fastest:.2f}x |" in lines["distillationv1"]
     assert f"| {fastest:.0f} | 1.00x |" in lines["distillationv1+bf16-mixed"]

@@ -11,7 +11,7 @@ import pytest
 import timm
 import torch
 from helpers import refusal
-from test_cli import beton, run_cli  # noqa: F401 (beton is a fixture)
+from test_cli import run_cli
 
 from fastseed.checkpoint import read_checkpoint, save_checkpoint
 from fastseed.cli import config_from_args, eval_main
@@ -35,6 +35,11 @@ class Payload:
 
     def __reduce__(self):
         return exec, (f"open({self.marker!r}, 'w').close()",)
+
+
+@pytest.fixture
+def beton(fmnist):
+    return fmnist("test", 64)  # test_cli.py's
 
 
 @pytest.fixture(scope="module")
