@@ -10,8 +10,9 @@ number of classes). Train mosaics draw items from the train split only, held-out
 the test split only (without replacement while the split lasts). Two sources:
   fashion-mnist: Debian's dataset-fashion-mnist (10 classes); an item is its 28 px grey image,
     foreground = grey >= 16 (of 255) at 28 px, resized with it (area when shrinking, linear
-    when enlarging) and kept where the resized foreground share is >= 0.5; pasted as grey on a dark grey texture (a smooth 8×8 random
-    field in [0, 48] plus pixel noise in [0, 16]). Not black: on black, one pixel's value alone
+    when enlarging) and kept where the resized foreground share is >= 0.5; pasted as grey on a
+    dark grey texture (a smooth 8×8 random field in [0, 48] plus pixel noise in [0, 16]). Not
+    black: on black, one pixel's value alone
     (> 0) separates item from background, which would credit raw pixels with the background
     class and every edge; on the texture the dim pixels of dark items (5% of foreground is
     below 37) overlap the background's values, so the background must be told from context.
@@ -41,8 +42,9 @@ C -> classes + 1, zero-initialised; its logits upsampled bilinearly (align_corne
 S×S; pixel cross-entropy; SGD, momentum 0.9, lr 3 cosine to zero, no weight decay, batch 16
 mosaics, 400 steps, batches from a permutation per epoch drawn from `seed`. The same schedule
 for every encoder, never tuned per row; on 1,000 Fashion-MNIST train mosaics, 1,600 steps
-lowered the final train loss of the raw, init and teacher (1× and 2× side) rows by 0.04 at most. Metrics on the held-out mosaics: IoU_c = TP / (TP + FP + FN)
-per class, background included; mIoU = the mean over the classes present in the prediction or
+lowered the final train loss of the raw, init and teacher (1× and 2× side) rows by 0.04 at
+most. Metrics on the held-out mosaics: IoU_c = TP / (TP + FP + FN) per class, background
+included; mIoU = the mean over the classes present in the prediction or
 the truth (a class absent from both is skipped); pixel accuracy = correct pixels / all pixels;
 both in %. A probe that predicts background everywhere scores the background's pixel share
 (about 70%) as accuracy and about that share / (classes + 1) as mIoU.
@@ -61,8 +63,11 @@ raw pixels scored background-only in benchmarks/results/dense_probe_cpu.md. The 
 
 A row already in --out (same dataset, layout, row, encoder or checkpoint, teacher side, seed,
 counts) is skipped when started again; --threads sets torch's CPU threads (the cpu figures: 1,
-which on the shared 2-core machine ran the probe's small steps several times faster than 2). Rows: --out (JSON lines, default benchmarks/results/dense_probe_<size>.jsonl); the
-table: the same name with .md.
+which on the shared 2-core machine ran the probe's small steps several times faster than 2).
+Rows: --out (JSON lines, default benchmarks/results/dense_probe_<size>.jsonl); the table: the
+same name with .md. A stride-32 encoder at the mosaic's side gives one vector per 32 px cell
+and localises nothing (every such row scores background everywhere): probe students with
+`res` (a checkpoint row's input side; benchmarks/defaults_study.py uses 256 px).
 """
 from __future__ import annotations
 

@@ -13,7 +13,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-import dense_probe as dp
+import dense_probe as dp  # noqa: E402  (benchmarks/ is not a package)
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 needs_fashion = pytest.mark.skipif(not FASHION.exists(), reason="needs Debian's dataset-fashion-mnist")
@@ -195,7 +195,8 @@ def test_probe_reads_masks_from_features_and_nothing_from_constants():
 
 def test_probe_is_seeded():
     train, test = rect_set(16), rect_set(8, seed=1)
-    fn = lambda x: torch.nn.functional.avg_pool2d(x, 8)
+    def fn(x):
+        return torch.nn.functional.avg_pool2d(x, 8)
     a, b = (dp.probe(fn, train, test, classes=3, steps=30, seed=3) for _ in range(2))
     assert a["miou"] == b["miou"] and a["final_loss"] == b["final_loss"]
 
