@@ -80,6 +80,7 @@ ABLATIONS = {  # one change to the default each
     "lr0.4-local": ["--base-lr", "0.4", "--local-weight", "1"],
     "lr0.4-dense": ["--base-lr", "0.4", "--dense-weight", "1"],
     "lr0.4-mixup": ["--base-lr", "0.4", "--mixup"],
+    "lr0.4-weak-local": ["--base-lr", "0.4", "--aug", "weak", "--local-weight", "1"],
     # LightlyTrain distillationv1's optimiser and switches in fastseed: LARS 1.8 x sqrt(B/1536)
     # (= 0.735 x sqrt(B/256)), weight decay 1e-6, input mixup, the batch's keys in the queue
     "peer-recipe": ["--optimizer", "lars", "--base-lr", "0.735", "--lr-scaling", "sqrt", "--wd", "1e-6", "--mixup",
