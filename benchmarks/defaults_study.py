@@ -191,6 +191,35 @@ def reference_row(row: str, dataset: str, size: dict, train: Path, test: Path, w
     return out
 
 
+def peer_row(lt: dict, size: dict, work: Path, lt_work: Path) -> dict:
+    """A row of benchmarks/recipes_lightly.py (LightlyTrain on the same images, teacher, student and
+    steps) in this table: its k-NN as it scored it (fastseed's monitor), its exported student
+    probed here as fastseed's are (the same mosaics, at PROBE_RES)."""
+    import timm
+    import torch
+    from dense_probe import TEACHER_MEAN_STD, _timm_map, mosaic_sets, num_classes, probe
+
+    row = {"dataset": lt["dataset"], "recipe": f"lightly-{lt['method']}", "flags": [], "seed": lt["seed"],
+           "size": lt["size"], "train": lt.get("train"), "batch": lt.get("batch"), "res": lt.get("res"),
+           "teacher_res": lt.get("teacher_res"), "teacher": lt.get("teacher"), "student": lt.get("student"),
+           "steps": lt.get("steps_run") or lt.get("steps"), "knn_top1@20": lt["knn_top1@20"],
+           "knn_top1@1": lt["knn_top1@1"], "img_per_s": lt.get("images_per_s_steady") or lt.get("images_per_s"),
+           "train_s": lt.get("train_s"), "queue_size": None, "warmup_steps": None,
+           "lightly": {k: lt.get(k) for k in ("method", "transforms", "lightly_train", "commit", "date")}}
+    if lt["dataset"] in PROBED:
+        run = lt_work / f"{lt['dataset']}_lightly_{lt['method']}_{lt.get('transforms', 'crop-flip')}_s{lt['seed']}"
+        model = timm.create_model(lt.get("student") or "resnet18", num_classes=0)
+        model.load_state_dict(torch.load(run / "exported_models" / "exported_last.pt", map_location="cpu"))
+        train, test = mosaic_sets(lt["dataset"], work / "probe", grid=2, side=64, n_train=size["probe_train"],
+                                  n_test=size["probe_test"], seed=0)
+        p = probe(_timm_map(model.eval(), PROBE_RES), train, test, classes=num_classes(lt["dataset"]), seed=0,
+                  mean=TEACHER_MEAN_STD[0], std=TEACHER_MEAN_STD[1], steps=size["probe_steps"])
+        row |= {"miou": p["miou"], "pixel_acc": p["pixel_acc"],
+                "probe": {"grid": 2, "side": 64, "n_train": size["probe_train"], "n_test": size["probe_test"],
+                          "steps": size["probe_steps"], "student_side": PROBE_RES}}
+    return row
+
+
 def images_in(beton: Path) -> int:
     from fastseed.data import image_sizes
     return len(image_sizes(str(beton))[0])
@@ -235,6 +264,9 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
     p.add_argument("--references", nargs="*", choices=REFERENCES, default=[],
                    help="also score raw pixels, the random-init student and the teacher (once per set)")
+    p.add_argument("--peer-rows", default=None,
+                   help="a recipes_lightly.py results file: its --transforms own rows of --datasets join this table")
+    p.add_argument("--peer-work", default="data/recipes_cpu", help="its work folder (the exported students)")
     p.add_argument("--reprobe", action="store_true",
                    help="probe the rows of --out again from their runs' checkpoints (after a change of the probe)")
     p.add_argument("--stamps-steps", type=int, default=None, help="steps on the colour set (default: the size's)")
@@ -280,11 +312,21 @@ def main(argv=None) -> list[dict]:
                        "command": "fastseed-train " + " ".join(run_argv)}
                 rows.append(row)
                 print(append_row(out, row), file=sys.stderr)
+    if a.peer_rows:  # LightlyTrain's runs (recipes_lightly.py) into this table
+        lt_rows = [json.loads(line) for line in Path(a.peer_rows).read_text().splitlines()]
+        have = {(r["dataset"], r["recipe"], r["seed"], r["steps"]) for r in rows}
+        for lt in lt_rows:
+            if lt["dataset"] in a.datasets and lt.get("transforms") == "own" and lt.get("size") == a.size and \
+                    (lt["dataset"], f"lightly-{lt['method']}", lt["seed"], lt.get("steps_run")) not in have:
+                row = {**peer_row(lt, size, work, Path(a.peer_work)), **ran, "date": provenance()["date"]}
+                rows.append(row)
+                print(append_row(out, row), file=sys.stderr)
     if a.reprobe:  # the probe again, on the runs' saved checkpoints (the training is not redone)
         for r in rows:
-            if r["dataset"] not in PROBED or PROBE_RES in ((r.get("probe") or {}).get("student_side"),
-                                                            (r.get("probe") or {}).get("teacher_side")) \
-                    or r["recipe"] == "raw" and (r.get("probe") or {}).get("steps"):
+            probed = r.get("probe") or {}
+            done_at = PROBE_RES in (probed.get("student_side"), probed.get("teacher_side")) or \
+                (r["recipe"] == "raw" and probed.get("steps"))
+            if r["dataset"] not in PROBED or r["recipe"].startswith("lightly-") or done_at:
                 continue
             train, test = betons(r["dataset"], size, work)
             if r["recipe"] in REFERENCES:
