@@ -92,10 +92,14 @@ class SEED(nn.Module):
         """With small crops, 'swav' for any teacher (jacobswan1/SEED main_small-patch.py:142-143);
         else by the teacher's checkpoint format (main.py:165-168): swav -> 'swav', simclr ->
         'simclr', moco -> 'moco_v2'. SEED has no rule for the other formats (mocov3, byol, dino,
-        plain, fastseed, bundled): they get 'moco_v2', its augmentation for the paper's MoCo teachers."""
+        dinov2, dinov3, plain, fastseed, bundled): they get 'weak' (crop and flip, no colour ops),
+        which beat MoCo-v2's colour ops at equal steps with the bundled teacher on the colour set
+        and Fashion-MNIST (docs/objectives.md, "Defaults on three sets")."""
         if small_crops:
             return "swav"
-        return teacher_format if teacher_format in ("swav", "simclr") else "moco_v2"
+        if teacher_format in ("swav", "simclr"):
+            return teacher_format
+        return "moco_v2" if teacher_format == "moco" else "weak"
 
     @staticmethod
     def teacher_tokens(cfg) -> bool:
