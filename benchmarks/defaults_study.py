@@ -260,7 +260,7 @@ def main(argv=None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--size", choices=SIZES, default="cpu")
     p.add_argument("--datasets", nargs="+", choices=DATASETS, default=list(DATASETS))
-    p.add_argument("--recipes", nargs="+", default=list(RECIPES))
+    p.add_argument("--recipes", nargs="*", default=list(RECIPES))
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
     p.add_argument("--references", nargs="*", choices=REFERENCES, default=[],
                    help="also score raw pixels, the random-init student and the teacher (once per set)")
@@ -273,12 +273,24 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--workdir", default=None, help="betons and runs (default: data/defaults_<size>/, git-ignored)")
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
-    flags = {r: flags_of(r) for r in a.recipes}  # an unknown recipe fails before any run
+    for r in a.recipes:
+        flags_of(r)  # an unknown recipe fails before any run
     size = dict(SIZES[a.size])
     if a.stamps_steps:
         size["stamps_steps"] = a.stamps_steps
     out = Path(a.out or ROOT / "benchmarks" / "results" / f"defaults_{a.size}.jsonl").resolve()
+    if a.workdir:
+        a.workdir = str(Path(a.workdir).resolve())
+    cwd = os.getcwd()
     os.chdir(ROOT)  # the rows' commands name paths inside the checkout, relative to it
+    try:
+        return _study(a, size, out)
+    finally:
+        os.chdir(cwd)
+
+
+def _study(a, size: dict, out: Path) -> list[dict]:
+    flags = {r: flags_of(r) for r in a.recipes}
     work = Path(a.workdir or Path("data") / f"defaults_{a.size}")
     work.mkdir(parents=True, exist_ok=True)
     rows = [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []
