@@ -81,7 +81,9 @@ def test_shipped_recipes_load_and_equal_the_methods_recipes():
             via_name = config_from_args(["--data", "x.beton", "--recipe", "official", "--method", method])
             assert config_from_args(["--data", "x.beton", "--recipe", f"{method}-official"]) == via_name
             assert via_name == official(method, data="x.beton")
-    assert config_from_args([]) == demo()
+    # no --data: the demo's settings under the method's recipe (its own lr wins over the recipe's base lr)
+    assert config_from_args([]) == recipe("seed", demo())
+    assert config_from_args([]).lr == demo().lr == 0.2
 
 
 def test_a_recipe_file_of_ones_own(tmp_path):
