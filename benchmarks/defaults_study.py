@@ -150,9 +150,13 @@ def run_probe(checkpoint: Path, dataset: str, size: dict, work: Path) -> dict:
     from dense_probe import probe_checkpoint
     p = probe_checkpoint(checkpoint, dataset, work / "probe", grid=2, side=64, n_train=size["probe_train"],
                          n_test=size["probe_test"], seed=0, steps=size["probe_steps"], res=PROBE_RES)
-    return {"miou": p["miou"], "pixel_acc": p["pixel_acc"],
-            "probe": {k: p.get(k) for k in ("grid", "side", "n_train", "n_test", "steps", "batch", "lr",
-                                            "student_side", "teacher_side")}}
+    return probe_fields(p)
+
+
+def probe_fields(p: dict) -> dict:
+    """What a row keeps of a dense_probe result: the scores and the probe's settings."""
+    keys = ("grid", "side", "n_train", "n_test", "steps", "batch", "lr", "student_side", "teacher_side")
+    return {"miou": p["miou"], "pixel_acc": p["pixel_acc"], "probe": {k: p.get(k) for k in keys}}
 
 
 REFERENCES = ("raw", "init", "teacher")  # the rows every student is read against
@@ -185,9 +189,7 @@ def reference_row(row: str, dataset: str, size: dict, train: Path, test: Path, w
         p = probe_row(row, dataset, work / "probe", grid=2, side=64, n_train=size["probe_train"],
                       n_test=size["probe_test"], seed=seed, arch=size["arch"], steps=size["probe_steps"],
                       res=None if row == "raw" else PROBE_RES)
-        out |= {"miou": p["miou"], "pixel_acc": p["pixel_acc"],
-                "probe": {k: p.get(k) for k in ("grid", "side", "n_train", "n_test", "steps", "batch", "lr",
-                                                "student_side", "teacher_side")}}
+        out |= probe_fields(p)
     return out
 
 
@@ -249,10 +251,8 @@ def table(rows: list[dict]) -> str:
             rate = [r["img_per_s"] for r in rs if r.get("img_per_s")]
             lines.append(f"| {dataset} | {recipe} | {len(rs)} | {rs[0]['steps']} | "
                          f"{stat([r['knn_top1@20'] for r in rs])} | {stat([r.get('miou') for r in rs])} | "
-                         f"{statistics.median(rate):.0f} | " if rate else
-                         f"| {dataset} | {recipe} | {len(rs)} | {rs[0]['steps']} | "
-                         f"{stat([r['knn_top1@20'] for r in rs])} | {stat([r.get('miou') for r in rs])} | - | ")
-            lines[-1] += f"{one(rs[0].get('queue_size'))} | {one(rs[0].get('warmup_steps'))} |"
+                         f"{f'{statistics.median(rate):.0f}' if rate else '-'} | "
+                         f"{one(rs[0].get('queue_size'))} | {one(rs[0].get('warmup_steps'))} |")
     return "\n".join(lines)
 
 
