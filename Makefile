@@ -18,7 +18,7 @@ $(STAMP): setup.py
 	@test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install -q -e '.[dev,export]'
+	$(PY) -m pip install -q -e '.[dev,export,tensorboard,mlflow,wandb]'
 	@touch $(STAMP)
 
 train: setup

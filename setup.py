@@ -31,6 +31,10 @@ setup(
         "dev": ["pytest", "pytest-benchmark", "pytest-timeout", "matplotlib", "ruff"],
         "plot": ["matplotlib"],
         "export": ["onnx", "onnxruntime", "onnxscript", "safetensors"],
+        # --log sinks (fastseed/logs.py); MLflow's local store is SQLite, hence SQLAlchemy and Alembic
+        "tensorboard": ["tensorboard"],
+        "mlflow": ["mlflow-skinny>=3", "sqlalchemy>=2", "alembic"],
+        "wandb": ["wandb>=0.19"],
     },
     entry_points={
         "console_scripts": [

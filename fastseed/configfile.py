@@ -163,13 +163,17 @@ def recipe_file(name: str) -> Path:
     raise ConfigError(f"--recipe {name}: neither a recipe ({', '.join(recipe_names())}) nor a file")
 
 
-def to_yaml(cfg: Config, header: str = "") -> str:
-    """`cfg` as a YAML mapping in Config's field order; tuples as lists."""
+def settings_of(cfg: Config) -> dict:
+    """`cfg` as plain data in Config's field order (tuples as lists): what config.yaml holds and
+    what the loggers record as the run's parameters."""
     def plain(v):
         return list(plain(x) for x in v) if isinstance(v, tuple) else v
-    body = yaml.safe_dump({f.name: plain(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)},
-                          sort_keys=False, default_flow_style=None, width=120)
-    return header + body
+    return {f.name: plain(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+
+
+def to_yaml(cfg: Config, header: str = "") -> str:
+    """`cfg` as a YAML mapping in Config's field order; tuples as lists."""
+    return header + yaml.safe_dump(settings_of(cfg), sort_keys=False, default_flow_style=None, width=120)
 
 
 def write_config(cfg: Config, path: Path) -> None:

@@ -22,7 +22,7 @@ from torch import nn
 from fastseed.augment import preset_augment
 from fastseed.checkpoint import check_not_stopped, mark_stopped, resume, save_checkpoints
 from fastseed.config import Config
-from fastseed.configfile import write_config
+from fastseed.configfile import settings_of, write_config
 from fastseed.data import replay_loader, ssl_loader
 from fastseed.errors import ConfigError, TrainingError
 from fastseed.evaluate import KnnMonitor, Resized
@@ -227,7 +227,8 @@ def train(cfg: Config, loader=None) -> dict:
     when no student is left. Every rank evaluates its shard; the main rank logs."""
     run = prepare(cfg, loader)
     cfg, env, students, spe = run.cfg, run.env, run.students, run.steps_per_epoch  # cfg: preset resolved
-    logger, meter, preempted, results = Logger(cfg.out_dir, env.main, cfg.log), Throughput(), None, {}
+    logger = Logger(cfg.out_dir, env.main, cfg.log, settings_of(cfg))
+    meter, preempted, results, status = Throughput(), None, {}, "FAILED"
     try:
         step = run.resumed_at = resume(run)
         if env.main:  # once the teacher, the data and any checkpoint were read: a refused run writes nothing
@@ -256,10 +257,11 @@ def train(cfg: Config, loader=None) -> dict:
             results |= final_knn(run, monitor)
             logger.log({"step": step, "final": True, **{f"{k}/{m}": v for k, r in results.items()
                                                         for m, v in r.items()}})
+        status = "FINISHED"
     except Preempted as stop:  # every rank agreed; this one may not have had the signal itself
         sig = run.preemption.signal
-        step, preempted = stop.args[0], signal.Signals(sig).name if sig else "another rank's signal"
+        step, preempted, status = stop.args[0], signal.Signals(sig).name if sig else "another rank's signal", "KILLED"
     finally:
-        logger.close()
+        logger.close(status)
         teardown(env)
     return {"step": step, "results": results, "failed": students.failures(), "preempted": preempted}

@@ -17,7 +17,7 @@ def test_auto_is_jsonl_plus_the_installed_optional_sinks(monkeypatch):
 def test_explicit_sinks_are_checked(monkeypatch):
     monkeypatch.setattr(logs.importlib.util, "find_spec", lambda name: None)
     assert logs.sink_names("jsonl") == ["jsonl"]
-    with pytest.raises(ConfigError, match="--log tensorboard needs the tensorboard package: pip install tensorboard"):
+    with pytest.raises(ConfigError, match=r"--log tensorboard needs tensorboard: pip install 'fastseed\[tensorboard\]'"):
         logs.sink_names("jsonl,tensorboard")
     with pytest.raises(ConfigError, match="unknown --log sink 'wandbx'"):
         logs.sink_names("wandbx")
@@ -26,23 +26,23 @@ def test_explicit_sinks_are_checked(monkeypatch):
 def test_a_record_reaches_every_sink_with_its_time(tmp_path, monkeypatch):
     seen = []
 
-    class Recorder:
-        def __init__(self, out_dir):
-            self.out_dir = out_dir
+    class Recorder(logs.Sink):
+        def __init__(self, out_dir, params):
+            self.out_dir, self.params = out_dir, params
 
         def write(self, record):
             seen.append(record)
 
-        def close(self):
-            seen.append("closed")
+        def close(self, status):
+            seen.append(status)
 
     monkeypatch.setitem(logs.SINKS, "recorder", Recorder)
-    logger = logs.Logger(tmp_path, True, "jsonl,recorder")
+    logger = logs.Logger(tmp_path, True, "jsonl,recorder", {"lr": 0.1})
     logger.log({"step": 3, "loss": 1.5})
-    logger.close()
+    logger.close("KILLED")
     line = json.loads((tmp_path / "metrics.jsonl").read_text())
     assert line["step"] == 3 and line["loss"] == 1.5 and line["time"] > 0
-    assert seen == [line, "closed"]
+    assert seen == [line, "KILLED"]
     quiet = logs.Logger(tmp_path / "absent", False, "jsonl")  # other ranks write nothing
     quiet.log({"step": 1})
     assert quiet.sinks == [] and not (tmp_path / "absent").exists()
@@ -50,3 +50,27 @@ def test_a_record_reaches_every_sink_with_its_time(tmp_path, monkeypatch):
     (tmp_path / "metrics.jsonl").unlink()
     unused.close()
     assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_mlflow_needs_a_database_driver_only_for_its_local_store(monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert [m for m, _ in logs.MlflowSink.needs()] == ["mlflow", "sqlalchemy", "alembic"]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://tracking.example:5000")
+    assert [m for m, _ in logs.MlflowSink.needs()] == ["mlflow"]
+
+
+def test_wandb_runs_offline_without_a_key(monkeypatch, tmp_path):
+    for var in ("WANDB_MODE", "WANDB_API_KEY"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert logs.WandbSink.mode() == "offline"
+    (tmp_path / ".netrc").write_text("machine api.wandb.ai\n  login user\n  password abc\n")
+    (tmp_path / ".netrc").chmod(0o600)
+    assert logs.WandbSink.mode() == "online"
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert logs.WandbSink.mode() == "disabled"
+
+
+def test_scalars_are_numbers_but_not_flags():
+    assert logs.scalars({"step": 3, "time": 1.0, "loss": 1.5, "final": True, "name": "x", "n": 2}) == \
+        {"loss": 1.5, "n": 2}

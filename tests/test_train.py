@@ -194,3 +194,46 @@ def test_bf16_teacher_feeds_fp32_students_and_its_own_knn_row(data, teacher_ckpt
     assert ckpt["buffers"]["queue.keys"].dtype == torch.float32
     assert 0 < result["results"]["teacher"]["knn_top1@20"] <= 100
     assert all(math.isfinite(r["loss"]) for r in read_metrics(out) if "loss" in r)
+
+
+def test_mlflow_wandb_and_tensorboard_sinks_record_a_run_and_its_resume(data, teacher_ckpt, tmp_path, monkeypatch):
+    """--log jsonl,tensorboard,mlflow,wandb end to end: MLflow's local store holds every logged
+    step's loss and the settings, the W&B offline run directory is written, and a resumed run
+    goes on in the same MLflow and W&B runs."""
+    for sink in ("mlflow", "wandb", "tensorboard"):
+        pytest.importorskip(sink)
+    for var in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "WANDB_API_KEY", "WANDB_MODE", "WANDB_PROJECT"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc: W&B has no key, so it runs offline
+    out = tmp_path / "run"
+    cfg = tiny(data, teacher_ckpt, out, log="tensorboard,mlflow,wandb", max_steps=3, final_table=False)
+    train(cfg)
+    train(cfg.replace(max_steps=5, resume="auto"))
+    losses = {r["step"]: r["loss"] for r in read_metrics(out) if "loss" in r}
+    assert sorted(losses) == [1, 2, 3, 4, 5]
+
+    from mlflow import MlflowClient
+    client = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("fastseed").experiment_id])
+    assert len(runs) == 1 and runs[0].info.run_id == (out / "mlflow_run_id").read_text().strip()
+    assert runs[0].info.status == "FINISHED" and runs[0].info.run_name == "run"
+    history = {m.step: m.value for m in client.get_metric_history(runs[0].info.run_id, "loss")}
+    assert history == pytest.approx(losses)
+    assert runs[0].data.params["method"] == "seed" and runs[0].data.params["batch_size"] == "32"
+
+    run_id = (out / "wandb_run_id").read_text().strip()
+    offline = sorted((out / "wandb").glob(f"offline-run-*-{run_id}"))
+    assert len(offline) == 2, offline  # the run and its resume, one W&B id: `wandb sync` merges them
+    assert all((d / f"run-{run_id}.wandb").stat().st_size > 0 for d in offline)
+    assert list((out / "tb").glob("events.out.tfevents.*"))
+
+
+def test_a_missing_sink_package_is_one_line_naming_it(data, teacher_ckpt, tmp_path, monkeypatch):
+    from fastseed import logs
+    from fastseed.errors import ConfigError
+    real = logs.importlib.util.find_spec
+    monkeypatch.setattr(logs.importlib.util, "find_spec", lambda m: None if m == "wandb" else real(m))
+    out = tmp_path / "run"
+    with pytest.raises(ConfigError, match=r"^--log wandb needs wandb: pip install 'fastseed\[wandb\]'$"):
+        train(tiny(data, teacher_ckpt, out, log="wandb", max_steps=1))
+    assert not out.exists() or not any(out.iterdir())
