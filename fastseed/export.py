@@ -34,7 +34,7 @@ from fastseed.checkpoint import RUN_STATE, atomic_save, find_resume, read_checkp
 from fastseed.config import Config
 from fastseed.errors import ExportError
 from fastseed.evaluate import load_student
-from fastseed.methods import method_class
+from fastseed.methods import head_of
 
 FORMATS = ("onnx", "timm", "safetensors", "torchscript")
 WEIGHT_FILES = {"timm": "pytorch_model.bin", "safetensors": "model.safetensors"}
@@ -103,12 +103,7 @@ def method_head(method: str, state: dict[str, torch.Tensor]) -> nn.Module:
     if not state:
         raise ExportError(f"a --method {method} checkpoint has no embedding head (a patch-token projector is "
                           "never exported): export without --with-head")
-    linears = [v for k, v in state.items() if k.endswith("weight") and v.dim() == 2]
-    cls = method_class(method)
-    kind = cls.head_kind(state) if hasattr(cls, "head_kind") else None  # a method with head choices
-    head = cls.make_head(linears[0].shape[1], linears[-1].shape[0], *([kind] if kind else []))
-    head.load_state_dict(state, strict=True)
-    return head.eval()
+    return head_of(method, state).eval()
 
 
 def read_student(checkpoint: str | os.PathLike, *, arch: str | None = None, with_head: bool = False,

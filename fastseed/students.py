@@ -35,16 +35,16 @@ from torch import nn
 
 from fastseed.config import Config
 from fastseed.errors import ConfigError
-from fastseed.methods import method_class
+from fastseed.methods import Method, method_of
 from fastseed.models import create_student, student_channels_last, to_channels_last
 from fastseed.optim import build_optimizer, peak_lr
 from fastseed.runtime import Env, compiler, main_rank, phase, wrap_model
 
 
-def student_configs(cfg: Config) -> list[Config]:
+def student_configs(cfg: Config, method: type[Method] | None = None) -> list[Config]:
     """One solo run's config per student of `cfg` (`arch` a comma list, `lr` one value or one
-    per student). One student: `cfg` as it is. Several: each writes under OUTPUT/<arch>/, and
-    `--resume PATH` names the earlier run's OUTPUT."""
+    per student), checked by the run's `method` (default: `cfg`'s). One student: `cfg` as it is.
+    Several: each writes under OUTPUT/<arch>/, and `--resume PATH` names the earlier run's OUTPUT."""
     archs = [a.strip() for a in cfg.arch.split(",")]
     lrs = list(cfg.lr) if isinstance(cfg.lr, (list, tuple)) else [cfg.lr]
     if len(lrs) not in (1, len(archs)):
@@ -52,7 +52,7 @@ def student_configs(cfg: Config) -> list[Config]:
                           "give one for all, or one per student")
     if "" in archs or len(set(archs)) < len(archs):
         raise ConfigError(f"-a {cfg.arch}: name each student once, comma-separated (e.g. -a resnet18,efficientnet_b0)")
-    method_class(cfg.method).check(cfg, len(archs))
+    (method or method_of(cfg)).check(cfg, len(archs))
     if len(archs) == 1:
         return [cfg.replace(arch=archs[0], lr=lrs[0])]
     lrs = lrs * len(archs) if len(lrs) == 1 else lrs
@@ -62,9 +62,10 @@ def student_configs(cfg: Config) -> list[Config]:
             for a, lr in zip(archs, lrs)]
 
 
-def build_method(cfg: Config, env: Env, dim: int, queues, token_dim: int | None = None) -> nn.Module:
-    """One student's backbone + head around the run's shared `queues` (`token_dim`: the teacher's
-    token width, for a method that distils tokens). Its init depends only on
+def build_method(cfg: Config, env: Env, dim: int, queues, token_dim: int | None = None,
+                 method: type[Method] | None = None) -> Method:
+    """One student's backbone + head of the run's `method` (default: `cfg`'s) around the run's
+    shared `queues` (`token_dim`: the teacher's token width, for a method that distils tokens). Its init depends only on
     `cfg.seed` (the global generator is forked and seeded with it, the same on every rank), not
     on what was built before it: a student of a joint run starts as its solo run does."""
     with torch.random.fork_rng(devices=[]):
@@ -72,15 +73,15 @@ def build_method(cfg: Config, env: Env, dim: int, queues, token_dim: int | None 
         # channels-last before the method copies it: MoCo's key encoder is a deep copy of the student
         student = create_student(cfg.arch)
         student = to_channels_last(student, channels_last(cfg, student, env))
-        method = method_class(cfg.method).from_config(student, queues, dim, cfg, compiler(cfg, env),
-                                                      token_dim=token_dim)
-    return method.to(env.device)
+        objective = (method or method_of(cfg)).from_config(student, queues, dim, cfg, compiler(cfg, env),
+                                                           token_dim=token_dim)
+    return objective.to(env.device)
 
 
 def build_student(cfg: Config, env: Env, dim: int, queues, dtype: torch.dtype | None,
-                  token_dim: int | None = None) -> "Student":
+                  token_dim: int | None = None, method: type[Method] | None = None) -> "Student":
     """`cfg` is the student's solo config (`student_configs`): its method, wrapper, optimizer."""
-    method = build_method(cfg, env, dim, queues, token_dim)
+    method = build_method(cfg, env, dim, queues, token_dim, method)
     model = wrap_model(method, cfg, env)
     # after wrapping: fully_shard swaps the parameters for DTensor shards
     lr = peak_lr(cfg)

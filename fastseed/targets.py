@@ -40,7 +40,7 @@ from torch import nn
 from fastseed.cache import TeacherCache, teacher_record
 from fastseed.checkpoint import sha256
 from fastseed.config import Config
-from fastseed.methods import method_class, resolve_preset, teacher_target, teacher_tokens
+from fastseed.methods import Method, method_of, resolve_preset
 from fastseed.runtime import Env, barrier, compiler, local_main, teacher_dtype
 from fastseed.teachers import load_teacher, release_res
 from fastseed.teachers.base import TeacherBundle
@@ -102,28 +102,31 @@ def resolve_teacher_res(cfg: Config) -> Config:
 
 
 def load_run_teacher(cfg: Config, device: torch.device, dtype: torch.dtype | None,
-                     compile_fn: Callable[[nn.Module], nn.Module] | None) -> TeacherBundle:
-    """The teacher of `cfg` with the target its method distils, ready to run on `device`."""
-    bundle = load_teacher(cfg.teacher_arch, cfg.distill, cfg.teacher_ssl, use_head=teacher_target(cfg) == "head",
+                     compile_fn: Callable[[nn.Module], nn.Module] | None,
+                     method: type[Method] | None = None) -> TeacherBundle:
+    """The teacher of `cfg` with the target its `method` (default: `cfg`'s) distils, ready to run on `device`."""
+    target = (method or method_of(cfg)).teacher_target(cfg)
+    bundle = load_teacher(cfg.teacher_arch, cfg.distill, cfg.teacher_ssl, use_head=target == "head",
                           trust=cfg.trust_checkpoint, res=teacher_side(cfg), pool=cfg.teacher_pool)
     return bundle.prepare(device, dtype=dtype, channels_last=cfg.channels_last is not False, res=teacher_side(cfg),
                           compile_fn=compile_fn)
 
 
 def build_targets(cfg: Config, device: torch.device, *, dtype: torch.dtype | None,
-                  compile_fn: Callable[[nn.Module], nn.Module] | None) -> TeacherTargets | CachedTargets | None:
+                  compile_fn: Callable[[nn.Module], nn.Module] | None,
+                  method: type[Method] | None = None) -> TeacherTargets | CachedTargets | None:
     """The frozen teacher of `cfg` on `device` (bf16 weights when its `dtype`, the teacher autocast, is bf16,
-    compiled with `compile_fn`), or its keys from `cfg.teacher_cache`; None when the method
-    makes its own keys (MoCo)."""
-    method = method_class(cfg.method)
+    compiled with `compile_fn`), or its keys from `cfg.teacher_cache`; None when the run's
+    `method` (default: `cfg`'s) makes its own keys (MoCo)."""
+    method = method or method_of(cfg)
     if not method.needs_teacher:
         method.check(cfg, 1)
         return None
     if cfg.teacher_cache is not None:
-        return cached_targets(cfg, device, dtype=dtype)
-    teacher = load_run_teacher(cfg, device, dtype, compile_fn)
+        return cached_targets(cfg, device, dtype=dtype, method=method)
+    teacher = load_run_teacher(cfg, device, dtype, compile_fn, method)
     return TeacherTargets(teacher, method.teacher_inputs, teacher.dim, (teacher.mean, teacher.std),
-                          teacher.info() | {"checkpoint": cfg.distill}, tokens=teacher_tokens(cfg))
+                          teacher.info() | {"checkpoint": cfg.distill}, tokens=method.teacher_tokens(cfg))
 
 
 def claimed_teacher(cfg: Config) -> dict:
@@ -135,7 +138,8 @@ def claimed_teacher(cfg: Config) -> dict:
     return claim
 
 
-def cached_targets(cfg: Config, device: torch.device, *, dtype: torch.dtype | None) -> CachedTargets:
+def cached_targets(cfg: Config, device: torch.device, *, dtype: torch.dtype | None,
+                   method: type[Method] | None = None) -> CachedTargets:
     """`cfg.teacher_cache` opened and checked against the run (CacheError naming the first
     field that does not fit: beton, teacher, target, teacher resolution, crop scale, small
     crops, damage); the teacher itself is loaded only for the k-NN table (`cfg.final_table`,
@@ -143,7 +147,8 @@ def cached_targets(cfg: Config, device: torch.device, *, dtype: torch.dtype | No
     cache = TeacherCache.open(cfg.teacher_cache)
     header = cache.header
     fmt = header["teacher"]["format"]
-    cache.check(teacher=claimed_teacher(cfg), target=teacher_target(cfg), small_crops=cfg.small_crops,
+    method = method or method_of(cfg)
+    cache.check(teacher=claimed_teacher(cfg), target=method.teacher_target(cfg), small_crops=cfg.small_crops,
                 teacher_res=teacher_side(cfg), crop_scale=resolve_preset(cfg, fmt).crop_scale, beton=cfg.data)
     if local_main():  # one read of the whole file per machine: the other ranks there wait for it
         cache.verify()
@@ -152,7 +157,7 @@ def cached_targets(cfg: Config, device: torch.device, *, dtype: torch.dtype | No
     mean_std = (tuple(t["mean"]), tuple(t["std"]))
     teacher = None
     if cfg.final_table and (cfg.distill is not None or cfg.teacher_arch in BUNDLED):
-        teacher = load_run_teacher(cfg, device, dtype, None)
+        teacher = load_run_teacher(cfg, device, dtype, None, method)
         cache.check(teacher=teacher_record(teacher.info(), teacher, (teacher.mean, teacher.std)))
     info = {"arch": t["arch"], "format": fmt, "sha256": t["sha256"], "dim": t["dim"],
             "checkpoint": header["source"]["checkpoint"],

@@ -27,7 +27,7 @@ from fastseed.data import replay_loader, ssl_loader
 from fastseed.errors import ConfigError, TrainingError
 from fastseed.evaluate import KnnMonitor, Resized
 from fastseed.logs import Logger, Throughput, progress_bar
-from fastseed.methods import method_class, resolve_preset, resolve_queue_size
+from fastseed.methods import Method, method_of, resolve_preset, resolve_queue_size
 from fastseed.optim import Schedule
 from fastseed.mixing import check_mixup, mixup
 from fastseed.runtime import (Env, Preemption, amp_dtype, autocast, compiler, phase, restart_count, seed_everything,
@@ -42,6 +42,7 @@ class Run:
     """Everything a step needs, built once by `prepare`."""
     cfg: Config
     env: Env
+    method: type[Method]       # the run's objective (fastseed.methods), resolved once
     students: Students
     targets: object            # the target source: targets(views, batch) -> keys (fastseed.targets)
     queues: nn.Module | None   # the keys every student compares against; None for SimReg
@@ -66,14 +67,15 @@ class Preempted(Exception):
     """A scheduler's signal arrived; every student was checkpointed at a step boundary."""
 
 
-def build_loader(cfg: Config, env: Env, source):
+def build_loader(cfg: Config, env: Env, source, method: type[Method]):
     """The FFCV loader of `cfg.data`: with a teacher cache, each image's stored crop of the
-    epoch and its keys (`(views, labels, keys)`); else fresh random crops (`(views, labels)`)."""
+    epoch and its keys (`(views, labels, keys)`); else fresh random crops (`(views, labels)`),
+    as many global crops as the `method` takes."""
     common = dict(batch_size=cfg.batch_size // env.world, res=cfg.res, device=env.device, num_workers=cfg.workers,
                   seed=cfg.seed, distributed=env.world > 1)
     if isinstance(source, CachedTargets):
         return replay_loader(cfg.data, source.cache, **common)
-    return ssl_loader(cfg.data, scale=cfg.crop_scale, num_global=method_class(cfg.method).global_views,
+    return ssl_loader(cfg.data, scale=cfg.crop_scale, num_global=method.global_views,
                       num_small=cfg.small_crops, small_res=cfg.small_res, small_scale=cfg.small_scale, **common)
 
 
@@ -85,8 +87,8 @@ def prepare(cfg: Config, loader=None) -> Run:
     check_not_stopped(cfg.out_dir)  # a restarted group must not run into the same NaN again
     if restart_count() and cfg.resume is None:  # torchrun's agent restarted the group after a failure
         cfg = cfg.replace(resume="auto")
-    method = method_class(cfg.method)
-    configs = student_configs(cfg)  # validates -a / --lr before anything is written
+    method = method_of(cfg)  # once: passed on to the loader, the targets, the students and the step
+    configs = student_configs(cfg, method)  # validates -a / --lr and the method's settings before anything is written
     check_mixup(cfg)
     if env.main:
         for c in (cfg, *configs):
@@ -95,7 +97,7 @@ def prepare(cfg: Config, loader=None) -> Run:
     dtype = amp_dtype(cfg, env.device)
     tdtype = teacher_dtype(cfg, env.device) if method.needs_teacher else dtype  # MoCo: its key encoder's
     cfg = resolve_teacher_res(cfg)
-    source = build_targets(cfg, env.device, dtype=tdtype, compile_fn=compiler(cfg, env))
+    source = build_targets(cfg, env.device, dtype=tdtype, compile_fn=compiler(cfg, env), method=method)
     dim = source.dim if source is not None else cfg.dim or 128
     if cfg.dim is not None and method.needs_teacher and cfg.dim != dim:
         raise ConfigError(f"--dim {cfg.dim} does not match the teacher's embedding dim {dim}")
@@ -103,7 +105,7 @@ def prepare(cfg: Config, loader=None) -> Run:
     # the preset and its crop scale (an explicit one wins), resolved here so checkpoints record them
     cfg = resolve_preset(cfg, source and source.info["format"])
     if loader is None:
-        loader = build_loader(cfg, env, source)
+        loader = build_loader(cfg, env, source, method)
     steps_per_epoch = len(loader)
     if steps_per_epoch == 0:
         raise ConfigError(f"{cfg.data} holds fewer images than one batch of {cfg.batch_size // env.world} "
@@ -119,9 +121,10 @@ def prepare(cfg: Config, loader=None) -> Run:
             if note:
                 print(note, file=sys.stderr)
     token_dim = source.token_dim if source is not None else None  # the patch-token projectors' output
-    students = Students([build_student(c, env, dim, queues, dtype, token_dim) for c in student_configs(cfg)])
+    students = Students([build_student(c, env, dim, queues, dtype, token_dim, method)
+                         for c in student_configs(cfg, method)])
     targets = source if source is not None else students.members[0].method  # MoCo: its own key encoder
-    return Run(cfg, env, students, targets, queues, source.info if source is not None else None, mean_std,
+    return Run(cfg, env, method, students, targets, queues, source.info if source is not None else None, mean_std,
                loader, augment, aug_gen, dtype, schedule, total, steps_per_epoch,
                teacher_dtype=tdtype)
 
@@ -147,8 +150,7 @@ def train_step(run: Run, views: list[torch.Tensor], step: int, batch=None) -> li
     if first:  # --batch-in-queue: the losses' logits are the queue's, the batch's keys among them
         phase("enqueue")
         run.queues.update(targets)
-    losses = run.students.step(views, method_class(run.cfg.method).loss_targets(run.cfg, targets), step,
-                               run.autocast)
+    losses = run.students.step(views, run.method.loss_targets(run.cfg, targets), step, run.autocast)
     if run.queues is not None and not first:
         phase("enqueue")
         run.queues.update(targets)  # after every backward: the losses' backward re-reads the queue

@@ -133,7 +133,7 @@ def main(out_dir: str, method_name: str, mode: str = "ddp", *options: str) -> No
     # 2 warm-up steps, then the cosine over the STEPS steps; the checkpoints' data position
     # counts epochs of EPOCH steps (the resume tests checkpoint at an epoch's end)
     schedule = Schedule(cfg.replace(warmup_epochs=2 / STEPS), steps_per_epoch=STEPS, total=STEPS)
-    run = Run(cfg, env, students, targets, queues, None, ((0.5,) * 3, (0.25,) * 3), None, augment,
+    run = Run(cfg, env, cls, students, targets, queues, None, ((0.5,) * 3, (0.25,) * 3), None, augment,
               torch.Generator().manual_seed(0), None, schedule=schedule, total=STEPS, steps_per_epoch=EPOCH)
     start = resume(run) if cfg.resume else 0
     saves = watch_saves()

@@ -164,3 +164,30 @@ def test_setup_lists_every_package():
         " ", "").split(","))
     packages = {m for m, path in modules().items() if path.name == "__init__.py"}
     assert packages == listed - {""}, (packages ^ listed)
+
+
+@pytest.mark.parametrize("name", [m for m in modules() if not m.startswith(("fastseed.methods", "fastseed.cli"))])
+def test_only_the_cli_and_the_methods_look_a_method_up_by_name(name):
+    """A run resolves its method once (`methods.method_of` in `train.prepare`) and passes the class
+    on; the step and the modules it calls never look one up, nor probe a method with hasattr."""
+    found = []
+    for node in ast.walk(ast.parse(modules()[name].read_text())):
+        if isinstance(node, ast.Call) and isinstance(node.func, (ast.Name, ast.Attribute)):
+            called = node.func.id if isinstance(node.func, ast.Name) else node.func.attr
+            if called in ("method_class", "METHODS"):
+                found.append(f"line {node.lineno}: {called}(...)")
+            probed = node.args[0] if node.args else None
+            if called == "hasattr" and isinstance(probed, ast.Name) and ("method" in probed.id or probed.id == "cls"):
+                found.append(f"line {node.lineno}: hasattr on a method")
+        if isinstance(node, ast.Subscript) and isinstance(node.value, ast.Name) and node.value.id == "METHODS":
+            found.append(f"line {node.lineno}: METHODS[...]")
+    assert not found, f"{name}: " + "; ".join(found)
+
+
+def test_the_step_uses_the_runs_method():
+    """No lookup in the step: `train_step` takes the loss targets from `run.method`."""
+    import inspect
+
+    from fastseed import train
+    source = inspect.getsource(train.train_step)
+    assert "run.method.loss_targets" in source and "method_of" not in source

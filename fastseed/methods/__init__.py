@@ -1,38 +1,27 @@
 """The objectives, one file each, and their registry. A method is one student's objective: its
 backbone and head; the queues of keys it compares against are shared by every student of a run.
 The loop does not know which method it runs, and no module outside this package names one:
-each method declares what the rest of fastseed asks of it.
+each method is a `Method` (methods/base.py, the contract, with the answers most methods give)
+and declares what the rest of fastseed asks of it.
 
-    name, needs_teacher, global_views      what it is; whether a frozen teacher makes its targets
-                                           (MoCo makes its own: `MoCo.targets`); crops per image
-    official                               its official recipe (`--recipe official`, `official()`)
-    defaults                               where fastseed's recipe for it differs from Config's defaults
-                                           (`recipe()`, what `fastseed-train` starts from)
-    flags                                  its command-line flags (fastseed/cli.py adds them)
-    teacher_target(cfg)                    'head', 'backbone' or None: what of the teacher it distils
-    teacher_tokens(cfg)                    whether its targets end with the teacher's token map
-                                           [B, C, h, w] (the patch-token loss: methods/dense.py)
-    augment_preset(teacher_format, small)  the official augmentation preset (`--aug auto`)
-    check(cfg, students)                   ConfigError for a setting it cannot run with
-    queues_for(cfg, dim, dtype)            the run's `Queues`, or None
-    from_config(student, queues, dim, cfg, compile_fn, token_dim)   one student's objective
-                                           (token_dim: the teacher's token width, when it asked for tokens)
-    teacher_inputs(views) -> list          what the teacher sees, one batch per target
-    loss_targets(cfg, targets)             the targets its loss sees, from the source's, once per step and outside
-                                           the compiled loss (SimReg: --simreg-targets; the others: as they are)
-    forward(views, targets)                the loss (what DDP wraps and torch.compile traces)
-    encoder                                the backbone to evaluate and export (no head)
-    queues.update(targets)                 once per step, after every student's backward: enqueue
+A training run resolves its method once (`method_of(cfg)`, at the start of `train.prepare`) and
+passes the class on: to the loader (`global_views`), the target source (`teacher_inputs`,
+`teacher_target`, `teacher_tokens`), each student (`from_config`) and the step (`loss_targets`).
+The CLI looks a name up with `method_class`; fastseed-export rebuilds a saved head with `head_of`.
 
 Adding an objective: one file here and one entry in `METHODS` (docs/ARCHITECTURE.md).
 """
 from __future__ import annotations
+
+import torch
+from torch import nn
 
 from fastseed.augment import PRESETS
 from fastseed.config import Config
 from fastseed.errors import ConfigError
 
 from ._common import auto_queue_size
+from .base import Method
 from .dense import Dense
 from .moco import MoCo
 from .seed import SEED
@@ -47,6 +36,22 @@ def method_class(name: str):
         return METHODS[name]
     except KeyError:
         raise ConfigError(f"unknown --method {name!r}: choose from {', '.join(METHODS)}") from None
+
+
+def method_of(cfg: Config) -> type[Method]:
+    """The method `cfg` runs (ConfigError for an unknown name)."""
+    return method_class(cfg.method)
+
+
+def head_of(method: str, state: dict[str, torch.Tensor]) -> nn.Module:
+    """A saved embedding head of `method` rebuilt from its state dict (fastseed-export): its
+    kind (`head_kind`) and its sizes read from the weights, the weights loaded strictly."""
+    cls = method_class(method)
+    linears = [v for k, v in state.items() if k.endswith("weight") and v.dim() == 2]
+    kind = cls.head_kind(state)
+    head = cls.make_head(linears[0].shape[1], linears[-1].shape[0], *([kind] if kind else []))
+    head.load_state_dict(state, strict=True)
+    return head
 
 
 def official(method: str = "seed", **overrides) -> Config:
@@ -69,12 +74,12 @@ def recipe(method: str = "seed", base: Config | None = None, **overrides) -> Con
 def teacher_target(cfg: Config) -> str | None:
     """What of the teacher the run distils: 'head' (its projection), 'backbone' (its pooled
     features) or None (no teacher)."""
-    return method_class(cfg.method).teacher_target(cfg)
+    return method_of(cfg).teacher_target(cfg)
 
 
 def teacher_tokens(cfg: Config) -> bool:
     """Whether the run's targets end with the teacher's token map (fastseed.targets)."""
-    return method_class(cfg.method).teacher_tokens(cfg)
+    return method_of(cfg).teacher_tokens(cfg)
 
 
 def preset_name(aug: str, method: str, teacher_format: str | None, small_crops: int = 0) -> str:
@@ -103,5 +108,5 @@ def resolve_preset(cfg: Config, teacher_format: str | None) -> Config:
     return cfg.replace(aug=aug, crop_scale=tuple(cfg.crop_scale or PRESETS[aug].crop_scale))
 
 
-__all__ = ["SEED", "SimReg", "MoCo", "Dense", "METHODS", "method_class", "official", "recipe", "teacher_target",
+__all__ = ["Method", "SEED", "SimReg", "MoCo", "Dense", "METHODS", "method_class", "method_of", "head_of", "official", "recipe", "teacher_target",
            "teacher_tokens", "preset_name", "resolve_preset", "resolve_queue_size"]

@@ -43,11 +43,6 @@ def head_kind(state: dict[str, torch.Tensor]) -> str:
     return "bn-linear" if any(k.endswith("running_mean") for k in state) else "linear"
 
 
-def same_targets(cfg, targets: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-    """`loss_targets` of a method whose loss sees the source's targets as they are."""
-    return targets
-
-
 def queue_size_arg(text: str) -> int | str:
     """`--queue-size`: a number of keys, or auto."""
     if text == "auto":

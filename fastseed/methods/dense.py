@@ -31,7 +31,8 @@ from fastseed.configfile import method_recipe
 from fastseed.errors import ConfigError
 from fastseed.models import to_grid, token_map
 
-from ._common import flag, same_targets
+from ._common import flag
+from .base import Method
 from .local import LOCAL_T, LOCAL_WEIGHT, LocalHead, check_local, token_losses
 
 DENSE_WEIGHT = flag("--dense-weight", dest="dense_weight", type=float,
@@ -88,13 +89,12 @@ def check_dense(cfg, weight: float) -> None:
                           "to distil tokens from the live teacher")
 
 
-class Dense(nn.Module):
+class Dense(Method):
     name = "dense"
     needs_teacher = True   # its targets are a frozen teacher's tokens
     global_views = 1       # student and teacher see the same crop
     official = None        # no official recipe: --recipe official refuses
     defaults = method_recipe("dense")  # fastseed/recipes/dense.yaml: measured without clipping
-    target_flags = ()
     flags = (DENSE_WEIGHT, LOCAL_WEIGHT, LOCAL_T)
 
     def __init__(self, student: nn.Module, queues=None, *, token_dim: int | None = None, local_weight: float = 0.0,
@@ -111,11 +111,6 @@ class Dense(nn.Module):
         return cls(student, queues, token_dim=token_dim, local_weight=cfg.local_weight, local_t=cfg.local_t)
 
     @staticmethod
-    def teacher_target(cfg) -> str:
-        """The teacher's backbone: its tokens are the map before pooling and any head."""
-        return "backbone"
-
-    @staticmethod
     def teacher_tokens(cfg) -> bool:
         return True
 
@@ -123,8 +118,6 @@ class Dense(nn.Module):
     def augment_preset(teacher_format: str | None, small_crops: int) -> str:
         """'weak', as SimReg: a regression on one view that student and teacher share."""
         return "weak"
-
-    loss_targets = staticmethod(same_targets)  # its loss sees the source's targets as they are
 
     @staticmethod
     def check(cfg, students: int) -> None:
@@ -135,22 +128,6 @@ class Dense(nn.Module):
             raise ConfigError("--small-crops is SEED's small-patch variant: --method dense uses one crop")
         check_dense(cfg, 1.0)
         check_local(cfg)
-
-    @staticmethod
-    def make_queues(**_) -> None:
-        return None
-
-    @classmethod
-    def queues_for(cls, cfg, dim: int, queue_dtype: torch.dtype) -> None:
-        return None
-
-    @staticmethod
-    def teacher_inputs(views: list[torch.Tensor]) -> list[torch.Tensor]:
-        return [views[0]]
-
-    @property
-    def encoder(self) -> nn.Module:
-        return self.student
 
     def forward(self, views: list[torch.Tensor], targets: tuple[torch.Tensor, ...]) -> torch.Tensor:
         fmap = token_map(self.student.forward_features(views[0]), getattr(self.student, "num_prefix_tokens", 0))

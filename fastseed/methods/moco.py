@@ -20,16 +20,16 @@ from fastseed.errors import ConfigError
 from fastseed.kernels import info_nce_loss
 from fastseed.models import projection_head
 
-from ._common import QUEUE_SIZE, TEMP, Queues, check_queue_size, flag, same_targets
+from ._common import QUEUE_SIZE, TEMP, Queues, check_queue_size, flag
+from .base import Method
 
 
-class MoCo(nn.Module):
+class MoCo(Method):
     name = "moco"
     needs_teacher = False  # its keys come from its own momentum encoder (`targets`)
     global_views = 2       # query and key from two crops of each image
     official = method_recipe("moco-official")  # fastseed/recipes/moco-official.yaml, with its sources
     defaults = method_recipe("moco")            # fastseed/recipes/moco.yaml: MoCo-v2's τ 0.2, no clipping
-    target_flags = ()
     flags = (TEMP, QUEUE_SIZE, flag("--moco-m", dest="moco_m", type=float, help="key encoder momentum"))
 
     def __init__(self, student: nn.Module, queues: Queues, *, dim: int = 128, temp: float = 0.2,
@@ -57,19 +57,9 @@ class MoCo(nn.Module):
         return projection_head(in_dim, out_dim)
 
     @staticmethod
-    def teacher_target(cfg) -> None:
-        return None
-
-    @staticmethod
-    def teacher_tokens(cfg) -> bool:
-        return False
-
-    @staticmethod
     def augment_preset(teacher_format: str | None, small_crops: int) -> str:
         """'moco_v2' (facebookresearch/moco README: --aug-plus)."""
         return "moco_v2"
-
-    loss_targets = staticmethod(same_targets)  # its loss sees the source's targets as they are
 
     @staticmethod
     def check(cfg, students: int) -> None:
@@ -91,10 +81,6 @@ class MoCo(nn.Module):
     @classmethod
     def queues_for(cls, cfg, dim: int, queue_dtype: torch.dtype) -> Queues:
         return cls.make_queues(dim=dim, queue_size=cfg.queue_size, queue_dtype=queue_dtype)
-
-    @property
-    def encoder(self) -> nn.Module:
-        return self.student
 
     @torch.no_grad()
     def _momentum_update(self) -> None:

@@ -19,19 +19,18 @@ from fastseed.errors import ConfigError
 from fastseed.kernels import seed_loss
 from fastseed.models import projection_head
 
-from ._common import (HEAD, QUEUE_SIZE, TEMP, Queues, check_queue_size, flag, head_kind, linear_head,
-                      same_targets)
+from ._common import HEAD, QUEUE_SIZE, TEMP, Queues, check_queue_size, flag, head_kind, linear_head
+from .base import Method
 from .dense import DENSE_WEIGHT, DenseHead, backbone_features, check_dense
 from .local import LOCAL_T, LOCAL_WEIGHT, LocalHead, check_local, token_losses
 
 
-class SEED(nn.Module):
+class SEED(Method):
     name = "seed"
     needs_teacher = True   # its targets are a frozen teacher's keys
     global_views = 1       # student and teacher see the same crop
     official = method_recipe("seed-official")  # fastseed/recipes/seed-official.yaml: the paper's, with sources
     defaults = method_recipe("seed")            # fastseed/recipes/seed.yaml: Config's own defaults
-    target_flags = ()  # the flags that decide `teacher_target` (fastseed-cache has them too)
     flags = (
         TEMP,
         flag("--distill-t", dest="distill_t", type=float, help="teacher temperature (default 0.07; the paper's 1e-4)"),
@@ -106,8 +105,6 @@ class SEED(nn.Module):
         """Whether its targets end with the teacher's token map (`--dense-weight`, `--local-weight`)."""
         return cfg.dense_weight > 0 or cfg.local_weight > 0
 
-    loss_targets = staticmethod(same_targets)  # its loss sees the source's targets as they are
-
     @staticmethod
     def check(cfg, students: int) -> None:
         check_dense(cfg, cfg.dense_weight)
@@ -133,10 +130,6 @@ class SEED(nn.Module):
     def teacher_inputs(views: list[torch.Tensor]) -> list[torch.Tensor]:
         """Student and teacher see the same view. Small crops are batched into one call."""
         return [views[0], torch.cat(views[1:])] if len(views) > 1 else [views[0]]
-
-    @property
-    def encoder(self) -> nn.Module:
-        return self.student
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.student(x))

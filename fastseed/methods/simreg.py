@@ -22,6 +22,7 @@ from fastseed.models import simreg_predictor
 from fastseed.runtime import gather_rows
 
 from ._common import HEAD, flag, head_kind, linear_head
+from .base import Method
 from .dense import DENSE_WEIGHT, DenseHead, backbone_features, check_dense
 from .local import LOCAL_T, LOCAL_WEIGHT, LocalHead, check_local, token_losses
 
@@ -38,7 +39,7 @@ def standardize(keys: torch.Tensor, eps: float = STD_EPS) -> torch.Tensor:
     return (keys.float() - rows.mean(0)) / (rows.std(0) + eps)
 
 
-class SimReg(nn.Module):
+class SimReg(Method):
     name = "simreg"
     needs_teacher = True
     global_views = 1
@@ -113,20 +114,8 @@ class SimReg(nn.Module):
         return targets
 
     @staticmethod
-    def make_queues(**_) -> None:
-        return None  # no queue: nothing is shared but the teacher's targets
-
-    @classmethod
-    def queues_for(cls, cfg, dim: int, queue_dtype: torch.dtype) -> None:
-        return None
-
-    @staticmethod
     def teacher_inputs(views: list[torch.Tensor]) -> list[torch.Tensor]:
         return [torch.cat(views) if len(views) > 1 else views[0]]
-
-    @property
-    def encoder(self) -> nn.Module:
-        return self.student
 
     def forward(self, views: list[torch.Tensor], targets: tuple[torch.Tensor, ...]) -> torch.Tensor:
         x = torch.cat(views) if len(views) > 1 else views[0]
