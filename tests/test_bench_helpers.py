@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = ROOT / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 
-from _bench.rows import Grid, read_rows, stamped  # noqa: E402  (benchmarks/ is not a package)
+from _bench.rows import Grid, command_line, read_rows, stamped  # noqa: E402  (benchmarks/ is not a package)
 from _bench.tables import markdown, mean_sd, span  # noqa: E402
 from _bench.timing import alternate  # noqa: E402
 
@@ -56,6 +56,12 @@ def test_rows_carry_provenance(tmp_path):
     grid = Grid(tmp_path / "rows.jsonl", key=lambda r: r["dataset"])
     grid.add(row)
     assert read_rows(tmp_path / "rows.jsonl") == [row]
+
+
+def test_command_line_names_the_script_from_the_repository_root(monkeypatch):
+    assert command_line("benchmarks/x.py", ["--size", "tiny"]) == "benchmarks/x.py --size tiny"
+    monkeypatch.setattr(sys, "argv", ["/abs/path/x.py", "--out", "r.jsonl"])
+    assert command_line("benchmarks/x.py") == "benchmarks/x.py --out r.jsonl"
 
 
 def test_markdown_table():

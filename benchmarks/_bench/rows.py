@@ -15,6 +15,12 @@ def read_rows(path: str | Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
+def command_line(script: str, argv: list[str] | None = None) -> str:
+    """The command that made a results file, as its rows and its .md record it: the script's path
+    from the repository root and its arguments (`argv`, else this process's)."""
+    return " ".join([script, *(sys.argv[1:] if argv is None else argv)])
+
+
 def stamped(row: dict, device=None) -> dict:
     """`row` followed by the provenance of the code and machine that measured it."""
     from fastseed.provenance import provenance  # imports torch: not needed to read rows (results_page.py)
