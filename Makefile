@@ -60,26 +60,26 @@ bench: setup
 clean:
 	rm -rf output data .pytest_cache .benchmarks
 
-# The GPU machine has no make: there, its checklist runs `python3 benchmarks/gpu_check.py --call N`
-# (benchmarks/README.md, "GPU checklist"). Here, the same script: CALL=1 one call of the plan,
+# The GPU machine has no make: there, its checklist runs `python3 benchmarks/gpu/gpu_check.py --call N`
+# (benchmarks/gpu/README.md). Here, the same script: CALL=1 one call of the plan,
 # STEPS=c,f only those steps, neither every call in turn.
 GPU_PY ?= python3
 gpu-check:
-	$(GPU_PY) benchmarks/gpu_check.py $(if $(CALL),--call $(CALL)) $(if $(STEPS),--steps $(STEPS))
+	$(GPU_PY) benchmarks/gpu/gpu_check.py $(if $(CALL),--call $(CALL)) $(if $(STEPS),--steps $(STEPS))
 
 # The same script here on the CPU at tiny sizes, every call, its offline install of the tree
 # included (tests/test_benchmarks.py runs it in `make test`).
 gpu-check-dry: setup
-	$(PY) benchmarks/gpu_check.py --dry
+	$(PY) benchmarks/gpu/gpu_check.py --dry
 
 # By hand, not in CI: a Python 3.12 environment with the GPU machine's versions (build/gpu-rehearse/,
 # ~4 GB downloaded once), a copy of the tree and .whl/ as the device receives them, the real
 # install and every call at dry sizes; prints each step's time. Needs .whl/ (make gpu-wheels).
 gpu-rehearse: setup
-	PY312=$(PY312) $(PY) benchmarks/gpu_rehearse.py
+	PY312=$(PY312) $(PY) benchmarks/gpu/gpu_rehearse.py
 
 # .whl/ for the GPU machine: needs PyPI, a Python 3.12 (PY312=/path/to/python3.12), a C++ toolchain.
 GPU_APT := cmake ninja-build pkg-config g++ libturbojpeg0-dev dataset-fashion-mnist
 gpu-wheels: setup
 	@dpkg -s $(GPU_APT) >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq $(GPU_APT); }
-	$(PY) benchmarks/gpu_wheels.py
+	$(PY) benchmarks/gpu/gpu_wheels.py

@@ -19,7 +19,7 @@ the cache against the live teacher, file size.
   size     bytes per image of this cache, and `cache.layout` of ImageNet-1k at R = 10, D = 128
 
 A teacher that is not bundled (-k resnet50) without --distill gets random weights with a
-MoCo-v2 projection head (bench_train.teacher_checkpoint): speed does not depend on them.
+MoCo-v2 projection head (`_bench.data.teacher_checkpoint`): speed does not depend on them.
 
     .venv/bin/python benchmarks/bench_cache.py -k resnet50 -a resnet18 --res 64 --out results/cache_cpu.jsonl
     .venv/bin/python benchmarks/bench_cache.py -k efficientnet_lite0 --teacher-res 48 --res 32 --src-side 28 \\
@@ -38,9 +38,8 @@ import time
 from pathlib import Path
 
 import torch
-from bench_data import make_images  # the same synthetic JPEGs as the data benchmark
-from bench_multi import Batches  # endless batches of one loader
-from bench_train import teacher_checkpoint  # a random-weight MoCo-style teacher file
+from _bench.data import Batches, make_images, teacher_checkpoint
+from _bench.timing import TrainWindow, alternate
 
 from fastseed.provenance import append_row, provenance
 
@@ -75,32 +74,11 @@ def time_loaders(beton: Path, cache, *, res: int, batch: int, workers: int, epoc
     def epoch(loader) -> int:
         return sum(len(batch[1]) for batch in loader)
 
-    counts, times = dict.fromkeys(loaders, 0), dict.fromkeys(loaders, 0.0)
-    for loader in loaders.values():  # warm-up: JIT, page cache
-        epoch(loader)
-    for k in range(epochs):
-        names = list(loaders)[::1 if k % 2 == 0 else -1]  # A B, B A, ...: neither always runs second
-        for name in names:
-            loader = loaders[name]
-            t = time.perf_counter()
-            counts[name] += epoch(loader)
-            times[name] += time.perf_counter() - t
-    ips = {k: counts[k] / times[k] for k in loaders}
+    # a warm-up epoch each (JIT, page cache), then timed epochs in the order A B, B A, ...
+    timed = alternate({name: lambda loader=loader: epoch(loader) for name, loader in loaders.items()}, epochs)
+    ips = {k: sum(timed.results[k]) / sum(timed.seconds[k]) for k in loaders}
     return {"live_crops_images_per_s": round(ips["live_crops"], 1), "replay_images_per_s": round(ips["replay"], 1),
             "replay_vs_live": round(ips["replay"] / ips["live_crops"], 3)}
-
-
-def _window(run, batches: Batches, steps: int, start: int) -> float:
-    from fastseed.train import train_step
-    if run.env.device.type == "cuda":
-        torch.cuda.synchronize(run.env.device)
-    t = time.perf_counter()
-    for i in range(steps):
-        views, *batch = batches.next()
-        train_step(run, views, start + i, batch)
-    if run.env.device.type == "cuda":
-        torch.cuda.synchronize(run.env.device)
-    return time.perf_counter() - t
 
 
 def time_training(cfg, cache_path: Path, *, steps: int, rounds: int) -> dict:
@@ -110,13 +88,12 @@ def time_training(cfg, cache_path: Path, *, steps: int, rounds: int) -> dict:
     runs = {"live": prepare(cfg.replace(output=str(cache_path.parent / "live"))),
             "cache": prepare(cfg.replace(output=str(cache_path.parent / "cached"), teacher_cache=str(cache_path)))}
     batches = {name: Batches(run.loader) for name, run in runs.items()}
-    for name, run in runs.items():  # warm-up: FFCV JIT, lazy inits, compile, cuDNN autotune
+    windows = {name: TrainWindow(run, batches[name]) for name, run in runs.items()}
+    for run in runs.values():
         run.students.train()
-        _window(run, batches[name], 1, 0)
-    times = {name: [] for name in runs}
-    for r in range(rounds):
-        for name in list(runs)[::1 if r % 2 == 0 else -1]:  # neither always runs second
-            times[name].append(_window(runs[name], batches[name], steps, 1 + r * steps))
+    # a warm-up step each (FFCV JIT, lazy inits, compile, cuDNN autotune), then live, cache; cache, live; ...
+    times = alternate({name: lambda w=w: w(steps) for name, w in windows.items()}, rounds,
+                      warmup={name: lambda w=w: w(1) for name, w in windows.items()}).seconds
     for b in batches.values():
         b.close()
     ratios = [live / cached for live, cached in zip(times["live"], times["cache"])]

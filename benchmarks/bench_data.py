@@ -17,88 +17,18 @@ On CUDA the fastseed side synchronizes once per epoch, not per batch.
 from __future__ import annotations
 
 import argparse
-import json
-import multiprocessing
-import shutil
 import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-import numpy as np
 import torch
+from _bench.data import jpeg_set, shm_prefetch
+from _bench.timing import alternate
 
 from fastseed.augment import cpu_backend
 from fastseed.provenance import append_row, provenance
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-SHM = "/dev/shm"
-
-
-def shm_prefetch(workers: int, batch_bytes: int, want: int, shm: str = SHM) -> tuple[int, int, str | None]:
-    """(workers, prefetch_factor, note) for a torch DataLoader whose workers hand each batch over
-    through shared memory: workers x prefetch_factor batches wait in `shm` at once. The largest
-    prefetch <= `want` whose batches fill at most half of its free space; where even one batch
-    per worker does not fit, fewer workers (one at least), with a note that says so. A container's
-    default /dev/shm is 64 MiB, and 16 workers of 256 float images at 224 px need ~2.4 GB for
-    one batch each: a loader sized without it dies with a bus error."""
-    if workers <= 0:
-        return workers, None, None
-    try:
-        free = shutil.disk_usage(shm).free
-    except OSError:
-        return workers, want, f"{shm} not found: prefetch {want} unchecked"
-    fit = int(free // 2 // max(1, batch_bytes))
-    if fit >= workers:
-        prefetch = max(1, min(want, fit // workers))
-        return workers, prefetch, None if prefetch == want else (
-            f"prefetch {prefetch} instead of {want}: {free / 2**30:.1f} GiB free in {shm}")
-    fewer = max(1, fit)
-    return fewer, 1, (f"{fewer} workers instead of {workers}, prefetch 1: {free / 2**30:.2f} GiB free in {shm}, "
-                      f"{batch_bytes / 2**20:.0f} MiB a batch")
-
-
-def make_images(root: Path, n: int, side: int, classes: int = 10, seed: int = 0, workers: int = 1) -> None:
-    """n JPEGs under root/<class>/, longest side `side`, aspect 3:4 to 4:3 (landscape/portrait);
-    image i from its own generator, so `workers` processes write the same files."""
-    for c in range(classes):
-        (root / f"c{c}").mkdir(parents=True, exist_ok=True)
-    jobs = [(root / f"c{i % classes}" / f"{i:06d}.jpg", side, (seed, i)) for i in range(n)]
-    if workers <= 1:
-        for job in jobs:
-            _write_image(*job)
-        return
-    # 400 px images take ~8 ms each in PIL: 3.8k of them are 30 s on one core
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
-        list(pool.map(_write_image, *zip(*jobs), chunksize=64))
-
-
-def _write_image(path: Path, side: int, seed) -> None:
-    from PIL import Image
-    rng = np.random.default_rng(seed)
-    short = int(side * rng.uniform(0.75, 1.0))
-    h, w = (side, short) if rng.random() < 0.3 else (short, side)
-    coarse = rng.integers(0, 256, (max(2, h // 32), max(2, w // 32), 3), dtype=np.uint8)
-    img = np.asarray(Image.fromarray(coarse).resize((w, h), Image.BICUBIC), dtype=np.int16)
-    img = np.clip(img + rng.normal(0, 12, img.shape), 0, 255).astype(np.uint8)
-    Image.fromarray(img).save(path, quality=90)
-
-
-def jpeg_set(root: Path, n: int, side: int, *, compress: bool, workers: int) -> tuple[Path, Path]:
-    """`n` synthetic JPEGs in root/images and their beton root/images.beton (JPEG-compressed when
-    `compress`, as fastseed-prep stores images above 64 px, else raw pixels), written once: a
-    later call with the same arguments reuses them (the GPU check's data and training steps)."""
-    from fastseed.data_prep import write_beton
-    images, beton, stamp = root / "images", root / "images.beton", root / "jpeg_set.json"
-    key = json.dumps({"n": n, "side": side, "compress": compress})
-    if stamp.is_file() and stamp.read_text() == key:
-        return images, beton
-    shutil.rmtree(images, ignore_errors=True)
-    make_images(images, n, side, workers=workers)
-    write_beton(str(images), str(beton), max_res=512, jpeg_quality=90, compress_probability=1.0 if compress else 0.0,
-                workers=workers, progress=False)
-    stamp.write_text(key)
-    return images, beton
 
 
 def torchvision_transform(res: int):
@@ -169,16 +99,9 @@ def bench(res: int = 64, images: int = 256, workers: int = 2, batch: int = 64, e
         prep_s = time.perf_counter() - t0
         runs = {"fastseed": run_fastseed(beton, res, batch, workers, dev, epochs, compile_augment),
                 "torchvision": run_torchvision(folder, res, batch, workers, dev, epochs)}
-        counts = {k: 0 for k in runs}
-        times = {k: 0.0 for k in runs}
-        for name, epoch in runs.items():  # warm-up: JIT compile, worker start, page cache
-            epoch()
-        for _ in range(epochs):
-            for name, epoch in runs.items():
-                t = time.perf_counter()
-                counts[name] += epoch()
-                times[name] += time.perf_counter() - t
-    ips = {k: counts[k] / times[k] for k in runs}
+        # a warm-up epoch each (JIT compile, worker start, page cache), then `epochs` of each in turn
+        timed = alternate(runs, epochs, flip=False)
+    ips = {k: sum(timed.results[k]) / sum(timed.seconds[k]) for k in runs}
     return {
         "res": res, "images": images, "src_side": src_side, "workers": workers, "batch": batch,
         "epochs": epochs, **provenance(dev), "compile_augment": compile_augment,

@@ -22,7 +22,6 @@ written beside it with the suffix .md.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -32,9 +31,11 @@ import time
 from pathlib import Path
 
 import torch
+from _bench.rows import Grid
+from _bench.tables import markdown
 
 from fastseed.export import beton_images, export, knn_top1, onnx_features, onnx_session, read_student
-from fastseed.provenance import append_row, provenance
+from fastseed.provenance import provenance
 
 ROOT = Path(__file__).resolve().parents[1]
 ARCHS = ("resnet18", "efficientnet_b0", "mobilenetv3_large_100")
@@ -83,15 +84,15 @@ def uptime() -> str:
 
 
 def table(rows: list[dict]) -> str:
-    lines = [("| student (steps) | backend | batch | ms / batch (median, min) | images/s (median) | k-NN top-1 (32 px) "
-              "| load avg 1 min |"), "|---|---|---|---|---|---|---|"]
     order = {b: i for i, b in enumerate(BACKENDS)}
-    for r in sorted(rows, key=lambda r: (ARCHS.index(r["arch"]) if r["arch"] in ARCHS else 9, r["batch"],
-                                         order.get(r["backend"], 9))):
-        lines.append(f"| {r['arch']} ({r['step']}) | {r['backend']} | {r['batch']} | "
-                     f"{r['ms_per_batch']:.1f}, {r['min_ms']:.1f} | {r['images_per_s']:.1f} | {r['knn_top1@20']:.2f} | "
-                     f"{r['loadavg_before'][0]:.1f} → {r['loadavg_after'][0]:.1f} |")
-    return "\n".join(lines)
+    rows = sorted(rows, key=lambda r: (ARCHS.index(r["arch"]) if r["arch"] in ARCHS else 9, r["batch"],
+                                       order.get(r["backend"], 9)))
+    return markdown(["student (steps)", "backend", "batch", "ms / batch (median, min)", "images/s (median)",
+                     "k-NN top-1 (32 px)", "load avg 1 min"],
+                    [[f"{r['arch']} ({r['step']})", r["backend"], r["batch"],
+                      f"{r['ms_per_batch']:.1f}, {r['min_ms']:.1f}", f"{r['images_per_s']:.1f}",
+                      f"{r['knn_top1@20']:.2f}", f"{r['loadavg_before'][0]:.1f} → {r['loadavg_after'][0]:.1f}"]
+                     for r in rows])
 
 
 def main(argv=None) -> list[dict]:
@@ -110,11 +111,11 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "export_cpu.jsonl"))
     a = p.parse_args(argv)
     out = Path(a.out)
-    rows = [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []
-    done = {(r["arch"], r["backend"], r["batch"], r["res"]) for r in rows}
+    results = Grid(out, key=lambda r: (r["arch"], r["backend"], r["batch"], r["res"]))
     threads = torch.get_num_threads()
     for arch in a.archs:
-        todo = [(b, n) for b in a.backends for n in a.batches if (arch, b, n, a.res) not in done]
+        todo = [(c["backend"], c["batch"]) for c in results.todo({"arch": arch, "backend": b, "batch": n, "res": a.res}
+                                                                 for b in a.backends for n in a.batches)]
         if not todo:
             continue
         student = read_student(a.run, arch=arch)
@@ -141,8 +142,8 @@ def main(argv=None) -> list[dict]:
                        "method": student.meta["method"], "teacher": student.meta["teacher"]["arch"],
                        "threads": threads, "loadavg_before": load_before, "loadavg_after": list(os.getloadavg()),
                        "uptime": uptime(), **provenance("cpu")}
-                rows.append(row)
-                print(append_row(out, row), file=sys.stderr)
+                results.add(row)
+    rows = results.rows
     text = table(rows)
     out.with_suffix(".md").write_text(text + "\n")
     print(text)

@@ -30,6 +30,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from _bench.tables import markdown
 
 import fastseed.kernels as fk
 from fastseed.kernels import reference
@@ -211,18 +212,15 @@ def _fmt(x, spec):
 
 
 def table(rows) -> str:
-    out = ["| B | K | D | impl | fwd+bwd µs | × vs eager | peak extra MiB | % of eager mem "
-           "| loss rel err | grad cos | floor µs (math / alg.) | of math / alg. floor |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
+    def cells(r):
         mib = None if r["peak_extra_bytes"] is None else r["peak_extra_bytes"] / 2**20
         pct = None if r.get("mem_vs_eager") is None else 100 * r["mem_vs_eager"]
-        out.append(f"| {r['B']} | {r['K']} | {r['D']} | {r['impl']} | {r['us']:.1f} "
-                   f"| {_fmt(r.get('x_vs_eager'), '.2f')} | {_fmt(mib, '.2f')} | {_fmt(pct, '.2f')} "
-                   f"| {r['loss_rel_err']:.1e} | {r['grad_cos']:.5f} "
-                   f"| {_fmt(r['floor_math_us'], '.1f')} / {_fmt(r['floor_algorithm_us'], '.1f')} "
-                   f"| {_fmt(r['of_math_floor'], '.0%')} / {_fmt(r['of_algorithm_floor'], '.0%')} |")
-    return "\n".join(out)
+        return [r["B"], r["K"], r["D"], r["impl"], f"{r['us']:.1f}", _fmt(r.get("x_vs_eager"), ".2f"), _fmt(mib, ".2f"),
+                _fmt(pct, ".2f"), f"{r['loss_rel_err']:.1e}", f"{r['grad_cos']:.5f}",
+                f"{_fmt(r['floor_math_us'], '.1f')} / {_fmt(r['floor_algorithm_us'], '.1f')}",
+                f"{_fmt(r['of_math_floor'], '.0%')} / {_fmt(r['of_algorithm_floor'], '.0%')}"]
+    return markdown(["B", "K", "D", "impl", "fwd+bwd µs", "× vs eager", "peak extra MiB", "% of eager mem",
+                     "loss rel err", "grad cos", "floor µs (math / alg.)", "of math / alg. floor"], map(cells, rows))
 
 
 def environment(device) -> dict:

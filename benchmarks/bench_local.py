@@ -3,7 +3,7 @@ training step with fastseed's defaults against the same step with `--local-weigh
 
   step  both runs are built in one process (`fastseed.train.prepare`) on the same synthetic
         uint8 batches already on the device (no decode: the step alone) and timed in windows of
-        --steps steps (bench_multi's `_window` over its `Batches`), alternating (seed, local),
+        --steps steps (`_bench.timing`'s windows over one `Batches`), alternating (seed, local),
         then (local, seed), ... for --rounds rounds after --warmup steps each, so that a drift of
         a shared machine falls on both. Reported: ms per step and images/s of each (from the
         median window: a burst of another process's load moves no median), the difference, the
@@ -30,7 +30,7 @@ their softmaxes, and the backward of all of it. The epoch of the synthetic loade
 length (1,281,167 images; a few distinct batches repeat), so that `--queue-size auto` sizes the
 queue as for ImageNet: 4,096 keys of EfficientNet-Lite0's 1280-d embedding, 65,536 of a MoCo
 ResNet-50 head's 128-d. A teacher that is not bundled (resnet50) gets random weights and a
-MoCo-v2 projection head (bench_train.teacher_checkpoint): speed does not depend on them.
+MoCo-v2 projection head (`_bench.data.teacher_checkpoint`): speed does not depend on them.
 
     .venv/bin/python benchmarks/bench_local.py --out benchmarks/results/local_cost_cpu.jsonl   # CPU: 64 and 128 px
     python benchmarks/bench_local.py --device cuda --res 224 --batch 256 --teacher resnet50 \\
@@ -52,8 +52,10 @@ import time
 from pathlib import Path
 
 import torch
-from bench_multi import Batches, _window  # the alternating windows' timer over one shared loader
-from bench_train import teacher_checkpoint  # a random-weight MoCo-style teacher file
+from _bench.data import Batches, teacher_checkpoint
+from _bench.rows import command_line
+from _bench.tables import markdown
+from _bench.timing import TrainWindow, alternate, sync
 
 from fastseed.provenance import append_row, provenance
 
@@ -79,11 +81,6 @@ class SyntheticLoader:
 
     def __iter__(self):
         return (self.batches[i % len(self.batches)] for i in range(self.length))
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _phases(phases: dict[str, float]) -> dict[str, float]:
@@ -116,15 +113,13 @@ def time_side(res: int, *, teacher_res: int | None, student: str, teacher: str, 
     runs = {"seed": prepare(base.replace(output=str(work / f"seed_{res}")), loader=loader),
             "local": prepare(base.replace(output=str(work / f"local_{res}"), local_weight=1.0), loader=loader)}
     batches = Batches(loader)
-    for run in runs.values():  # warm-up: lazy inits, compile, cuDNN autotune
+    windows = {name: TrainWindow(run, batches) for name, run in runs.items()}
+    for run in runs.values():
         run.students.train()
-        _window(run, batches, warmup, 0)
-    times, cpu = {name: [] for name in runs}, {name: [] for name in runs}
-    for r in range(rounds):
-        for name in list(runs)[::1 if r % 2 == 0 else -1]:  # neither always runs second
-            c = time.process_time()
-            times[name].append(_window(runs[name], batches, steps, warmup + r * steps))
-            cpu[name].append(time.process_time() - c)
+    # `warmup` steps each (lazy inits, compile, cuDNN autotune), then seed, local; local, seed; ...
+    timed = alternate({name: lambda w=w: w(steps) for name, w in windows.items()}, rounds,
+                      warmup={name: lambda w=w: w(warmup) for name, w in windows.items()})
+    times, cpu = timed.seconds, timed.cpu_seconds
     h, w, c = token_grid(runs["local"])
     phases = {name: time_phases(run, warmup=0, steps=phase_steps) for name, run in runs.items()} if phase_steps else {}
     ms = {name: 1e3 * statistics.median(t) / steps for name, t in times.items()}  # a load spike moves no median
@@ -158,10 +153,10 @@ def _median_ms(loss_fn, inputs: tuple, device: torch.device, reps: int) -> float
     (allocations, the kernels' first launch)."""
     times = []
     for i in range(reps + 1):
-        _sync(device)
+        sync(device)
         t = time.perf_counter()
         loss_fn(*inputs).backward()
-        _sync(device)
+        sync(device)
         if i:
             times.append(time.perf_counter() - t)
     return 1e3 * statistics.median(times)
@@ -205,20 +200,20 @@ def table(steps: list[dict], losses: list[dict], command: str) -> str:
     """The comparison per side, its phases, the losses alone, and what ran them."""
     lines = []
     if steps:
-        lines += [("| side px | teacher grid | queue | seed ms/step | +local ms/step | difference ms | local share "
-                   "| ratio (median, range) | seed img/s | +local img/s | CPU ms/step seed, +local: share |"),
-                  "|---:|---|---:|---:|---:|---:|---:|---|---:|---:|---|"]
-        lines += [(f"| {r['res']} | {r['grid']} ({r['token_dim']}-d) | {r['queue']} | {r['seed_ms_per_step']:.1f} | "
-                   f"{r['local_ms_per_step']:.1f} | {r['local_extra_ms']:+.1f} | {r['local_share']:.1%} | "
-                   f"{r['ratio_median']:.3f} ({r['ratio_min']:.3f}-{r['ratio_max']:.3f}) | "
-                   f"{r['seed_images_per_s']:.1f} | {r['local_images_per_s']:.1f} | {_cpu_cell(r)} |") for r in steps]
+        lines.append(markdown(
+            ["side px", "teacher grid", "queue", "seed ms/step", "+local ms/step", "difference ms", "local share",
+             "ratio (median, range)", "seed img/s", "+local img/s", "CPU ms/step seed, +local: share"],
+            [[r["res"], f"{r['grid']} ({r['token_dim']}-d)", r["queue"], f"{r['seed_ms_per_step']:.1f}",
+              f"{r['local_ms_per_step']:.1f}", f"{r['local_extra_ms']:+.1f}", f"{r['local_share']:.1%}",
+              f"{r['ratio_median']:.3f} ({r['ratio_min']:.3f}-{r['ratio_max']:.3f})",
+              f"{r['seed_images_per_s']:.1f}", f"{r['local_images_per_s']:.1f}", _cpu_cell(r)] for r in steps],
+            "rlrrrrrlrrl"))
         phased = [r for r in steps if r["phase_ms_per_step"]]
         if phased:
+            cells = [[r["res"], *(f"{r['phase_ms_per_step']['seed'][p]:.1f} / {r['phase_ms_per_step']['local'][p]:.1f}"
+                                  for p in PHASES)] for r in phased]
             lines += ["", "ms per step by phase (seed / +local):", "",
-                      "| side px | " + " | ".join(PHASES) + " |", "|---:|" + "---:|" * len(PHASES)]
-            for r in phased:
-                seed, local = r["phase_ms_per_step"]["seed"], r["phase_ms_per_step"]["local"]
-                lines.append(f"| {r['res']} | " + " | ".join(f"{seed[p]:.1f} / {local[p]:.1f}" for p in PHASES) + " |")
+                      markdown(["side px", *PHASES], cells, "r" * (1 + len(PHASES)))]
         r = steps[0]
         lines += ["", (f"{r['student']} student, {r['teacher']} teacher ({r['teacher_weights']} weights), batch "
                        f"{r['batch']}, {r['precision']} student, {r['teacher_precision']} teacher, compile "
@@ -227,11 +222,9 @@ def table(steps: list[dict], losses: list[dict], command: str) -> str:
     if losses:
         r = losses[0]
         lines += [(f"Forward + backward alone, B {r['batch']}, C {r['width']}, {r['dtype']}, median of "
-                   f"{r['reps']}:"), "", "| loss | size | ms |", "|---|---|---:|"]
-        for r in losses:
-            size = f"grid {r['grid']}" if r["grid"] else f"K {r['queue']}"
-            lines.append(f"| {r['loss']} | {size} | {r['ms']:.2f} |")
-        lines.append("")
+                   f"{r['reps']}:"), "",
+                  markdown(["loss", "size", "ms"], [[r["loss"], f"grid {r['grid']}" if r["grid"] else f"K {r['queue']}",
+                                                     f"{r['ms']:.2f}"] for r in losses], "llr"), ""]
     e = (steps or losses)[0]
     return "\n".join([*lines, f"{e['device']}, torch {e['torch']}, commit {e['commit']}, {e['date']}: `{command}`"])
 
@@ -266,7 +259,7 @@ def main(argv=None) -> dict:
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
-    command = " ".join(["benchmarks/bench_local.py", *(sys.argv[1:] if argv is None else argv)])
+    command = command_line("benchmarks/bench_local.py", argv)
     if a.out:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     queue = a.queue if a.queue == "auto" else int(a.queue)

@@ -24,50 +24,16 @@ import argparse
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
+from _bench.data import Batches, make_images, teacher_checkpoint
+from _bench.timing import TrainWindow, alternate
 
-from bench_data import make_images  # the same synthetic JPEGs as the data benchmark
-from bench_train import teacher_checkpoint  # the same random-weight MoCo-style teacher
 from fastseed.provenance import append_row, provenance
 
 TEACHER, STUDENTS = "resnet50", ("resnet18", "efficientnet_b0", "mobilenetv3_large_100")
 TINY_TEACHER, TINY_STUDENTS = "resnet10t", ("resnet10t", "test_efficientnet")
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-class Batches:
-    """Endless batches of one loader, shared by every run: each window takes the next ones."""
-
-    def __init__(self, loader):
-        self.loader, self.it = loader, iter(loader)
-
-    def next(self):
-        try:
-            return next(self.it)
-        except StopIteration:
-            self.it = iter(self.loader)
-            return next(self.it)
-
-    def close(self) -> None:
-        self.it.close()  # stops FFCV's epoch thread before another pass starts
-
-
-def _window(run, batches: Batches, steps: int, start: int) -> float:
-    from fastseed.train import train_step
-    _sync(run.env.device)
-    t = time.perf_counter()
-    for i in range(steps):
-        views, labels = batches.next()
-        train_step(run, views, start + i, labels)
-    _sync(run.env.device)
-    return time.perf_counter() - t
 
 
 def _summarise(phases: dict[str, float]) -> dict[str, float]:
@@ -104,12 +70,10 @@ def bench(res: int = 64, batch: int = 32, steps: int = 2, rounds: int = 5, image
         for run in runs.values():
             run.students.train()
         batches = Batches(loader)
-        for run in runs.values():  # warm-up: lazy inits, compile, cuDNN autotune
-            _window(run, batches, 1, 0)
-        times = {name: [] for name in runs}
-        for r in range(rounds):
-            for name, run in runs.items():
-                times[name].append(_window(run, batches, steps, 1 + r * steps))
+        windows = {name: TrainWindow(run, batches) for name, run in runs.items()}
+        # a warm-up step each (lazy inits, compile, cuDNN autotune), then `rounds` rounds of `steps` each
+        times = alternate({name: lambda w=w: w(steps) for name, w in windows.items()}, rounds, flip=False,
+                          warmup={name: lambda w=w: w(1) for name, w in windows.items()}).seconds
         batches.close()
         ratios = [sum(times[a][r] for a in archs) / times["joint"][r] for r in range(rounds)]
         phases = {name: time_phases(run, warmup=0, steps=phase_steps) for name, run in runs.items()}

@@ -22,21 +22,11 @@ from pathlib import Path
 
 import timm
 import torch
+from _bench.data import official_dinov2_file
 from timm.models.vision_transformer import checkpoint_filter_fn
 
 from fastseed.provenance import append_row, provenance
 from fastseed.teachers import load_teacher
-
-
-def official_dinov2_file(path: Path, timm_name: str = "vit_small_patch14_dinov2", seed: int = 0) -> None:
-    """dinov2_vit*14_pretrain.pth's keys and shapes (timm's converter maps them; mask_token and a
-    518-px position grid as the release), random values."""
-    with torch.device("meta"):
-        ref = timm.create_model(timm_name, num_classes=0)
-    g = torch.Generator().manual_seed(seed)
-    state = {k: torch.randn(v.shape, generator=g) * 0.02 for k, v in ref.state_dict().items()}
-    state["mask_token"] = torch.zeros(1, ref.num_features)
-    torch.save(state, path)
 
 
 def timm_vits14(path: Path, res: int) -> torch.nn.Module:

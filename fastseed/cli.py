@@ -306,7 +306,7 @@ KNOWN_ERRORS = (FastseedError, FileNotFoundError)  # one line, exit 2; anything 
 
 
 def demo_data_jobs(cfg: Config) -> list[tuple[str, str | None, int | None]]:
-    """(source, beton, --subset) of each beton the demo writes (benchmarks/gpu_wheels.py carries
+    """(source, beton, --subset) of each beton the demo writes (benchmarks/gpu/gpu_wheels.py carries
     only the Fashion-MNIST images these read)."""
     return [("fashion-mnist:train", cfg.data, 32_000), ("fashion-mnist:test", cfg.val_data, None),
             ("fashion-mnist:train", cfg.knn_bank, 10_000)]

@@ -29,7 +29,7 @@ its JIT computes the same keys, i.e. with
 - TRITON_CACHE_DIR set to DIR as written here, from the same working directory: each entry
   records the paths of its files as given, so a relative DIR survives a copy of the
   repository to another machine, and a cache unpacked elsewhere needs those paths rewritten
-  (benchmarks/gpu_check.py does, for the GPU check's steps, which run from a scratch folder).
+  (benchmarks/gpu/gpu_check.py does, for the GPU check's steps, which run from a scratch folder).
 Not covered: launches outside the grid (another D, dtype pair or stride), and the kernels
 torch.compile generates for the rest of the model (Inductor's own cache).
 """

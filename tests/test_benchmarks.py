@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(ROOT / "benchmarks"))  # the scripts and their _bench
+sys.path.insert(0, str(ROOT / "benchmarks" / "gpu"))  # the GPU check's tooling
 pytestmark = pytest.mark.slow
 
 STEPS = ["install", "a-environment", "b-correctness", "c-kernels", "d-no-host-sync", "e-knn", "f-train", "g-demo",
@@ -38,7 +39,7 @@ def test_bench_kernels_tiny(tmp_path):
 
 def test_gpu_check_dry_run(tmp_path):
     out, scratch = tmp_path / "out", tmp_path / "scratch"
-    proc = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--dry", "--out", str(out),
+    proc = subprocess.run([sys.executable, "benchmarks/gpu/gpu_check.py", "--dry", "--out", str(out),
                            "--scratch", str(scratch)], cwd=ROOT, capture_output=True, text=True, timeout=900)
     log = (out / "gpu_check.log").read_text() if (out / "gpu_check.log").exists() else ""
     assert proc.returncode == 0, proc.stdout[-3000:] + log[-6000:]
@@ -149,7 +150,8 @@ def test_step_env_extends_pythonpath(tmp_path, monkeypatch):
     import gpu_check
     monkeypatch.setenv("PYTHONPATH", "/already/there")
     env = gpu_check.step_env(tmp_path / "site", None, tmp_path / "lookups", tmp_path, tmp_path / "out")
-    assert env["PYTHONPATH"].split(os.pathsep) == [str(tmp_path / "site"), str(ROOT / "benchmarks"), "/already/there"]
+    assert env["PYTHONPATH"].split(os.pathsep) == [str(tmp_path / "site"), str(ROOT / "benchmarks" / "gpu"),
+                                                   str(ROOT / "benchmarks"), "/already/there"]
 
 
 def test_triton_cache_match_says_up_front_when_the_cache_cannot_hit(tmp_path, monkeypatch):
@@ -170,7 +172,7 @@ def test_triton_cache_match_says_up_front_when_the_cache_cannot_hit(tmp_path, mo
 def test_loader_prefetch_fits_dev_shm(monkeypatch):
     import shutil
 
-    import bench_data
+    from _bench import data as bench_data
     free = {"bytes": 10 * 2**30}
     monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(free["bytes"], 0, free["bytes"]))
     batch = 256 * 3 * 224 * 224 * 4  # 147 MiB
@@ -187,7 +189,8 @@ def test_pytest_steps_record_each_test_and_fail_one_past_its_limit(tmp_path):
     (tmp_path / "test_probe.py").write_text(
         "import time\n\ndef test_slow():\n    time.sleep(30)\n\ndef test_fast():\n    assert True\n")
     results = tmp_path / "results.jsonl"
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "benchmarks"), os.environ.get("PYTHONPATH", "")]),
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "benchmarks" / "gpu"),
+                                                       os.environ.get("PYTHONPATH", "")]),
                FASTSEED_TEST_TIMEOUT_S="1", FASTSEED_TEST_RESULTS=str(results), FASTSEED_CHECK_STEP="probe")
     t0 = time.monotonic()
     proc = subprocess.run([sys.executable, "-m", "pytest", str(tmp_path / "test_probe.py"), "-p", "gpu_pytest",
@@ -210,7 +213,8 @@ def test_compile_cache_artifacts_carry_to_a_fresh_cache(tmp_path):
             "from torch._dynamo.utils import counters\n"
             "print(note, counters['inductor']['fxgraph_cache_hit'], counters['inductor']['fxgraph_cache_miss'])\n"
             "print(compile_cache.save('probe'))\n")
-    base = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "benchmarks"), os.environ.get("PYTHONPATH", "")]))
+    base = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "benchmarks" / "gpu"),
+                                                        os.environ.get("PYTHONPATH", "")]))
 
     def run_in(cache_dir, **extra):
         env = dict(base, TORCHINDUCTOR_CACHE_DIR=str(tmp_path / cache_dir), **extra)
@@ -281,7 +285,7 @@ def test_trimmed_fashion_mnist_writes_the_betons_the_full_files_write(tmp_path, 
 def test_a_spent_budget_skips_the_rest_and_says_how_to_run_it(tmp_path):
     """No step starts once the budget is spent; its status names the command that runs it alone."""
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--dry", "--steps", "e", "--budget", "5",
+    proc = subprocess.run([sys.executable, "benchmarks/gpu/gpu_check.py", "--dry", "--steps", "e", "--budget", "5",
                            "--out", str(out), "--scratch", str(tmp_path / "scratch")],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]

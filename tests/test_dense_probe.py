@@ -13,7 +13,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-import dense_probe as dp  # noqa: E402  (benchmarks/ is not a package)
+import dense_probe  # noqa: E402  (benchmarks/ is not a package)
+from _bench import probe as dp  # noqa: E402  (the mosaics and the probe)
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 needs_fashion = pytest.mark.skipif(not FASHION.exists(), reason="needs Debian's dataset-fashion-mnist")
@@ -105,7 +106,7 @@ def test_fashion_items_and_threshold():
 
 
 def fake_stamps(n_items: int = 40) -> ModuleType:
-    """benchmarks/stamps.py's interface, on coded items: split by id parity."""
+    """_bench.stamps's interface, on coded items: split by id parity."""
     mod = ModuleType("stamps")
 
     @dataclass
@@ -129,7 +130,8 @@ def fake_stamps(n_items: int = 40) -> ModuleType:
 
 
 def test_train_and_test_mosaics_use_disjoint_items(tmp_path, monkeypatch):
-    monkeypatch.setitem(sys.modules, "stamps", fake_stamps())
+    fake = fake_stamps()
+    monkeypatch.setattr(dp, "_stamps", lambda: fake)
     assert dp.num_classes("stamps") == 3
     (trx, trm), (tex, tem) = dp.mosaic_sets("stamps", tmp_path, grid=2, side=64, n_train=12, n_test=8)
     assert trx.dtype == np.uint8 and trm.dtype == np.int64 and trx.shape == (12, 64, 64, 3) and tem.shape == (8, 64, 64)
@@ -206,7 +208,7 @@ def test_cli_tiny_fashion(tmp_path):
     out = tmp_path / "probe.jsonl"
     args = ["--size", "tiny", "--dataset", "fashion-mnist", "--rows", "raw", "init", "--workdir",
             str(tmp_path / "work"), "--out", str(out)]
-    dp.main(args)
+    dense_probe.main(args)
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [(r["grid"], r["side"], r["row"]) for r in rows] == [(2, 64, "raw"), (2, 64, "init"), (3, 96, "raw"),
                                                                  (3, 96, "init")]
@@ -214,5 +216,5 @@ def test_cli_tiny_fashion(tmp_path):
     assert all(0 <= r["miou"] <= 100 and 0 < r["pixel_acc"] <= 100 and r["commit"] and r["steps"] == 20
                and r["n_train"] == 48 and r["classes"] == 10 for r in rows)
     assert "| fashion-mnist | 3×3 / 96 | init | resnet18 | 512×3×3 | 48 / 24 |" in out.with_suffix(".md").read_text()
-    dp.main(args)  # finished rows are skipped
+    dense_probe.main(args)  # finished rows are skipped
     assert len(out.read_text().splitlines()) == 4

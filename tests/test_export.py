@@ -254,6 +254,8 @@ def test_bench_export_tiny_appends_and_resumes(run, betons, tmp_path):
     import importlib.util
     from pathlib import Path
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_export.py"
+    if str(path.parent) not in sys.path:  # as `python benchmarks/bench_export.py` has it: the script's _bench
+        sys.path.insert(0, str(path.parent))
     spec = importlib.util.spec_from_file_location("bench_export", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)

@@ -19,7 +19,7 @@ import pytest
 
 from fastseed.kernels import check
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu"  # the GPU check's tooling
 sys.path.insert(0, str(BENCHMARKS))
 
 JIT_RUN = r'''

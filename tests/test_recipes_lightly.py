@@ -63,7 +63,8 @@ def test_teacher_stays_in_eval_mode(bundle):
 
 
 def test_plan_transforms_and_options():
-    from recipes_lightly import SIZES, parse_args, plan, run_key, transform_args
+    from _bench.lightly import transform_args
+    from recipes_lightly import SIZES, parse_args, plan, run_key
 
     assert plan("stamps", SIZES["cpu"]) == {"res": 64, "teacher_res": 64, "steps": 120, "batch": 64}
     assert plan("stamps", SIZES["tiny"], 4) == {"res": 64, "teacher_res": 64, "steps": 4, "batch": 32}
@@ -140,8 +141,10 @@ def test_dense_probe_of_an_exported_student(tmp_path):
 
 
 def _run(args, timeout):
+    # as its docstring runs it: PYTHONPATH=. (LightlyTrain's venv has no fastseed installed)
     return subprocess.run([os.environ["LIGHTLY_TRAIN_PYTHON"], "benchmarks/recipes_lightly.py", *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=timeout, check=False)
+                          env=dict(os.environ, PYTHONPATH="."), capture_output=True, text=True, timeout=timeout,
+                          check=False)
 
 
 LIGHTLY = pytest.mark.skipif(not os.environ.get("LIGHTLY_TRAIN_PYTHON"), reason="needs a LightlyTrain venv's "

@@ -4,6 +4,7 @@ full-size GPU run does (benchmarks/results/reproduce_full.*)."""
 import importlib.util
 import json
 import math
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,8 @@ SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "reproduce_fash
 
 
 def load_script():
+    if str(SCRIPT.parent) not in sys.path:  # as `python benchmarks/...` has it: the script's _bench
+        sys.path.insert(0, str(SCRIPT.parent))
     spec = importlib.util.spec_from_file_location("reproduce_fashion_mnist", SCRIPT)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -12,8 +12,9 @@ from PIL import Image, ImageDraw, ImageFilter
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-import stamps  # noqa: E402
-from stamps import CLASSES, Cutout  # noqa: E402
+import stamps as script  # noqa: E402  (benchmarks/stamps.py: the command line)
+from _bench import stamps  # noqa: E402  (the set itself)
+from _bench.stamps import CLASSES, Cutout  # noqa: E402
 
 # In the first class's folder: a base, its mirror and a numbered variant (one source), and a
 # numbered name without a base (its own source).
@@ -221,7 +222,7 @@ def test_stamps_betons_round_trip(fake_root, tmp_path, capsys):
     assert (train.stat().st_mtime_ns, test.stat().st_mtime_ns) == stamp  # same parameters: kept
 
     # the command line, on the same parameters (kept again): a row per class and the paths
-    stamps.main(["--work", str(work), "--side", "40", "--train-per-image", "2", "--test-per-image", "1",
+    script.main(["--work", str(work), "--side", "40", "--train-per-image", "2", "--test-per-image", "1",
                  "--seed", "1", "--root", str(fake_root), "--preview", str(tmp_path / "p.png")])
     out = capsys.readouterr().out
     assert all(f"| {name} |" in out for name in CLASSES) and str(train) in out

@@ -1,7 +1,7 @@
 """The GPU check rehearsed here on the CPU under the GPU machine's own stack (`make gpu-rehearse`,
 by hand, not in CI: it downloads ~4 GB once).
 
-    make gpu-wheels && make gpu-rehearse        # .venv/bin/python benchmarks/gpu_rehearse.py
+    make gpu-wheels && make gpu-rehearse        # .venv/bin/python benchmarks/gpu/gpu_rehearse.py
 
 1. A Python 3.12 virtual environment, build/gpu-rehearse/py312 (git-ignored), with the GPU
    image's versions (PINS: PyPI's torch 2.11.0 for cp312 is its CUDA build, which runs on the
@@ -10,14 +10,14 @@ by hand, not in CI: it downloads ~4 GB once).
    tracks or does not ignore, then the carried `.whl/`; no `.git`, no `.venv`, no build/.
 3. In that copy, with that environment's python3 first on PATH and no PYTHONPATH, every call of
    the plan (gpu_check.CALLS) one after the other, as the GPU checklist runs them:
-   `python3 benchmarks/gpu_check.py --call N --dry --scratch S` (one scratch folder: the second
+   `python3 benchmarks/gpu/gpu_check.py --call N --dry --scratch S` (one scratch folder: the second
    call reuses the first's install, as on a warm machine). The install is the real one (the
    carried wheels, the tree, the Triton cache), only the sizes are the dry run's.
 4. Checks that the carried wheels were installed and used (ffcv imported from the install, not
    from the interpreter) and prints each step's time against the H200 plan.
 
 Exits non-zero when a call fails, a step fails or a wheel was not installed. Prints the table
-benchmarks/README.md quotes ("GPU checklist").
+benchmarks/gpu/README.md quotes.
 """
 from __future__ import annotations
 
@@ -29,8 +29,7 @@ import sys
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
+ROOT = Path(__file__).resolve().parents[2]
 BUILD = ROOT / "build" / "gpu-rehearse"
 VENV = BUILD / "py312"
 TREE = BUILD / "tree"
@@ -105,7 +104,7 @@ def run_call(py: Path, call: int, out: Path, scratch: Path) -> tuple[int, float,
     env["PATH"] = f"{py.parent}{os.pathsep}{env.get('PATH', '')}"
     # the device's tree has no history: git must not find this checkout above the copy
     env["GIT_CEILING_DIRECTORIES"] = str(BUILD)
-    cmd = ["python3", "benchmarks/gpu_check.py", "--call", str(call), "--dry", "--out", str(out),
+    cmd = ["python3", "benchmarks/gpu/gpu_check.py", "--call", str(call), "--dry", "--out", str(out),
            "--scratch", str(scratch)]
     print(f"[rehearse] call {call}: {' '.join(cmd)}", flush=True)
     t0 = time.monotonic()
@@ -120,7 +119,6 @@ def run_call(py: Path, call: int, out: Path, scratch: Path) -> tuple[int, float,
 
 def table(out: Path) -> tuple[list[list], list[str]]:
     """Each step of each call: its status, its time here, and the plan's expected time and cap."""
-    sys.path.insert(0, str(HERE))
     from gpu_check import CALLS, EXPECTED_S, STEPS
     plan = {s.name: s for s in STEPS}
     rows, problems = [], []
@@ -149,7 +147,6 @@ def main() -> int:
     out, scratch = BUILD / "out", BUILD / "scratch"
     shutil.rmtree(out, ignore_errors=True)
     shutil.rmtree(scratch, ignore_errors=True)
-    sys.path.insert(0, str(HERE))
     from gpu_check import CALLS
     calls = []
     for n in CALLS:

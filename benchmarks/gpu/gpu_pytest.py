@@ -1,4 +1,4 @@
-"""pytest plugin of the GPU check's test steps (`-p gpu_pytest`, benchmarks/ on PYTHONPATH).
+"""pytest plugin of the GPU check's test steps (`-p gpu_pytest`, benchmarks/gpu/ on PYTHONPATH).
 
 - A time limit per test, FASTSEED_TEST_TIMEOUT_S seconds (the GPU image has pytest but not
   pytest-timeout): SIGALRM fails the test that ran past it and the run goes on with the next.

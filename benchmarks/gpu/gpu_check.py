@@ -1,9 +1,9 @@
 """The GPU check: every GPU measurement of fastseed, planned to fit a 15-minute GPU window.
 
-    python3 benchmarks/gpu_check.py --call 1        # the GPU machine, first call (carry .whl/); then --call 2
-    python3 benchmarks/gpu_check.py --steps c,f     # only these steps (a rerun)
-    python3 benchmarks/gpu_check.py --plan          # the plan below, with each step's cap and why
-    .venv/bin/python benchmarks/gpu_check.py --dry  # any CPU, tiny sizes, every call (`make gpu-check-dry`; CI)
+    python3 benchmarks/gpu/gpu_check.py --call 1        # the GPU machine, first call (carry .whl/); then --call 2
+    python3 benchmarks/gpu/gpu_check.py --steps c,f     # only these steps (a rerun)
+    python3 benchmarks/gpu/gpu_check.py --plan          # the plan below, with each step's cap and why
+    .venv/bin/python benchmarks/gpu/gpu_check.py --dry  # any CPU, tiny sizes, every call (`make gpu-check-dry`; CI)
 
 The window: 15 minutes of device time for the whole task, the machine's start (a minute or more)
 and its idle time between calls counted, at most 10 minutes a command. The plan (CALLS) splits
@@ -51,6 +51,7 @@ from __future__ import annotations
 import argparse
 import ast
 import hashlib
+import importlib.util
 import json
 import os
 import shutil
@@ -64,8 +65,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
+HERE = Path(__file__).resolve().parent  # benchmarks/gpu: this tool's modules (compile_cache, gpu_pytest, ...)
+BENCHMARKS = HERE.parent                 # the benchmark scripts the steps run, and their _bench
+ROOT = BENCHMARKS.parent
 WHEELS = ROOT / ".whl"
 CACHE_ARCHIVE = WHEELS / "triton-cache.tar.xz"  # make gpu-wheels: kernels compiled ahead for sm_90
 COMPILE_CACHE = WHEELS / "compile-cache"        # a previous window's OUT/compile-cache/, carried
@@ -102,6 +104,18 @@ class Ctx:
 def append_json(path: Path, obj: dict) -> None:
     with open(path, "a") as f:
         f.write(json.dumps(obj, default=str) + "\n")
+
+
+def benchmark(name: str):
+    """benchmarks/<name>.py loaded as a module, once per process: a step calls the benchmark
+    scripts' functions (main, run_all, ...) in its own process. The GPU check drives them; they
+    share code through _bench and never import one another."""
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # as an import would: dataclasses look their module up there
+        spec.loader.exec_module(module)
+    return sys.modules[name]
 
 
 def md_table(header: list[str], rows: list[list]) -> str:
@@ -216,8 +230,8 @@ def triton_cache_match(here: dict, cache_dir: str | None) -> str:
 
 def shm_info(ctx: Ctx) -> dict:
     """/dev/shm's size, and what the torchvision loaders of the data and training steps will use
-    in it (bench_data.shm_prefetch sizes their prefetch to it)."""
-    from bench_data import SHM, shm_prefetch
+    in it (`_bench.data.shm_prefetch` sizes their prefetch to it)."""
+    from _bench.data import SHM, shm_prefetch
     try:
         usage = shutil.disk_usage(SHM)
     except OSError:
@@ -245,8 +259,8 @@ def step_correctness(ctx: Ctx) -> dict:
     import torch.nn.functional as F
 
     import fastseed.kernels as fk
-    from bench_kernels import make_inputs
     from fastseed.kernels import reference as ref
+    make_inputs = benchmark("bench_kernels").make_inputs
 
     b, k = (8, 96) if ctx.dry else (256, 65536)
     dtypes = (torch.float32, torch.float16) if ctx.dry else (torch.bfloat16, torch.float16)
@@ -314,7 +328,7 @@ def step_kernels(ctx: Ctx) -> dict:
     the eager reference and the SDPA form, with its floors and peak extra memory, each timed
     eagerly and replayed as a CUDA graph; against torch.compile of the reference at D=128 only,
     where its target (>= 3x compiled) is set: one cold compile instead of two."""
-    import bench_kernels as bk
+    bk = benchmark("bench_kernels")
 
     rows, errors = [], []
     for d in (128, 2048):
@@ -408,7 +422,7 @@ def step_no_host_sync(ctx: Ctx) -> dict:
 
 def step_knn(ctx: Ctx) -> dict:
     """benchmarks/bench_knn.py: a 50k x 10k bank of width 512 (tiny on the CPU); target < 1 s."""
-    import bench_knn
+    bench_knn = benchmark("bench_knn")
 
     res = bench_knn.main(["--device", ctx.device, "--tiny", "--repeats", "1"] if ctx.dry
                          else ["--device", ctx.device, "--repeats", "5"])
@@ -422,7 +436,7 @@ def step_knn(ctx: Ctx) -> dict:
 def step_data(ctx: Ctx) -> dict:
     """benchmarks/bench_data.py: the FFCV loader (16 workers) against torchvision on the same
     ~3.8k JPEGs at 224 px, generated here in parallel and kept for the training step."""
-    import bench_data
+    bench_data = benchmark("bench_data")
 
     args = (["--res", "32", "--images", "96", "--batch", "32", "--epochs", "1"] if ctx.dry else
             ["--res", "224", "--images", "3840", "--batch", "256", "--epochs", "2"])
@@ -439,7 +453,7 @@ def train_pairs(pairs: list[tuple[str, str]] | None) -> Callable[[Ctx], dict]:
     10 timed steps each: fastseed vs the official-style loop vs synthetic data, on one set of
     JPEGs that the data step shares (written by the first of them to run)."""
     def step_train(ctx: Ctx) -> dict:
-        import bench_train
+        bench_train = benchmark("bench_train")
 
         res = bench_train.run_all(tiny=ctx.dry, steps=2 if ctx.dry else 10, warmup=None if ctx.dry else 4,
                                   workers=ctx.workers(), data_dir=str(ctx.scratch / "jpegs"),
@@ -564,8 +578,8 @@ def run_optional(script: str, args: list[str], dry_args: list[str] | None = None
         args_ = dry_args if ctx.dry and dry_args is not None else args
         out = ctx.scratch / f"{Path(script).stem}.json"
         # between compile_cache's load and save, like the demo; its output straight to the log
-        subprocess.run([sys.executable, "-m", "compile_cache", "run", str(HERE / script), *args_, "--out", str(out)],
-                       cwd=ctx.scratch, check=True)
+        subprocess.run([sys.executable, "-m", "compile_cache", "run", str(BENCHMARKS / script), *args_,
+                        "--out", str(out)], cwd=ctx.scratch, check=True)
         text = out.read_text()
         try:
             result = json.loads(text)
@@ -918,12 +932,12 @@ def run_capped(cmd: list[str], *, cap_s: float, env: dict, cwd: Path, log: Path)
 
 
 def step_env(site: Path, cache: Path | None, lookups: Path, scratch: Path, out: Path) -> dict:
-    """The steps' environment: the install and benchmarks/ (triton_lookups, the cache manager every
-    Triton compile of the steps loads; compile_cache; gpu_pytest) before whatever PYTHONPATH was
-    already set, the commit, the Triton cache and its lookup log, torch.compile's on-disk cache in
-    the scratch folder (kept between the calls of a warm machine) with the carried artifacts and
-    where to save new ones."""
-    path = os.pathsep.join(filter(None, (str(site), str(HERE), os.environ.get("PYTHONPATH"))))
+    """The steps' environment: the install, benchmarks/gpu (triton_lookups, the cache manager every
+    Triton compile of the steps loads; compile_cache; gpu_pytest) and benchmarks/ (the scripts
+    and their _bench) before whatever PYTHONPATH was already set, the commit, the Triton cache and
+    its lookup log, torch.compile's on-disk cache in the scratch folder (kept between the calls of
+    a warm machine) with the carried artifacts and where to save new ones."""
+    path = os.pathsep.join(filter(None, (str(site), str(HERE), str(BENCHMARKS), os.environ.get("PYTHONPATH"))))
     env = dict(os.environ, PYTHONPATH=path, PYTHONUNBUFFERED="1",
                PATH=f"{site / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}", **triton_env(cache, lookups))
     env["TORCHINDUCTOR_CACHE_DIR"] = str(scratch / "inductor-cache")
@@ -974,7 +988,7 @@ def select(names: str | None, call: int | None) -> list[tuple[int | None, list[S
 def drive(args) -> int:
     dry = args.dry
     out = Path(args.out or os.environ.get("OUT") or (ROOT / "build" / "gpu_check_dry" if dry
-                                                      else HERE / "results" / "gpu_check"))
+                                                      else BENCHMARKS / "results" / "gpu_check"))
     out.mkdir(parents=True, exist_ok=True)
     groups = select(args.steps, args.call)
     scratch = Path(args.scratch or (tempfile.mkdtemp(prefix="fastseed-gpu-check-") if dry else DEVICE_SCRATCH))

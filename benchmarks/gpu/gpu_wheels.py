@@ -1,6 +1,6 @@
 """What the GPU check carries, built here where PyPI is reachable, into .whl/ (git-ignored).
 
-    make gpu-wheels        # .venv/bin/python benchmarks/gpu_wheels.py
+    make gpu-wheels        # .venv/bin/python benchmarks/gpu/gpu_wheels.py
 
   ffcv-1.0.2-cp312-*.whl   ffcv for the GPU machine's Python 3.12, linked statically against
                            OpenCV core + imgproc (built from the opencv-python-headless sdist:
@@ -43,7 +43,7 @@ import numpy as np
 
 from gpu_check import CACHE_ARCHIVE, FINGERPRINT_CODE, WHEELS, tree_digest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 BUILD = ROOT / "build" / "gpu-wheels"
 PY312 = os.environ.get("PY312", "/root/.pyenv/versions/3.12.1/bin/python3.12")
 OPENCV_SDIST = "opencv-python-headless==4.12.0.88"
