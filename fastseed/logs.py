@@ -197,7 +197,8 @@ class WandbSink(Sink):
 
 
 SINKS = {"jsonl": JsonlSink, "tensorboard": TensorBoardSink, "mlflow": MlflowSink, "wandb": WandbSink}
-EXTRAS = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb"}  # setup.py's extras that install a sink's packages
+# setup.py's extras that install a sink's packages
+EXTRAS = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb"}
 
 
 def missing(sink: type[Sink]) -> list[str]:
@@ -216,8 +217,9 @@ def sink_names(spec: str) -> list[str]:
         if n not in SINKS:
             raise ConfigError(f"unknown --log sink {n!r}: choose from auto, {', '.join(SINKS)}")
         if missing(SINKS[n]):
-            extra = f"pip install 'fastseed[{EXTRAS[n]}]'" if n in EXTRAS else "pip install " + " ".join(missing(SINKS[n]))
-            raise ConfigError(f"--log {n} needs {', '.join(missing(SINKS[n]))}: {extra}")
+            packages = missing(SINKS[n])
+            extra = f"pip install 'fastseed[{EXTRAS[n]}]'" if n in EXTRAS else "pip install " + " ".join(packages)
+            raise ConfigError(f"--log {n} needs {', '.join(packages)}: {extra}")
     return names
 
 

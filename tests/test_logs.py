@@ -17,7 +17,8 @@ def test_auto_is_jsonl_plus_the_installed_optional_sinks(monkeypatch):
 def test_explicit_sinks_are_checked(monkeypatch):
     monkeypatch.setattr(logs.importlib.util, "find_spec", lambda name: None)
     assert logs.sink_names("jsonl") == ["jsonl"]
-    with pytest.raises(ConfigError, match=r"--log tensorboard needs tensorboard: pip install 'fastseed\[tensorboard\]'"):
+    missing = r"--log tensorboard needs tensorboard: pip install 'fastseed\[tensorboard\]'"
+    with pytest.raises(ConfigError, match=missing):
         logs.sink_names("jsonl,tensorboard")
     with pytest.raises(ConfigError, match="unknown --log sink 'wandbx'"):
         logs.sink_names("wandbx")

@@ -108,5 +108,5 @@ def resolve_preset(cfg: Config, teacher_format: str | None) -> Config:
     return cfg.replace(aug=aug, crop_scale=tuple(cfg.crop_scale or PRESETS[aug].crop_scale))
 
 
-__all__ = ["Method", "SEED", "SimReg", "MoCo", "Dense", "METHODS", "method_class", "method_of", "head_of", "official", "recipe", "teacher_target",
-           "teacher_tokens", "preset_name", "resolve_preset", "resolve_queue_size"]
+__all__ = ["Method", "SEED", "SimReg", "MoCo", "Dense", "METHODS", "method_class", "method_of", "head_of", "official",
+           "recipe", "teacher_target", "teacher_tokens", "preset_name", "resolve_preset", "resolve_queue_size"]
