@@ -46,7 +46,7 @@ import time
 from pathlib import Path
 
 from _bench.data import betons
-from _bench.rows import Grid
+from _bench.rows import Grid, read_rows
 from _bench.tables import markdown, mean_sd
 
 from fastseed.provenance import provenance
@@ -322,7 +322,7 @@ def _study(a, size: dict, out: Path) -> list[dict]:
                          "command": "fastseed-train " + " ".join(run_argv)})
     rows = results.rows
     if a.peer_rows:  # LightlyTrain's runs (recipes_lightly.py) into this table
-        lt_rows = [json.loads(line) for line in Path(a.peer_rows).read_text().splitlines()]
+        lt_rows = read_rows(a.peer_rows)
         have = set(results.done)
         for lt in lt_rows:
             if lt["dataset"] in a.datasets and lt.get("transforms") == "own" and lt.get("size") == a.size and \

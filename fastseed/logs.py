@@ -216,8 +216,8 @@ def sink_names(spec: str) -> list[str]:
     for n in names:
         if n not in SINKS:
             raise ConfigError(f"unknown --log sink {n!r}: choose from auto, {', '.join(SINKS)}")
-        if missing(SINKS[n]):
-            packages = missing(SINKS[n])
+        packages = missing(SINKS[n])
+        if packages:
             extra = f"pip install 'fastseed[{EXTRAS[n]}]'" if n in EXTRAS else "pip install " + " ".join(packages)
             raise ConfigError(f"--log {n} needs {', '.join(packages)}: {extra}")
     return names

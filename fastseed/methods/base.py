@@ -43,7 +43,9 @@ class Method(nn.Module):
 
     @staticmethod
     def augment_preset(teacher_format: str | None, small_crops: int) -> str:
-        """Its official augmentation preset for this teacher's checkpoint format (`--aug auto`)."""
+        """Its official augmentation preset for this teacher's checkpoint format (`--aug auto`):
+        'weak' (crop and flip) unless it says otherwise, for a regression on one view that
+        student and teacher share (--method dense)."""
         return "weak"
 
     @staticmethod

@@ -115,11 +115,6 @@ class Dense(Method):
         return True
 
     @staticmethod
-    def augment_preset(teacher_format: str | None, small_crops: int) -> str:
-        """'weak', as SimReg: a regression on one view that student and teacher share."""
-        return "weak"
-
-    @staticmethod
     def check(cfg, students: int) -> None:
         if cfg.dense_weight:
             raise ConfigError(f"--method dense trains the patch-token loss alone; --dense-weight "
