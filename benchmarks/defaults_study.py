@@ -15,13 +15,16 @@ init, batch 64, `--epochs` the fewest that hold the steps and `--max-steps` the 
 schedule ends there), 2 loader workers, the seed the row's.
 
 Recipes (`RECIPES`; or `name:FLAG,FLAG` for any other flags, e.g. `wide:--aug,weak`):
-    before      the defaults before they were fitted to the data: the papers' 65,536-key queue,
-                5 warm-up epochs whatever the run's length, MoCo-v2's augmentation for the
-                bundled teacher (--queue-size 65536 --warmup-cap 1 --aug moco_v2)
-    default     what `fastseed-train` runs now
-    local       default + --local-weight 1 (the patch-relation loss)
-    dense       default + --dense-weight 1 (the patch-token regression)
-    and single changes to the default for the ablation (`ABLATIONS`).
+    before         SEED's settings before they were fitted to the data: the papers' 65,536-key
+                   queue, 5 warm-up epochs whatever the run's length, MoCo-v2's augmentation for
+                   the bundled teacher, base lr 0.03
+    default        what `fastseed-train` runs at the row's commit: SimReg (fastseed/recipes/
+                   simreg.yaml); rows before the default method changed ran SEED
+    method-simreg  --method simreg: the default now, named
+    lr0.4-weak     --method seed: SEED's defaults (base lr 0.4, crop and flip)
+    local, dense   SEED + --local-weight 1 (the patch-relation loss), + --dense-weight 1 (patch tokens)
+    and single changes to SEED's defaults for the ablation (`ABLATIONS`). Each row records its
+    flags and commit: a recipe's flags were the change to the defaults of that commit.
 
 A row: the recipe's flags, the settings they resolved to (queue, warm-up steps, preset, peak
 lr), k-NN top-1 at k 20 and 1, the probe's mIoU and pixel accuracy, the median of the logged
@@ -63,30 +66,31 @@ DATASETS = ("fashion-mnist", "mnist-5k", "stamps")
 SIDES = {"fashion-mnist": (32, 48), "mnist-5k": (32, 48), "stamps": (64, 64)}  # student, teacher px
 PROBED = ("fashion-mnist", "stamps")
 PROBE_RES = 256  # every encoder sees the 64 px mosaic at 256 px: an 8x8 map, 4x4 cells per item
+SEED = ["--method", "seed"]
 RECIPES = {
-    "before": ["--queue-size", "65536", "--warmup-cap", "1", "--aug", "moco_v2"],
-    "default": [],
-    "local": ["--local-weight", "1"],
-    "dense": ["--dense-weight", "1"],
+    # the defaults before they were fitted to the data (SEED, then the default method)
+    "before": [*SEED, "--base-lr", "0.03", "--queue-size", "65536", "--warmup-cap", "1", "--aug", "moco_v2"],
+    "default": [],  # what fastseed-train runs at the row's commit: SimReg now, SEED in rows before the switch
+    "method-simreg": ["--method", "simreg"],
+    "lr0.4-weak": [*SEED, "--base-lr", "0.4", "--aug", "weak"],  # SEED's defaults (fastseed/recipes/seed.yaml)
+    "local": [*SEED, "--local-weight", "1"],
+    "dense": [*SEED, "--dense-weight", "1"],
 }
-ABLATIONS = {  # one change to the default each
-    "aug-weak": ["--aug", "weak"],
-    "queue-65536": ["--queue-size", "65536"],
-    "no-warmup-cap": ["--warmup-cap", "1"],
-    "base-lr-0.12": ["--base-lr", "0.12"],
-    "base-lr-0.4": ["--base-lr", "0.4"],   # the demo's lr (0.2 at batch 128)
-    "mixup": ["--mixup"],
-    "local-0.5": ["--local-weight", "0.5"],
-    # with the demo's lr: the default's 0.03 x 64/256 = 0.0075 barely moves a 120-step run
-    "lr0.4-weak": ["--base-lr", "0.4", "--aug", "weak"],
-    "lr0.4-local": ["--base-lr", "0.4", "--local-weight", "1"],
-    "lr0.4-dense": ["--base-lr", "0.4", "--dense-weight", "1"],
-    "lr0.4-mixup": ["--base-lr", "0.4", "--mixup"],
-    "lr0.4-weak-local": ["--base-lr", "0.4", "--aug", "weak", "--local-weight", "1"],
+ABLATIONS = {  # one change to SEED's defaults each (rows of earlier commits: to the defaults of then)
+    "aug-moco": [*SEED, "--aug", "moco_v2"],
+    "queue-65536": [*SEED, "--queue-size", "65536"],
+    "no-warmup-cap": [*SEED, "--warmup-cap", "1"],
+    "base-lr-0.12": [*SEED, "--base-lr", "0.12"],
+    "mixup": [*SEED, "--mixup"],
+    "local-0.5": [*SEED, "--local-weight", "0.5"],
+    "lr0.4-local": [*SEED, "--base-lr", "0.4", "--local-weight", "1"],
+    "lr0.4-dense": [*SEED, "--base-lr", "0.4", "--dense-weight", "1"],
+    "lr0.4-mixup": [*SEED, "--base-lr", "0.4", "--mixup"],
+    "lr0.4-weak-local": [*SEED, "--base-lr", "0.4", "--aug", "weak", "--local-weight", "1"],
     # LightlyTrain distillationv1's optimiser and switches in fastseed: LARS 1.8 x sqrt(B/1536)
     # (= 0.735 x sqrt(B/256)), weight decay 1e-6, input mixup, the batch's keys in the queue
-    "peer-recipe": ["--optimizer", "lars", "--base-lr", "0.735", "--lr-scaling", "sqrt", "--wd", "1e-6", "--mixup",
-                    "--batch-in-queue"],
+    "peer-recipe": [*SEED, "--optimizer", "lars", "--base-lr", "0.735", "--lr-scaling", "sqrt", "--wd", "1e-6",
+                    "--mixup", "--batch-in-queue"],
 }
 
 

@@ -83,7 +83,7 @@ def test_gpu_check_dry_run(tmp_path):
     assert result["e-knn"]["commit"] == git_commit(ROOT) and result["e-knn"]["commit"]
     assert result["j-data"]["result"]["fastseed_images_per_s"] > 0
     assert rows["f-train"] and all(r["official_img_s"] > 0 and r["fastseed_img_s"] > 0 for r in rows["f-train"])
-    assert "| student distilled (seed)" in result["g-demo"]["table"]
+    assert "| student distilled (simreg)" in result["g-demo"]["table"]
     # n-local's dry arguments: one comparison on a 2x2 grid, then the two losses alone
     local = result["n-local"]["result"]
     assert [(r["bench"], r.get("grid")) for r in local] == [("local_cost", "2x2"), ("local_loss_alone", "3x3"),

@@ -36,22 +36,22 @@ def data(tmp_path_factory, fmnist):
     d = tmp_path_factory.mktemp("cachetrain")  # the cache beside links to the session's betons
     (d / "train.beton").symlink_to(fmnist("train", IMAGES))
     (d / "other.beton").symlink_to(fmnist("test", 256))
-    cfg = Config(data=str(d / "train.beton"), teacher_arch="efficientnet_lite0", res=32, teacher_res=32,
+    cfg = Config(method="seed", data=str(d / "train.beton"), teacher_arch="efficientnet_lite0", res=32, teacher_res=32,
                  device="cpu", workers=2, progress=False)
     cache = build_teacher_cache(cfg, d / "train.tcache", crops=2, chunk=256, batch_size=256, progress=False)
     return d, cache
 
 
 def _cfg(d: Path, out: Path, **kw) -> Config:
-    return Config(data=str(d / "train.beton"), teacher_cache=str(d / "train.tcache"), arch="resnet10t",
+    return Config(method="seed", data=str(d / "train.beton"), teacher_cache=str(d / "train.tcache"), arch="resnet10t",
                   teacher_arch="efficientnet_lite0", res=32, teacher_res=32, batch_size=BATCH, epochs=2,
                   queue_size=QUEUE, lr=0.05, warmup_epochs=0, output=str(out), log_every=1, knn_every=0,
                   progress=False, device="cpu", workers=2).replace(**kw)
 
 
 def _args(d: Path, out: Path, *extra: str) -> list[str]:
-    return [*CLI, "--data", str(d / "train.beton"), "--teacher-cache", str(d / "train.tcache"), "--output",
-            str(out), "-a", "resnet10t", "--res", "32", "-b", str(BATCH), "--epochs", "2", "--queue-size",
+    return [*CLI, "--method", "seed", "--data", str(d / "train.beton"), "--teacher-cache", str(d / "train.tcache"),
+            "--output", str(out), "-a", "resnet10t", "--res", "32", "-b", str(BATCH), "--epochs", "2", "--queue-size",
             str(QUEUE), "--ckpt-every", "3", "--log-every", "1", "--knn-every", "0", "--no-progress", "--device",
             "cpu", "--workers", "2", "--lr", "0.05", "--warmup-epochs", "0", *extra]
 

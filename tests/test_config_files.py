@@ -14,6 +14,7 @@ from fastseed.cli import TRAIN_GROUPS, config_from_args, train_main, train_parse
 from fastseed.config import Config
 from fastseed.configfile import RECIPES_DIR, demo, read_settings, recipe_names, to_yaml
 from fastseed.methods import METHODS, official, recipe
+from fastseed.optim import peak_lr
 from helpers import refusal
 
 
@@ -34,7 +35,7 @@ def test_print_config_prints_what_a_file_reads_back(capsys):
     assert train_main(["--data", "x.beton", "--local-weight", "0.5", "--print-config"]) == 0
     printed = capsys.readouterr().out
     settings = yaml.safe_load(printed)
-    assert settings["local_weight"] == 0.5 and settings["method"] == "seed" and settings["queue_size"] == "auto"
+    assert settings["local_weight"] == 0.5 and settings["method"] == "simreg" and settings["queue_size"] == "auto"
     assert set(settings) == set(Config.__dataclass_fields__)
 
 
@@ -81,9 +82,12 @@ def test_shipped_recipes_load_and_equal_the_methods_recipes():
             via_name = config_from_args(["--data", "x.beton", "--recipe", "official", "--method", method])
             assert config_from_args(["--data", "x.beton", "--recipe", f"{method}-official"]) == via_name
             assert via_name == official(method, data="x.beton")
-    # no --data: the demo's settings under the method's recipe (its own lr wins over the recipe's base lr)
-    assert config_from_args([]) == recipe("seed", demo())
-    assert config_from_args([]).lr == demo().lr == 0.2
+    # no --data: the demo's settings under the default method's recipe (SimReg's LARS at 11.2 x sqrt(128/256))
+    assert demo().method == Config.method == "simreg"
+    assert config_from_args([]) == recipe("simreg", demo())
+    assert config_from_args([]).optimizer == "lars" and peak_lr(config_from_args([])) == pytest.approx(11.2 / 2 ** 0.5)
+    # --method seed on the demo: SEED's base lr 0.4 at batch 128
+    assert peak_lr(config_from_args(["--method", "seed"])) == pytest.approx(0.2)
 
 
 def test_a_recipe_file_of_ones_own(tmp_path):

@@ -22,7 +22,8 @@ def test_tiny_study_writes_rows_with_what_ran_and_skips_them_again(tmp_path):
     rows = defaults_study.main(argv)
     raw, run = rows
     assert raw["recipe"] == "raw" and raw["steps"] == 0 and 0 <= raw["miou"] <= 100
-    assert run["recipe"] == "local" and run["flags"] == ["--local-weight", "1"] and run["local_weight"] == 1.0
+    assert run["recipe"] == "local" and run["flags"] == ["--method", "seed", "--local-weight", "1"]
+    assert run["local_weight"] == 1.0
     assert run["steps"] == 4 and 0 <= run["knn_top1@20"] <= 100 and 0 <= run["miou"] <= 100
     assert run["probe"]["student_side"] == defaults_study.PROBE_RES
     # the resolved settings: the queue sized to 256 images of 1280-d keys, the warm-up capped

@@ -88,10 +88,11 @@ def test_the_warmup_never_exceeds_its_share_of_the_run():
 
 
 def test_the_cli_reads_auto_a_number_or_says_what_is_wrong(capsys):
-    assert config_from_args(["--data", "x.beton"]).queue_size == "auto"
-    assert config_from_args(["--data", "x.beton", "--queue-size", "4096"]).queue_size == 4096
-    assert config_from_args(["--data", "x.beton", "--queue-size", "auto", "--warmup-cap", "0.2"]).warmup_cap == 0.2
-    assert config_from_args(["--data", "x.beton", "--recipe", "official"]).queue_size == 65536
+    seed = ["--data", "x.beton", "--method", "seed"]
+    assert config_from_args(seed).queue_size == "auto"
+    assert config_from_args([*seed, "--queue-size", "4096"]).queue_size == 4096
+    assert config_from_args([*seed, "--queue-size", "auto", "--warmup-cap", "0.2"]).warmup_cap == 0.2
+    assert config_from_args([*seed, "--recipe", "official"]).queue_size == 65536
     with pytest.raises(SystemExit):
         config_from_args(["--data", "x.beton", "--queue-size", "lots"])
     assert "'lots' is neither a number of keys nor auto" in capsys.readouterr().err

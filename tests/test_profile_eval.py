@@ -16,8 +16,8 @@ def beton(fmnist):
 
 
 def args(beton, out, *extra):
-    return ["--data", str(beton), "-a", "resnet10t", "-k", "efficientnet_lite0", "--res", "32", "--teacher-res",
-            "32", "--batch-size", "32", "--queue-size", "64", "--output", str(out), "--device", "cpu",
+    return ["--method", "seed", "--data", str(beton), "-a", "resnet10t", "-k", "efficientnet_lite0", "--res", "32",
+            "--teacher-res", "32", "--batch-size", "32", "--queue-size", "64", "--output", str(out), "--device", "cpu",
             "--workers", "2", "--no-progress", *extra]
 
 

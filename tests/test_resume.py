@@ -39,8 +39,9 @@ def beton(fmnist):
 
 
 def _args(beton: Path, out: Path, *extra: str, arch: str = "resnet10t") -> list[str]:
-    return [*CLI, "--data", str(beton), "--output", str(out), "-a", arch, "-k", "efficientnet_lite0",
-            "--res", "32", "--teacher-res", "32", "-b", str(BATCH), "--epochs", "2", "--queue-size", str(QUEUE),
+    return [*CLI, "--method", "seed", "--data", str(beton), "--output", str(out), "-a", arch, "-k",
+            "efficientnet_lite0", "--res", "32", "--teacher-res", "32", "-b", str(BATCH), "--epochs", "2",
+            "--queue-size", str(QUEUE),
             "--ckpt-every", str(CKPT_EVERY), "--log-every", "1", "--knn-every", "0", "--no-progress",
             "--device", "cpu", "--workers", "2", "--lr", "0.05", "--warmup-epochs", "0", *extra]
 

@@ -54,7 +54,7 @@ def head_of(method: str, state: dict[str, torch.Tensor]) -> nn.Module:
     return head
 
 
-def official(method: str = "seed", **overrides) -> Config:
+def official(method: str = Config.method, **overrides) -> Config:
     """The official recipe of `method`: its script's lr, epochs, weight decay and warm-up, the
     per-epoch schedule, SGD, and the official augmentation preset (`--aug auto`)."""
     recipe = method_class(method).official
@@ -64,7 +64,7 @@ def official(method: str = "seed", **overrides) -> Config:
     return cfg.replace(**overrides)
 
 
-def recipe(method: str = "seed", base: Config | None = None, **overrides) -> Config:
+def recipe(method: str = Config.method, base: Config | None = None, **overrides) -> Config:
     """fastseed's recipe of `method`: `base` (default `Config()`; the CLI's demo without --data) with
     the method and its `defaults`, then `overrides`."""
     base = base if base is not None else Config()
