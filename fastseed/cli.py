@@ -213,7 +213,7 @@ def train_parser(with_defaults: bool = True) -> argparse.ArgumentParser:
       help="several teachers: each one's loss weight, comma-separated (default: equal)")
     a("--teacher-drop", dest="teacher_drop", type=float,
       help="several teachers: at each step drop each teacher's loss with this probability, keeping at least one "
-           "(UNIC's teacher dropping; the draw is a function of --seed and the step)")
+           "(after UNIC's teacher dropping; the draw is a function of --seed and the step)")
     a("--summary-loss", dest="summary_loss", choices=list(SUMMARY_LOSSES),
       help="several teachers: each one's loss, cosine (SimReg's 2 - 2 cos) or cos-smoothl1 (UNIC's "
            "0.5 (1 - cos) + 0.5 smooth-L1)")
