@@ -17,8 +17,9 @@ from torch import nn
 
 import fastseed.train as train_module
 from fastseed.checkpoint import read_checkpoint
-from fastseed.cli import train_main
+from fastseed.cli import cache_main, train_main
 from fastseed.config import Config
+from fastseed.configfile import read_settings
 from fastseed.errors import ConfigError
 from fastseed.methods import SimReg, method_of
 from fastseed.methods.several import SimRegSeveral, summary_loss, weighted_loss
@@ -249,6 +250,26 @@ def test_a_teacher_cache_is_refused_with_several_teachers(beton, tmp_path, capsy
     code = train_main(_args(beton, tmp_path / "run", "--teacher-cache", str(cache)))
     refusal(code, capsys.readouterr().err, "a teacher cache holds one teacher's keys", "--teacher-cache")
     assert not (tmp_path / "run").exists()
+
+
+def test_fastseed_cache_takes_one_teacher(beton, tmp_path, capsys):
+    out = tmp_path / "train.tcache"
+    code = cache_main(["--data", str(beton), "--output", str(out), "-k", TWO, "--device", "cpu"])
+    refusal(code, capsys.readouterr().err, "a teacher cache holds one teacher's keys", "one -k")
+    assert not out.exists()
+
+
+def test_a_settings_file_takes_a_list_per_teacher(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text(f"teacher_arch: {TWO}\nteacher_res: [32, 48]\nteacher_pool: cls,mean\nteacher_weights: [1, 2]\n"
+                    "teacher_drop: 0.25\nsummary_loss: cos-smoothl1\n")
+    got = read_settings(path)
+    assert got["teacher_res"] == (32, 48) and got["teacher_weights"] == (1.0, 2.0) and got["teacher_pool"] == "cls,mean"
+    for text, needle in (("teacher_pool: cls,max\n", "teacher_pool"), ("teacher_drop: 1.5\n", "teacher_drop"),
+                         ("summary_loss: l2\n", "summary_loss"), ("teacher_weights: [1, 0]\n", "teacher_weights")):
+        path.write_text(text)
+        with pytest.raises(ConfigError, match=needle):
+            read_settings(path)
 
 
 @pytest.mark.slow
