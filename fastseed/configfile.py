@@ -31,7 +31,7 @@ RANGES = {
     "local_weight": (0, None, True), "local_t": (0, None, False), "clip_grad": (0, None, True),
     "dist_timeout": (0, None, False), "log_every": (1, None, True), "ckpt_every": (1, None, True),
     "knn_every": (0, None, True), "knn_k": (1, None, True), "knn_t": (0, None, False), "max_steps": (1, None, True),
-    "dim": (1, None, True),
+    "dim": (1, None, True), "teacher_weights": (0, None, False), "teacher_drop": (0, 1, True),
 }
 CHOICES = {
     "lr_scaling": ("linear", "sqrt"), "lr_schedule": ("step", "epoch"), "optimizer": ("sgd", "lars", "adamw"),
@@ -39,8 +39,9 @@ CHOICES = {
     "simreg_target": ("backbone", "projection"), "simreg_targets": ("raw", "standardize"),
     "head": ("linear", "bn-linear", "mlp"), "device": ("auto", "cuda", "cpu"),
     "precision": ("auto", "bf16", "fp16", "fp32"), "teacher_precision": ("auto", "student", "bf16", "fp16", "fp32"),
-    "compile": ("auto", "on", "off"),
+    "compile": ("auto", "on", "off"), "summary_loss": ("cosine", "cos-smoothl1"),
 }
+COMMA_LISTS = ("teacher_pool",)  # one value for all or one per teacher: each entry is checked
 _HINTS = typing.get_type_hints(Config)
 
 
@@ -99,7 +100,8 @@ def check_setting(key: str, value, source: str):
     if not ok:
         name = _type_name(_HINTS[key])
         raise ConfigError(f"{source}: {key}: {value!r} is not {'an' if name[0] in 'aeiou' else 'a'} {name}")
-    if key in CHOICES and value is not None and value not in CHOICES[key]:
+    entries = value.split(",") if key in COMMA_LISTS and isinstance(value, str) else [value]
+    if key in CHOICES and value is not None and any(v not in CHOICES[key] for v in entries):
         raise ConfigError(f"{source}: {key}: {value!r} is not one of {', '.join(CHOICES[key])}")
     if key in RANGES and value is not None:
         lo, hi, closed = RANGES[key]

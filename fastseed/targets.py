@@ -26,10 +26,12 @@ every checkpoint and checked on resume) and `teacher` (the frozen model, for the
 `build_targets(cfg, ...)` builds it from the config: the live teacher (`TeacherTargets`), or,
 with `cfg.teacher_cache`, the keys a teacher cache stored for the replayed crops
 (`CachedTargets`: no teacher forward; the cache's header names the teacher, so none is loaded
-unless the k-NN table asks for its row).
+unless the k-NN table asks for its row), or, with several teachers (-k a,b), each of them as it
+would be alone, on the same views (`SeveralTargets`: a key per teacher, in -k order, and `dims`).
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -40,11 +42,14 @@ from torch import nn
 from fastseed.cache import TeacherCache, teacher_record
 from fastseed.checkpoint import sha256
 from fastseed.config import Config
+from fastseed.errors import ConfigError
+from fastseed.evaluate import Resized
 from fastseed.methods import Method, method_of, resolve_preset
 from fastseed.runtime import Env, barrier, compiler, local_main, teacher_dtype
 from fastseed.teachers import load_teacher, release_res
 from fastseed.teachers.base import TeacherBundle
 from fastseed.teachers.bundled import BUNDLED
+from fastseed.teachers.several import keep_mask, renorm_affine, renormalize, teacher_configs
 
 
 @dataclass
@@ -90,6 +95,71 @@ class CachedTargets:
         return (keys.to(self.dtype),)
 
 
+@dataclass
+class SeveralTargets:
+    """Several live teachers (-k a,b; fastseed/teachers/several.py): each one's `TeacherTargets`,
+    built as a run of it alone builds it, on the same augmented views. The views come normalised
+    with the first teacher's mean/std (`mean_std`, what the augmentation applies); teacher i gets
+    them renormalised to its own (`renormalize`, exact when they agree) and resizes them to its
+    own side. `targets` gives one key tensor per teacher, in -k order; `dims` their widths (the
+    summary heads end there; `dim` is their sum, the width of all keys side by side); `keep(step)`
+    which teachers' losses count at `step` (`keep_mask`, on the device, float 0/1).
+
+    `info` records every teacher (`teachers`: each one's arch, format, sha256, dim, checkpoint,
+    side, pool) and, as `sha256`, a digest of their weights' sha256s in -k order, which a resumed
+    run must match (fastseed.checkpoint.restore): another teacher, or the same ones in another
+    order, is refused."""
+    members: list[TeacherTargets]
+    pools: tuple[str, ...]  # each teacher's --teacher-pool, for the record
+    seed: int = 0
+    drop: float = 0.0
+    device: torch.device | None = None
+    teacher = None     # no one teacher: the k-NN table has a row per teacher (`knn_models`)
+    token_dim = None   # no token losses with several teachers (methods/several.py says why)
+
+    def __post_init__(self):
+        first = self.members[0].mean_std
+        self.affines = [renorm_affine(first, m.mean_std) for m in self.members]
+        self.dims = tuple(m.dim for m in self.members)
+        self.dim = sum(self.dims)
+        self.mean_std = first
+        teachers = [m.info | {"res": m.teacher.res, "pool": p} for m, p in zip(self.members, self.pools)]
+        digest = hashlib.sha256(",".join(t["sha256"] for t in teachers).encode()).hexdigest()
+        self.info = {"arch": ",".join(t["arch"] for t in teachers), "format": teachers[0]["format"], "sha256": digest,
+                     "dim": self.dim, "teachers": teachers}
+        self._all = torch.ones(len(self.members), device=self.device)
+
+    @torch.no_grad()
+    def targets(self, views: list[torch.Tensor], batch=None) -> tuple[torch.Tensor, ...]:
+        keys = []
+        for member, affine in zip(self.members, self.affines):
+            keys += member.targets([renormalize(v, affine) for v in views], batch)
+        return tuple(keys)
+
+    def keep(self, step: int) -> torch.Tensor:
+        if not self.drop:
+            return self._all
+        return keep_mask(self.seed, step, len(self.members), self.drop).to(self.device, torch.float32,
+                                                                            non_blocking=True)
+
+    def knn_models(self) -> list[nn.Module]:
+        """Each teacher as the k-NN table runs it: on inputs normalised with `mean_std`,
+        renormalised to its own and resized to its side."""
+        return [Renormalized(Resized(m.teacher.model, m.teacher.res), affine)
+                for m, affine in zip(self.members, self.affines)]
+
+
+class Renormalized(nn.Module):
+    """`model` on its inputs renormalised (`fastseed.teachers.several.renormalize`)."""
+
+    def __init__(self, model: nn.Module, affine):
+        super().__init__()
+        self.model, self.affine = model, affine
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(renormalize(x, self.affine))
+
+
 def teacher_side(cfg: Config) -> int:
     """The side the teacher runs at: --teacher-res, else its release's (DINOv2/DINOv3: 224,
     whatever the student's side), else the student's --res."""
@@ -97,8 +167,10 @@ def teacher_side(cfg: Config) -> int:
 
 
 def resolve_teacher_res(cfg: Config) -> Config:
-    """`cfg` with `teacher_res` made explicit (`teacher_side`), as checkpoints and caches record it."""
-    return cfg.replace(teacher_res=teacher_side(cfg))
+    """`cfg` with `teacher_res` made explicit (`teacher_side`), as checkpoints and caches record it;
+    with several teachers, one side per teacher."""
+    sides = tuple(teacher_side(c) for c in teacher_configs(cfg))
+    return cfg.replace(teacher_res=sides if len(sides) > 1 else sides[0])
 
 
 def load_run_teacher(cfg: Config, device: torch.device, dtype: torch.dtype | None,
@@ -114,14 +186,19 @@ def load_run_teacher(cfg: Config, device: torch.device, dtype: torch.dtype | Non
 
 def build_targets(cfg: Config, device: torch.device, *, dtype: torch.dtype | None,
                   compile_fn: Callable[[nn.Module], nn.Module] | None,
-                  method: type[Method] | None = None) -> TeacherTargets | CachedTargets | None:
+                  method: type[Method] | None = None) -> TeacherTargets | CachedTargets | SeveralTargets | None:
     """The frozen teacher of `cfg` on `device` (bf16 weights when its `dtype`, the teacher autocast, is bf16,
-    compiled with `compile_fn`), or its keys from `cfg.teacher_cache`; None when the run's
-    `method` (default: `cfg`'s) makes its own keys (MoCo)."""
+    compiled with `compile_fn`), or its keys from `cfg.teacher_cache`, or its several teachers
+    (-k a,b), each built as alone; None when the run's `method` (default: `cfg`'s) makes its own keys (MoCo)."""
     method = method or method_of(cfg)
     if not method.needs_teacher:
         method.check(cfg, 1)
         return None
+    teachers = teacher_configs(cfg)
+    if len(teachers) > 1:
+        return SeveralTargets([build_targets(c, device, dtype=dtype, compile_fn=compile_fn, method=method)
+                               for c in teachers], tuple(c.teacher_pool for c in teachers), seed=cfg.seed,
+                              drop=cfg.teacher_drop, device=device)
     if cfg.teacher_cache is not None:
         return cached_targets(cfg, device, dtype=dtype, method=method)
     teacher = load_run_teacher(cfg, device, dtype, compile_fn, method)
@@ -168,5 +245,8 @@ def cached_targets(cfg: Config, device: torch.device, *, dtype: torch.dtype | No
 def live_targets(cfg: Config, env: Env) -> TeacherTargets:
     """The live teacher of `cfg` as a training run on `env` builds it (precision, compile): what
     a teacher cache is built from (fastseed.cache.build_cache)."""
+    if len(teacher_configs(cfg)) > 1:
+        raise ConfigError(f"a teacher cache holds one teacher's keys: give fastseed-cache one -k, not "
+                          f"{cfg.teacher_arch}")
     return build_targets(cfg.replace(teacher_cache=None), env.device, dtype=teacher_dtype(cfg, env.device),
                          compile_fn=compiler(cfg, env))

@@ -15,6 +15,7 @@ from __future__ import annotations
 import signal
 import sys
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
@@ -33,7 +34,7 @@ from fastseed.mixing import check_mixup, mixup
 from fastseed.runtime import (Env, Preemption, amp_dtype, autocast, compiler, phase, restart_count, seed_everything,
                               setup_env, teacher_dtype, teardown)
 from fastseed.students import Students, build_student, oom_advice, student_configs
-from fastseed.targets import CachedTargets, build_targets, resolve_teacher_res
+from fastseed.targets import CachedTargets, SeveralTargets, build_targets, resolve_teacher_res
 from fastseed.teachers.base import IMAGENET_MEAN, IMAGENET_STD
 
 
@@ -58,6 +59,7 @@ class Run:
     resumed_at: int = 0        # the step the run started (or resumed) from
     preemption: Preemption | None = None  # SIGTERM / SIGUSR1 noted while `train` runs
     teacher_dtype: torch.dtype | None = None  # the target source's autocast (`runtime.teacher_dtype`)
+    keep: Callable[[int], torch.Tensor] | None = None  # several teachers: whose losses count at a step
 
     def autocast(self):
         return autocast(self.env.device, self.dtype)
@@ -121,12 +123,13 @@ def prepare(cfg: Config, loader=None) -> Run:
             if note:
                 print(note, file=sys.stderr)
     token_dim = source.token_dim if source is not None else None  # the patch-token projectors' output
-    students = Students([build_student(c, env, dim, queues, dtype, token_dim, method)
+    several = isinstance(source, SeveralTargets)  # several teachers: a head, a key width and a loss each
+    students = Students([build_student(c, env, source.dims if several else dim, queues, dtype, token_dim, method)
                          for c in student_configs(cfg, method)])
     targets = source if source is not None else students.members[0].method  # MoCo: its own key encoder
     return Run(cfg, env, method, students, targets, queues, source.info if source is not None else None, mean_std,
                loader, augment, aug_gen, dtype, schedule, total, steps_per_epoch,
-               teacher_dtype=tdtype)
+               teacher_dtype=tdtype, keep=source.keep if several else None)
 
 
 def train_step(run: Run, views: list[torch.Tensor], step: int, batch=None) -> list[torch.Tensor]:
@@ -150,7 +153,10 @@ def train_step(run: Run, views: list[torch.Tensor], step: int, batch=None) -> li
     if first:  # --batch-in-queue: the losses' logits are the queue's, the batch's keys among them
         phase("enqueue")
         run.queues.update(targets)
-    losses = run.students.step(views, run.method.loss_targets(run.cfg, targets), step, run.autocast)
+    seen = run.method.loss_targets(run.cfg, targets)  # what the losses compare against
+    if run.keep is not None:  # several teachers: the mask of those whose losses count, a function of (seed, step)
+        seen = (*seen, run.keep(step))
+    losses = run.students.step(views, seen, step, run.autocast)
     if run.queues is not None and not first:
         phase("enqueue")
         run.queues.update(targets)  # after every backward: the losses' backward re-reads the queue
@@ -219,6 +225,9 @@ def final_knn(run: Run, monitor: KnnMonitor) -> dict:
         t = getattr(run.targets, "teacher", None)
         if t is not None:
             results["teacher"] = monitor(Resized(t.model, t.res), dtype=run.teacher_dtype or torch.float32)
+        if isinstance(run.targets, SeveralTargets):  # a row per teacher, in -k order
+            for i, model in enumerate(run.targets.knn_models()):
+                results[f"teacher/{i}"] = monitor(model, dtype=run.teacher_dtype or torch.float32)
     return results
 
 

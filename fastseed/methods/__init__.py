@@ -25,6 +25,7 @@ from .base import Method
 from .dense import Dense
 from .moco import MoCo
 from .seed import SEED
+from .several import several_method
 from .simreg import SimReg
 
 METHODS = {m.name: m for m in (SEED, SimReg, MoCo, Dense)}
@@ -39,8 +40,10 @@ def method_class(name: str):
 
 
 def method_of(cfg: Config) -> type[Method]:
-    """The method `cfg` runs (ConfigError for an unknown name)."""
-    return method_class(cfg.method)
+    """The method `cfg` runs (ConfigError for an unknown name); with several teachers (-k a,b), its
+    form that distils them (`several.several_method`: ConfigError for a method without one, or
+    for teacher lists that do not fit -k)."""
+    return several_method(method_class(cfg.method), cfg)
 
 
 def head_of(method: str, state: dict[str, torch.Tensor]) -> nn.Module:
