@@ -408,10 +408,11 @@ def restore(ckpt: dict, cfg: Config, method, optimizer, scaler, teacher_info, au
     if meta["arch"] != cfg.arch or meta["method"] != cfg.method:
         raise TrainingError(f"checkpoint is {meta['method']} of {meta['arch']}, this run is "
                             f"{cfg.method} of {cfg.arch}: pass the same --arch/--method or another --output")
-    want, have = (meta.get("teacher") or {}).get("sha256"), (teacher_info or {}).get("sha256")
-    if want != have:
-        raise TrainingError(f"checkpoint was distilled from teacher sha256 {str(want)[:12]}, this run "
-                            f"loads {str(have)[:12]}: pass the same --distill / -k")
+    want, have = (meta.get("teacher") or {}), (teacher_info or {})
+    if want.get("sha256") != have.get("sha256"):
+        raise TrainingError(f"checkpoint was distilled from teacher {want.get('arch')} (sha256 "
+                            f"{str(want.get('sha256'))[:12]}), this run loads {have.get('arch')} (sha256 "
+                            f"{str(have.get('sha256'))[:12]}): pass the same --distill / -k, in the same order")
     # the crops of an epoch are a function of the cache (and seed, epoch, index): the same cache, or none
     want, have = ((info or {}).get("cache") for info in (meta.get("teacher"), teacher_info))
     if (want or {}).get("sha256") != (have or {}).get("sha256"):

@@ -101,8 +101,8 @@ def _last_checkpoint(folder: Path) -> Path | None:
 def method_head(method: str, state: dict[str, torch.Tensor]) -> nn.Module:
     """The method's head (its `make_head`), its sizes read from its weights."""
     if not state:
-        raise ExportError(f"a --method {method} checkpoint has no embedding head (a patch-token projector is "
-                          "never exported): export without --with-head")
+        raise ExportError(f"a --method {method} checkpoint has no embedding head (a patch-token projector, or a "
+                          "head per teacher of several, is never exported): export without --with-head")
     return head_of(method, state).eval()
 
 

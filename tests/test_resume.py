@@ -180,7 +180,7 @@ def test_resume_refuses_another_teacher_or_arch(beton, killed, tmp_path):
     procs = [_start_resume(beton, other), _start_resume(beton, arch, arch="resnet14t")]
     try:
         line = _refused(procs[0], other, (other / "checkpoint_last.pt").read_bytes())
-        assert "teacher sha256 ffffffffffff" in line and "-k" in line, line
+        assert "teacher efficientnet_lite0 (sha256 ffffffffffff)" in line and "-k" in line, line
         line = _refused(procs[1], arch, raw)
         assert "resnet10t" in line and "resnet14t" in line and "--arch" in line, line
     finally:

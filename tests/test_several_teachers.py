@@ -17,7 +17,7 @@ from torch import nn
 
 import fastseed.train as train_module
 from fastseed.checkpoint import read_checkpoint
-from fastseed.cli import cache_main, train_main
+from fastseed.cli import cache_main, export_main, train_main
 from fastseed.config import Config
 from fastseed.configfile import read_settings
 from fastseed.errors import ConfigError
@@ -336,5 +336,11 @@ def test_a_two_teacher_run_records_both_and_resumes_bit_for_bit(beton, tmp_path,
     args = _args(beton, swapped, *extra, "--resume", "auto")
     args[args.index(TWO)] = "efficientnet_lite1,efficientnet_lite0"
     code = train_main(args)
-    refusal(code, capsys.readouterr().err, "teacher sha256", "-k", alone=False)
+    refusal(code, capsys.readouterr().err, "teacher efficientnet_lite0,efficientnet_lite1 (sha256",
+            "this run loads efficientnet_lite1,efficientnet_lite0", "in the same order", alone=False)
     assert read_checkpoint(swapped / "checkpoint_last.pt")["fastseed"]["step"] == SNAP_AT
+
+    # export keeps the backbone; --with-head refuses the heads of several teachers in one line
+    code = export_main([str(ref), "--format", "safetensors", "--output", str(tmp_path / "r"), "--with-head"])
+    refusal(code, capsys.readouterr().err, "no embedding head", "a head per teacher", "without --with-head")
+    assert not (tmp_path / "r").exists()
