@@ -1,9 +1,11 @@
 """Helpers several test files share (fixtures are in conftest.py)."""
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from fastseed.cache import build_cache
+from fastseed.checkpoint import read_checkpoint
 from fastseed.runtime import setup_env
 from fastseed.targets import live_targets
 from fastseed.teachers.base import TeacherBundle
@@ -37,3 +39,14 @@ def refusal(code: int, stderr: str, *needles: str, alone: bool = True) -> str:
     for needle in needles:
         assert needle in errors[0], errors[0]
     return errors[0]
+
+
+def same_weights(a, b, step: int) -> None:
+    """Assert that the checkpoints at `a` and `b` are both at `step` and hold the same student,
+    head and buffers, bit for bit (a resumed run against one never stopped)."""
+    x, y = read_checkpoint(a), read_checkpoint(b)
+    assert x["fastseed"]["step"] == y["fastseed"]["step"] == step
+    for part in ("student", "head", "buffers"):
+        assert x[part].keys() == y[part].keys()
+        for name, tensor in y[part].items():
+            assert torch.equal(x[part][name], tensor), f"{part}.{name}"

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import refusal
+from helpers import refusal, same_weights
 from test_distributed import LOSS_ATOL, LOSS_RTOL, QUEUE_ATOL, WEIGHT_ATOL, WORKER, _env, _launch
 from test_resume import BATCH, IMAGES, STEPS_PER_EPOCH, _args, _metrics
 
@@ -44,15 +44,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _same_weights(a: Path, b: Path) -> None:
-    x, y = read_checkpoint(a), read_checkpoint(b)
-    assert x["fastseed"]["step"] == y["fastseed"]["step"] == STOP_AT
-    for part in ("student", "head", "buffers"):
-        assert x[part].keys() == y[part].keys()
-        for name, tensor in y[part].items():
-            assert torch.equal(x[part][name], tensor), f"{part}.{name}"
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +78,7 @@ def test_a_schedulers_signal_checkpoints_at_a_step_boundary_and_resume_is_exact(
     p = subprocess.run(_args(beton, out, "--resume", "auto", "--max-steps", str(STOP_AT)), capture_output=True,
                        text=True, env=_env(), timeout=300)
     assert p.returncode == 0 and f"at step {step} " in p.stderr, p.stderr[-3000:]
-    _same_weights(out / "checkpoint_last.pt", reference)
+    same_weights(out / "checkpoint_last.pt", reference, STOP_AT)
 
 
 def _children(pid: int) -> list[int]:
@@ -143,7 +134,7 @@ def test_elastic_restart_after_a_rank_is_killed_resumes_by_itself_and_ends_as_if
     again = min(r["time"] for r in _metrics(out) if r["time"] > killed_wall and "loss" in r)
     print(f"SIGKILL to the restarted group's first logged step: {again - killed_wall:.1f} s; to the end of "
           f"the run: {time.monotonic() - killed_at:.1f} s; {resumed[0]}")
-    _same_weights(out / "checkpoint_last.pt", ref / "checkpoint_last.pt")
+    same_weights(out / "checkpoint_last.pt", ref / "checkpoint_last.pt", STOP_AT)
 
 
 def test_two_nodes_of_one_rank_train_as_one_node_of_two(tmp_path):

@@ -12,7 +12,7 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from helpers import frozen_teacher, refusal
+from helpers import frozen_teacher, refusal, same_weights
 from torch import nn
 
 import fastseed.train as train_module
@@ -283,15 +283,6 @@ def test_the_knn_table_has_a_row_per_teacher(beton, fmnist, tmp_path, capsys):
     assert {"teacher/0/knn_top1@20", "teacher/1/knn_top1@20"} <= final.keys()
 
 
-def _same_weights(a, b) -> None:
-    x, y = read_checkpoint(a), read_checkpoint(b)
-    assert x["fastseed"]["step"] == y["fastseed"]["step"] == STOP_AT
-    for part in ("student", "head", "buffers"):
-        assert x[part].keys() == y[part].keys()
-        for name, tensor in y[part].items():
-            assert torch.equal(x[part][name], tensor), f"{part}.{name}"
-
-
 @pytest.mark.slow
 def test_a_two_teacher_run_records_both_and_resumes_bit_for_bit(beton, tmp_path, monkeypatch, capsys):
     """A run with teacher dropping, uneven weights and UNIC's loss to step 8, never stopped, against
@@ -327,7 +318,7 @@ def test_a_two_teacher_run_records_both_and_resumes_bit_for_bit(beton, tmp_path,
     assert train_main(_args(beton, resumed, *extra, "--resume", "auto")) == 0
     p = capsys.readouterr()
     assert f"at step {SNAP_AT} " in p.err, p.err[-3000:]
-    _same_weights(resumed / "checkpoint_last.pt", ref / "checkpoint_last.pt")
+    same_weights(resumed / "checkpoint_last.pt", ref / "checkpoint_last.pt", STOP_AT)
 
     # the same checkpoint resumed with the teachers in another order is refused in one line
     swapped = tmp_path / "swapped"
